@@ -1,0 +1,18 @@
+"""lemmse_ray — exact Local-Equivariant MMSE estimators for imaging inverse problems, at cluster scale.
+
+In memory::
+
+    import lemmse_ray as lm
+    problem = lm.Denoising()
+    y, z, mask = problem.measure(x, sigma=0.1, generator=torch.Generator().manual_seed(0))
+    res = lm.estimate(train, z, problem, sigma=0.1, patch_size=5)
+    res.mean  # (B, C, H, W)
+"""
+from .estimate import Result, estimate
+from .kernel import Partials, finalize, merge
+from .problems import (Deblurring, Denoising, Inpainting, LinearInverseProblem, Problem, from_physics,
+                       gaussian_kernel)
+
+__all__ = ["Deblurring", "Denoising", "Inpainting", "LinearInverseProblem", "Partials", "Problem", "Result",
+           "estimate", "finalize", "from_physics", "gaussian_kernel", "merge"]
+__version__ = "0.1.0"

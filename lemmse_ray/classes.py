@@ -1,0 +1,133 @@
+r"""Patch classes and per-class whitening (DESIGN §1.3).
+
+Deterministic problems (denoising, fixed-mask inpainting, deblurring, generic :math:`B`): the noise of the
+patch at position :math:`j` is :math:`\sigma^2 S_j`.  Coordinates with a zero row of :math:`S_j` (padded
+coordinates, masked pixels of an aware inpainting input) are deterministic 0; positions are grouped into
+**classes** by (deterministic pattern, :math:`S_j`), and a query meets only the classes of its own pattern
+(its *group*; components of another pattern have zero density at the query, or a support of a different
+dimension).  Inside a class, with :math:`S` restricted to the random coordinates
+:math:`S_R = U\Lambda U^\top`, the whitening is :math:`W = \Lambda^{-1/2}U^\top` over the eigenvalues
+:math:`\lambda > \text{rtol}\cdot\lambda_{\max}` (default ``rtol = 1e-10``; smaller eigenvalues are treated as
+exact zeros, i.e. :math:`S^{+1/2}`), and the log-density is
+
+.. math:: \log N = -\tfrac{1}{2\sigma^2}\lVert W(p-\mu)\rVert^2 - \tfrac r2\log(2\pi\sigma^2) - \tfrac12\log\operatorname{pdet} S.
+
+Random-mask inpainting (keep-probability :math:`q<1`): the covariance depends on each query's mask, so
+classes are the border patterns (padded pixels) and no whitening is applied (``kind`` "masked" for the aware
+input, "mixture" for the agnostic one; see :mod:`lemmse_ray.queries`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .patches import PatchGeometry
+from .problems import Problem
+
+RTOL = 1e-10
+ZERO_ROW_TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class PatchClass:
+    """One class: its deterministic coordinates, whitening and group (= deterministic pattern id)."""
+
+    group: int
+    deterministic: np.ndarray  # (d,) bool
+    padded_pixels: np.ndarray  # (P²,) bool
+    random: np.ndarray  # (n_r,) indices of random patch coordinates
+    whitening: np.ndarray | None  # (r, n_r) float64, None = identity (random masks)
+    log_pdet: float  # log pseudo-determinant of S restricted to the random coordinates
+
+    @property
+    def rank(self) -> int:
+        return len(self.random) if self.whitening is None else self.whitening.shape[0]
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """Classes of every position for one (problem, geometry)."""
+
+    geometry: PatchGeometry
+    kind: str  # "whitened" | "masked" | "mixture"
+    classes: tuple[PatchClass, ...]
+    position_class: np.ndarray  # (H·W,) int
+    keep_prob: float | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def width(self) -> int:
+        """Stored key width: the largest rank (whitened) or d (random masks)."""
+        return max(c.rank for c in self.classes) if self.kind == "whitened" else self.geometry.dim
+
+    def positions(self, index: int) -> np.ndarray:
+        """Candidate positions of class ``index`` (ascending)."""
+        return np.flatnonzero((self.position_class == index) & self.geometry.candidate_mask())
+
+    def met_by(self, index: int) -> np.ndarray:
+        """Classes whose rows a query at a position of class ``index`` meets (its group).
+
+        Random-mask aware inputs meet every class (compatibility is decided per query from its mask).
+        """
+        if self.kind == "masked":
+            return np.arange(self.n_classes)
+        group = self.classes[index].group
+        return np.array([i for i, c in enumerate(self.classes) if c.group == group])
+
+    def rows_per_image(self) -> np.ndarray:
+        """(n_classes,) candidate positions per class: the rows each training image adds to each class."""
+        return np.array([len(self.positions(i)) for i in range(self.n_classes)], dtype=np.int64)
+
+
+def _whitening(cov: np.ndarray, rtol: float) -> tuple[np.ndarray, float]:
+    eigval, eigvec = np.linalg.eigh(cov)
+    keep = eigval > rtol * max(eigval.max(initial=0.0), 0.0)
+    if not keep.any():
+        raise ValueError("a patch class has a zero noise covariance on its random coordinates")
+    whitening = (eigvec[:, keep] / np.sqrt(eigval[keep])).T
+    return whitening, float(np.log(eigval[keep]).sum())
+
+
+def plan_classes(problem: Problem, geometry: PatchGeometry, rtol: float = RTOL) -> ClassPlan:
+    """Group positions into classes and compute each class's whitening (float64)."""
+    padded = geometry.padded_pixels
+    channels = geometry.shape[0]
+    if problem.random_mask and problem.keep_prob < 1:
+        if geometry.padding == "circular" and geometry.patch_size > min(geometry.shape[1:]):
+            raise ValueError("patch_size must be <= min(H, W) for random-mask inpainting with circular padding")
+        patterns, position_class = np.unique(padded, axis=0, return_inverse=True)
+        classes = tuple(
+            PatchClass(group=i, deterministic=np.tile(p, channels), padded_pixels=p,
+                       random=np.flatnonzero(~np.tile(p, channels)), whitening=None, log_pdet=0.0)
+            for i, p in enumerate(patterns))
+        kind = "masked" if problem.aware else "mixture"
+        return ClassPlan(geometry, kind, classes, position_class.reshape(-1), problem.keep_prob)
+
+    s_all = problem.covariance(geometry.shape).patches(geometry.coords)  # (H·W, d, d)
+    diag = np.einsum("nii->ni", s_all)
+    scale = max(float(diag.max()), np.finfo(float).tiny)
+    deterministic = diag <= ZERO_ROW_TOL * scale
+    keys: dict[bytes, int] = {}
+    groups: dict[bytes, int] = {}
+    classes: list[PatchClass] = []
+    position_class = np.empty(geometry.n_positions, dtype=np.int64)
+    for j in range(geometry.n_positions):
+        pattern = deterministic[j]
+        rounded = np.round(s_all[j] / scale, 9) + 0.0
+        key = pattern.tobytes() + rounded.tobytes()
+        if key not in keys:
+            group = groups.setdefault(pattern.tobytes(), len(groups))
+            random = np.flatnonzero(~pattern)
+            whitening, log_pdet = _whitening(s_all[j][np.ix_(random, random)], rtol)
+            keys[key] = len(classes)
+            classes.append(PatchClass(group, pattern, padded[j], random, whitening, log_pdet))
+        position_class[j] = keys[key]
+    for group in set(c.group for c in classes):
+        ranks = {c.rank for c in classes if c.group == group}
+        if len(ranks) > 1:
+            raise ValueError("classes with the same deterministic pattern but different covariance ranks are not supported")
+    return ClassPlan(geometry, "whitened", tuple(classes), position_class)
