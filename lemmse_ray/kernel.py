@@ -38,6 +38,8 @@ STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
 
 BLOCK_Q = 256
 BLOCK_R = 4096
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
 
 
 @dataclass
@@ -54,16 +56,17 @@ class Partials:
     top_r: torch.Tensor | None = None  # (M, k) int64 global row ids (-1: none)
 
     @staticmethod
-    def empty(n: int, channels: int, stats: tuple[str, ...], topk: int, dtype: torch.dtype) -> "Partials":
+    def empty(n: int, channels: int, stats: tuple[str, ...], topk: int, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> "Partials":
         """The identity of :func:`merge`: no rows seen (m = −inf, l = 0)."""
-        zeros = lambda *shape: torch.zeros(shape, dtype=dtype)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         return Partials(
-            m=torch.full((n,), -math.inf, dtype=dtype), l=zeros(n), o=zeros(n, channels),
+            m=torch.full((n,), -math.inf, dtype=dtype, device=device), l=zeros(n), o=zeros(n, channels),
             o2=zeros(n, channels) if "variance" in stats else None,
             l2=zeros(n) if "ess" in stats else None,
             ls=zeros(n) if "entropy" in stats else None,
-            top_s=torch.full((n, topk), -math.inf, dtype=dtype) if "topk" in stats else None,
-            top_r=torch.full((n, topk), -1, dtype=torch.int64) if "topk" in stats else None,
+            top_s=torch.full((n, topk), -math.inf, dtype=dtype, device=device) if "topk" in stats else None,
+            top_r=torch.full((n, topk), -1, dtype=torch.int64, device=device) if "topk" in stats else None,
         )
 
     def __len__(self) -> int:
@@ -80,9 +83,12 @@ class Partials:
             if mine is not None:
                 mine[index] = getattr(other, f.name)
 
-    def to(self, dtype: torch.dtype) -> "Partials":
-        return Partials(**{f.name: (None if (t := getattr(self, f.name)) is None
-                                    else (t if f.name == "top_r" else t.to(dtype))) for f in fields(self)})
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Partials":
+        """Copy to another float ``dtype`` and/or ``device`` (row ids stay int64)."""
+        def move(name: str, t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device) if name == "top_r" or dtype is None else t.to(dtype=dtype, device=device)
+        return Partials(**{f.name: (None if (t := getattr(self, f.name)) is None else move(f.name, t))
+                           for f in fields(self)})
 
 
 def _safe(m: torch.Tensor) -> torch.Tensor:
@@ -126,19 +132,28 @@ def merge_into(total: Partials, index: torch.Tensor, part: Partials) -> None:
 def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: torch.Tensor,
             row_ids: torch.Tensor | None, n_queries: int, stats: tuple[str, ...], topk: int,
             block_r: int) -> Partials:
-    """Online reduction over row blocks for one query block; ``logits(r0, r1)`` returns a writable (Mq, r1−r0)."""
+    """Online reduction over row blocks for one query block.
+
+    ``logits(r0, r1)`` returns a writable (Mq, r1−r0) block of logits *in base 2* (:math:`s\log_2 e`):
+    ``exp2`` is several times faster than ``exp`` on CPUs, and the statistics are the same numbers
+    (:math:`2^{s_2-m_2} = e^{s-m}`); ``m``, ``l_s`` and the top-k logits are converted back at the end.
+    """
     dtype = values.dtype
     channels = values.shape[1]
     want_var, want_l2, want_ls = "variance" in stats, "ess" in stats, "entropy" in stats
-    part = Partials.empty(n_queries, channels, stats, topk, dtype)
-    acc = torch.zeros((n_queries, 2 * channels + 1 if want_var else channels + 1), dtype=dtype)
+    device = values.device
+    part = Partials.empty(n_queries, channels, stats, topk, dtype, device)
+    # values, ones and squared values as one column-major (R, w) operand: e @ [v, 1, v²] gives o, l, o2
+    columns = [values.T, torch.ones((1, n_rows), dtype=dtype, device=device)] + ([values.T * values.T] if want_var else [])
+    aug = torch.cat(columns, dim=0).contiguous()
+    acc = torch.zeros((n_queries, aug.shape[0]), dtype=dtype, device=device)
     m = part.m
     for r0 in range(0, n_rows, block_r):
         r1 = min(n_rows, r0 + block_r)
         s = logits(r0, r1)
         m_new = torch.maximum(m, s.amax(dim=1))
         ref = _safe(m_new)
-        alpha = torch.exp(m - ref)
+        alpha = torch.exp2(m - ref)
         if part.top_s is not None:
             ts, ti = torch.topk(s, min(topk, r1 - r0), dim=1)
             tr = row_ids[r0:r1][ti] if row_ids is not None else ti + r0
@@ -146,19 +161,19 @@ def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: tor
         s.sub_(ref[:, None])
         if want_ls:
             shifted = s.clone()
-        s.exp_()
-        vals = values[r0:r1]
-        aug = [vals, torch.ones((r1 - r0, 1), dtype=dtype)]
-        if want_var:
-            aug.append(vals * vals)
-        block = torch.mm(s, torch.cat(aug, dim=1))
+        s.exp2_()
+        block = torch.mm(s, aug[:, r0:r1].T)
         acc.mul_(alpha[:, None]).add_(block)
         if want_l2:
             part.l2.mul_(alpha * alpha).add_((s * s).sum(dim=1))
         if want_ls:
             part.ls.mul_(alpha).add_((s * shifted).sum(dim=1) + ref * block[:, channels])
         m = m_new
-    part.m = m
+    part.m = m * LN2
+    if want_ls:
+        part.ls = part.ls * LN2
+    if part.top_s is not None:
+        part.top_s = part.top_s * LN2
     part.o = acc[:, :channels].clone()
     part.l = acc[:, channels].clone()
     if want_var:
@@ -190,10 +205,10 @@ def matmul_partials(q_feat: torch.Tensor, k_feat: torch.Tensor, values: torch.Te
                     block_q: int = BLOCK_Q, block_r: int = BLOCK_R) -> Partials:
     """Partials for logits :math:`s = Q_f K_f^\\top + \\text{shift}` (shapes (M, F), (R, F), (R, C), (M,))."""
     n_rows = k_feat.shape[0]
-    buffer = torch.empty((block_q, block_r), dtype=q_feat.dtype)
+    buffer = torch.empty((block_q, block_r), dtype=q_feat.dtype, device=q_feat.device)
 
     def run(q0: int, q1: int) -> Partials:
-        q = q_feat[q0:q1]
+        q = q_feat[q0:q1] * LOG2E
 
         def logits(r0: int, r1: int) -> torch.Tensor:
             out = buffer[: q1 - q0, : r1 - r0]
@@ -225,11 +240,11 @@ def mixture_partials(q_pix: torch.Tensor, k_pix: torch.Tensor, values: torch.Ten
         q = q_pix[q0:q1] * inv  # (Mq, A, C)
 
         def logits(r0: int, r1: int) -> torch.Tensor:
-            s = torch.zeros((q1 - q0, r1 - r0), dtype=q_pix.dtype)
+            s = torch.zeros((q1 - q0, r1 - r0), dtype=q_pix.dtype, device=q_pix.device)
             for a in range(pixels):
                 t = torch.addmm(k_bias[a, r0:r1][None, :], q[:, a], k_t[a][:, r0:r1])
                 s.add_(F.softplus(t))
-            return s
+            return s.mul_(LOG2E)
 
         return _add_shift(_reduce(logits, n_rows, values, row_ids, q1 - q0, stats, topk, block_r), shift[q0:q1])
 

@@ -97,6 +97,17 @@ def prepare_queries(z: torch.Tensor, mask: torch.Tensor | None, problem: Problem
     return QuerySet(batch * n_pos, channels, sigma, per_class)
 
 
+def queries_to(queries: QuerySet, device: torch.device | str) -> QuerySet:
+    """The same query set on another device."""
+    return QuerySet(queries.n, queries.channels, queries.sigma,
+                    [None if cq is None else ClassQueries(cq.index.to(device), cq.features.to(device),
+                                                          cq.shift.to(device)) for cq in queries.per_class])
+
+
+def keys_to(keys: dict[int, "ClassKeys"], device: torch.device | str) -> dict[int, "ClassKeys"]:
+    return {c: ClassKeys(k.features.to(device), k.values.to(device), k.row_ids.to(device)) for c, k in keys.items()}
+
+
 @dataclass
 class ClassKeys:
     features: torch.Tensor  # (R_c, F) or (R_c, A, C)
@@ -132,8 +143,8 @@ def key_features(arrays: BankArrays, plan: ClassPlan, centers: np.ndarray) -> di
 def scan(keys: dict[int, ClassKeys], plan: ClassPlan, queries: QuerySet, stats: tuple[str, ...] = (),
          topk: int = 0) -> Partials:
     """Partials of every query over the rows behind ``keys`` (classes no query meets are skipped)."""
-    dtype = next(iter(keys.values())).values.dtype
-    total = Partials.empty(queries.n, queries.channels, stats, topk, dtype)
+    first = next(iter(keys.values())).values
+    total = Partials.empty(queries.n, queries.channels, stats, topk, first.dtype, first.device)
     for c, ck in keys.items():
         cq = queries.per_class[c]
         if cq is None:

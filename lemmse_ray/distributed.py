@@ -1,0 +1,241 @@
+r"""Bank building and exact estimation on Ray (DESIGN §2.3).
+
+* :func:`build_bank` — Ray tasks, one per missing shard, each computing its rows from the training images
+  it needs and writing the whole shard (idempotent: re-running completes the missing shards only).
+* :class:`ShardActor` — holds a contiguous range of shards in (GPU) memory, σ-free; for a broadcast query
+  batch it returns one merged :class:`~lemmse_ray.kernel.Partials` over its rows.
+* :func:`estimate_on_ray` — the driver: prepares query features per batch, broadcasts them through the
+  object store, merges the actors' partials in a fixed order (so results do not depend on timing), finalises,
+  and writes each batch to the output Zarr group before flagging it done; finished batches are skipped on
+  restart.  Actors are restartable (``max_restarts``) and their calls retried, so a killed actor, or one lost
+  with its node, is recreated elsewhere and its partial recomputed; each batch takes exactly one partial per
+  actor, so nothing is merged twice.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from .bank import class_centers
+from .classes import ClassPlan, plan_classes
+from .estimate import check_inputs, check_stats, to_result
+from .kernel import Partials, finalize, merge
+from .patches import PatchGeometry
+from .problems import Problem
+from .queries import key_features, keys_to, prepare_queries, queries_to, scan
+from .results import GRID_STATS, inputs_hash, open_results, pending_batches, record_run, write_batch, write_inputs
+from .store import (Bank, BankLayout, bank_attributes, create_bank_group, fingerprint, open_bank, open_group,
+                    shard_images, shard_rows_for, write_shard)
+from .validation import as_images, check_sigma
+
+log = logging.getLogger("lemmse_ray")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def ensure_ray(**init_kwargs: Any) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray."""
+    if not ray.is_initialized():
+        ray.init(**init_kwargs)
+
+
+@ray.remote(num_cpus=1)
+def _build_shard(url: str, storage_options: dict | None, shard: int, images: np.ndarray, layout: BankLayout,
+                 problem: Problem, plan: ClassPlan, centers: np.ndarray, dtype: str) -> tuple[int, int, float]:
+    t0 = time.perf_counter()
+    first, last = shard_images(shard, layout)
+    rows = shard_rows_for(torch.from_numpy(np.array(images[first:last])), first, shard, layout, problem, plan,
+                          centers)
+    write_shard(open_group(url, "r+", storage_options), shard, rows, DTYPES[dtype])
+    return shard, len(rows), time.perf_counter() - t0
+
+
+def build_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: str = "zeros",
+               candidates: str = "all", shard_rows: int = 1 << 16, dtype: torch.dtype = torch.float32,
+               storage_options: dict | None = None, overwrite: bool = False, progress: bool = True) -> Bank:
+    """Build (or finish) the patch bank of ``train`` for ``problem`` at ``url`` with Ray tasks.
+
+    Returns the opened bank.  Throughput (rows/s) is logged and stored in ``bank.build_stats``.
+    """
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+        raise ValueError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    train = as_images(train, "train")
+    shape = tuple(train.shape[1:])
+    problem.check_shape(shape)
+    plan = plan_classes(problem, PatchGeometry(shape, patch_size, padding, candidates))
+    centers = class_centers(train, problem, plan)
+    layout = BankLayout(train.shape[0], plan.rows_per_image(), shard_rows)
+    attrs = bank_attributes(problem, plan, layout, fingerprint(train), dtype)
+    group = create_bank_group(url, attrs, centers, storage_options, overwrite)
+    missing = [int(s) for s in np.flatnonzero(group["done"][...] == 0)]
+    ensure_ray()
+    t0 = time.perf_counter()
+    rows_written = 0
+    if missing:
+        images = ray.put(train.numpy())
+        refs = [ray.put(x) for x in (layout, problem, plan, centers)]
+        dname = attrs["dtype"]
+        pending = [_build_shard.remote(url, storage_options, s, images, *refs, dname) for s in missing]
+        with tqdm(total=len(missing), desc="bank shards", unit="shard", disable=not progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                _, rows, _ = ray.get(done[0])
+                rows_written += rows
+                bar.update(1)
+    seconds = time.perf_counter() - t0
+    bank = open_bank(url, problem, plan, storage_options)
+    bank.build_stats = {"shards_written": len(missing), "rows_written": rows_written, "seconds": seconds,
+                        "rows_per_s": rows_written / seconds if seconds > 0 and rows_written else 0.0}
+    log.info("bank %s: %d shards written (%d rows) in %.1f s, %.0f rows/s; %d were already done", url,
+             len(missing), rows_written, seconds, bank.build_stats["rows_per_s"], bank.n_shards - len(missing))
+    return bank
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class ShardActor:
+    """Holds shards ``[first, last)`` of a bank in device memory and scans query batches against them."""
+
+    def __init__(self, url: str, storage_options: dict | None, problem: Problem, plan: ClassPlan, first: int,
+                 last: int, dtype: str):
+        self.device = exact_device()
+        bank = Bank(url, open_group(url, "r", storage_options), plan, problem, storage_options)
+        start, stop = bank.layout.shard_range(first)[0], bank.layout.shard_range(last - 1)[1]
+        arrays = bank.read_rows(start, stop).to(DTYPES[dtype])
+        self.keys = keys_to(key_features(arrays, plan, bank.centers), self.device)
+        self.plan = plan
+        self.rows = stop - start
+        self.calls = 0
+
+    def partials(self, queries, stats: tuple[str, ...], topk: int) -> Partials:
+        self.calls += 1
+        part = scan(self.keys, self.plan, queries_to(queries, self.device), stats, topk)
+        return part.to(device="cpu")
+
+    def describe(self) -> dict:
+        return {"node": ray.get_runtime_context().get_node_id(), "device": str(self.device), "rows": self.rows,
+                "pid": os.getpid(), "calls": self.calls}
+
+
+def exact_device() -> torch.device:
+    """CUDA when this process has a GPU (TF32 disabled: the exact path uses full float32/float64), else CPU."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("highest")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _actor_options() -> dict:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return {"num_gpus": 1, "num_cpus": 0} if gpus >= 1 else {"num_cpus": 1}
+
+
+def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32") -> list:
+    """One actor per contiguous range of shards (default: one per GPU, else one per CPU, at most one per shard)."""
+    options = _actor_options()
+    if n_actors is None:
+        resources = ray.cluster_resources()
+        n_actors = int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
+    if isinstance(n_actors, bool) or not isinstance(n_actors, int) or n_actors < 1:
+        raise ValueError(f"n_actors must be a positive integer, got {n_actors!r}")
+    n_actors = min(n_actors, bank.n_shards)
+    bounds = np.linspace(0, bank.n_shards, n_actors + 1).round().astype(int)
+    plan_ref, problem_ref = ray.put(bank.plan), ray.put(bank.problem)
+    return [ShardActor.options(**options).remote(bank.url, bank.storage_options, problem_ref, plan_ref,
+                                                  int(bounds[i]), int(bounds[i + 1]), dtype)
+            for i in range(n_actors)]
+
+
+def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=None, batch_images: int = 8,
+                    actors: list | None = None, n_actors: int | None = None, stats=("variance", "ess"),
+                    topk: int = 5, dtype: torch.dtype = torch.float32, storage_options: dict | None = None,
+                    metadata: dict | None = None, overwrite: bool = False, progress: bool = True):
+    """Estimate every pixel of ``z`` against ``bank`` with Ray actors; write and return the output group.
+
+    Same numbers as :func:`lemmse_ray.estimate` on the bank's training images (up to float rounding of the
+    merge order).  Batches already flagged done in ``out_url`` (same configuration) are not recomputed.
+    """
+    sigma = check_sigma(sigma)
+    stats = check_stats(stats, topk)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 1:
+        raise ValueError(f"batch_images must be a positive integer, got {batch_images!r}")
+    geometry = bank.plan.geometry
+    dummy = torch.zeros((1, *geometry.shape), dtype=torch.float64)
+    _, z, mask, _ = check_inputs(dummy, z, bank.problem, mask, geometry.patch_size, geometry.padding,
+                                 geometry.candidates)
+    if x is not None:
+        x = as_images(x, "x")
+        if x.shape != z.shape:
+            raise ValueError(f"x must have the shape of z {tuple(z.shape)}, got {tuple(x.shape)}")
+    dname = str(dtype).replace("torch.", "")
+    config = {"bank_fingerprint": bank.attrs["fingerprint"], "bank_plan": bank.attrs["plan_hash"],
+              "problem": bank.problem.spec(), "geometry": geometry.spec(), "sigma": sigma, "stats": list(stats),
+              "topk": topk, "dtype": dname, "inputs": inputs_hash(z, mask), "n_rows": bank.n_rows}
+    group = open_results(out_url, config, tuple(z.shape), batch_images, stats, topk, dname, storage_options,
+                         overwrite)
+    write_inputs(group, z.to(torch.float32), None if mask is None else mask.to(torch.float32),
+                 None if x is None else x.to(torch.float32))
+    group.attrs["metadata"] = {**(metadata or {}), "versions": versions()}
+    todo = pending_batches(group)
+    n_batches = group.attrs["n_batches"]
+    log.info("%s: %d of %d batches to compute (%d already done)", out_url, len(todo), n_batches,
+             n_batches - len(todo))
+    ensure_ray()
+    actors = actors or start_actors(bank, n_actors, dname)
+    t0 = time.perf_counter()
+    computed = []
+    plan, centers = bank.plan, bank.centers
+    for b in tqdm(todo, desc="query batches", unit="batch", disable=not progress):
+        lo, hi = b * batch_images, min(z.shape[0], (b + 1) * batch_images)
+        queries = prepare_queries(z[lo:hi], None if mask is None else mask[lo:hi], bank.problem, plan, centers,
+                                  sigma, dtype)
+        ref = ray.put(queries)
+        parts = ray.get([a.partials.remote(ref, stats, topk) for a in actors])
+        total = parts[0]
+        for part in parts[1:]:
+            total = merge(total, part)
+        out = finalize(total, bank.n_rows)
+        res = to_result(out, torch.zeros((0, 2), dtype=torch.int64), (hi - lo, *z.shape[1:]),
+                        tuple(s for s in stats if s != "topk"))
+        values = {"mean": res.mean.numpy()}
+        if "variance" in stats:
+            values["variance"] = res.variance.numpy()
+        for name in GRID_STATS:
+            if name in stats:
+                values[name] = getattr(res, name).numpy()
+        if "topk" in stats:
+            grid = (hi - lo, *z.shape[2:], topk)
+            rows = out["topk_rows"].numpy()
+            src = bank.source(rows)
+            found = rows >= 0
+            values["topk_image"] = np.where(found, src[..., 0], -1).reshape(grid)
+            values["topk_position"] = np.where(found, src[..., 1], -1).reshape(grid)
+            values["topk_logits"] = out["topk_logits"].numpy().reshape(grid)
+        write_batch(group, b, lo, values)
+        computed.append(b)
+    seconds = time.perf_counter() - t0
+    pairs = sum(min(z.shape[0], (b + 1) * batch_images) - b * batch_images for b in computed) \
+        * geometry.n_positions * bank.n_rows
+    record_run(group, {"computed_batches": computed, "seconds": seconds, "n_actors": len(actors),
+                       "pairs_per_s": pairs / seconds if seconds > 0 and computed else 0.0})
+    log.info("%s: computed %d batches in %.1f s", out_url, len(computed), seconds)
+    return group
+
+
+def versions() -> dict[str, str]:
+    import zarr
+
+    from . import __version__
+    return {"lemmse_ray": __version__, "torch": torch.__version__, "ray": ray.__version__, "zarr": zarr.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}

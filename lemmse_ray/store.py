@@ -1,0 +1,273 @@
+r"""Patch banks in Zarr v3 (DESIGN §2.2).
+
+One group per bank, addressed by URL (a local path or any fsspec URL such as ``s3://bucket/bank``):
+
+==================  ==================  ===============================================================
+array               shape               content
+==================  ==================  ===============================================================
+``keys``            (n, width)          whitened, centred keys (zero-padded to the largest class rank)
+``half_sqnorm``     (n,)                :math:`\tfrac12\lVert\tilde k\rVert^2`
+``values``          (n, C)              clean centre pixels
+``class_ids``       (n,)  int32         class of each row (rows are sorted by class, image, position)
+``source``          (n, 2) int64        (training image, position) of each row
+``centers``         (n_classes, width)  per-class key centres (float64)
+``done``            (n_shards,) uint8   1 once a shard is completely written
+==================  ==================  ===============================================================
+
+A Zarr *shard* of ``shard_rows`` rows is the unit of work and of writing: the builder writes each shard
+whole and only then sets its ``done`` flag, so a crash leaves at most unflagged shards, which a re-run
+rewrites; finished shards are left alone.  Attributes hold the problem spec, patch geometry, class offsets,
+ranks and a hash of the whitening matrices, shard size, a fingerprint of the training images and the format
+version; opening a bank validates all of them against the request.  The bank does not depend on σ.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from .bank import BankArrays, class_offsets, class_rows
+from .classes import ClassPlan
+from .problems import Problem
+
+FORMAT_VERSION = 1
+ARRAYS = ("keys", "half_sqnorm", "values", "class_ids", "source")
+INNER_ROWS = 4096
+
+
+def fingerprint(images: torch.Tensor) -> str:
+    """SHA-256 of the training images (shape + float32 bytes): banks and results name their data."""
+    data = images.detach().to(torch.float32).contiguous().numpy()
+    digest = hashlib.sha256(json.dumps(list(data.shape)).encode())
+    digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+def plan_hash(plan: ClassPlan) -> str:
+    """SHA-256 of everything that defines the classes (kind, position classes, whitening)."""
+    digest = hashlib.sha256(plan.kind.encode())
+    digest.update(np.ascontiguousarray(plan.position_class).tobytes())
+    for cls in plan.classes:
+        digest.update(cls.deterministic.tobytes())
+        if cls.whitening is not None:
+            digest.update(np.round(cls.whitening, 9).tobytes())
+    return digest.hexdigest()
+
+
+def open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    """Open a Zarr group by local path or fsspec URL."""
+    kwargs = {"storage_options": storage_options} if storage_options and "://" in url else {}
+    return zarr.open_group(url, mode=mode, **kwargs)
+
+
+@dataclass
+class BankLayout:
+    """Row layout of a bank: class offsets and shards."""
+
+    n_images: int
+    rows_per_image: np.ndarray  # (n_classes,)
+    shard_rows: int
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.rows_per_image * self.n_images)])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_rows // self.shard_rows)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_rows, min(self.n_rows, (shard + 1) * self.shard_rows)
+
+
+def bank_attributes(problem: Problem, plan: ClassPlan, layout: BankLayout, images_fingerprint: str,
+                    dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "problem": problem.spec(),
+        "geometry": plan.geometry.spec(),
+        "kind": plan.kind,
+        "keep_prob": plan.keep_prob,
+        "n_images": layout.n_images,
+        "n_rows": layout.n_rows,
+        "width": plan.width,
+        "channels": plan.geometry.shape[0],
+        "class_offsets": [int(v) for v in layout.offsets],
+        "class_ranks": [c.rank for c in plan.classes],
+        "plan_hash": plan_hash(plan),
+        "shard_rows": layout.shard_rows,
+        "n_shards": layout.n_shards,
+        "dtype": str(dtype).replace("torch.", ""),
+        "fingerprint": images_fingerprint,
+    }
+
+
+def create_bank_group(url: str, attrs: dict, centers: np.ndarray, storage_options: dict | None = None,
+                      overwrite: bool = False) -> zarr.Group:
+    """Create the bank's arrays, or reopen an identical unfinished/finished bank (to resume).
+
+    An existing group with different attributes is never overwritten silently: ``ValueError`` unless
+    ``overwrite=True``.
+    """
+    try:
+        existing = open_group(url, "r", storage_options)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        existing = None
+    if existing is not None and not overwrite:
+        old = dict(existing.attrs)
+        if old.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"url: {url} holds a bank of format {old.get('format_version')!r}, not {FORMAT_VERSION}")
+        diff = sorted(k for k in attrs if old.get(k) != attrs[k])
+        if diff:
+            raise ValueError(f"url: {url} already holds a different bank (differs in {', '.join(diff)}); "
+                             "choose another url or pass overwrite=True")
+        return open_group(url, "r+", storage_options)
+    group = open_group(url, "w", storage_options)
+    n, width, channels, shard = attrs["n_rows"], attrs["width"], attrs["channels"], attrs["shard_rows"]
+    inner = min(INNER_ROWS, shard)
+    dtype = attrs["dtype"]
+
+    def create(name, shape, dt):
+        group.create_array(name, shape=shape, dtype=dt, chunks=(inner, *shape[1:]), shards=(shard, *shape[1:]))
+
+    create("keys", (n, width), dtype)
+    create("half_sqnorm", (n,), dtype)
+    create("values", (n, channels), dtype)
+    create("class_ids", (n,), "int32")
+    create("source", (n, 2), "int64")
+    group.create_array("centers", shape=centers.shape, dtype="float64", chunks=centers.shape)[...] = centers
+    group.create_array("done", shape=(attrs["n_shards"],), dtype="uint8", chunks=(1,), fill_value=0)
+    group.attrs.update(attrs)  # last: a group without attributes is an interrupted creation
+    return group
+
+
+def shard_rows_for(images: torch.Tensor, image_offset: int, shard: int, layout: BankLayout, problem: Problem,
+                   plan: ClassPlan, centers: np.ndarray) -> BankArrays:
+    """The rows of ``shard`` computed from ``images`` = training images ``image_offset …`` that it needs."""
+    start, stop = layout.shard_range(shard)
+    offsets = layout.offsets
+    parts = []
+    for c in range(plan.n_classes):
+        lo, hi = max(start, offsets[c]), min(stop, offsets[c + 1])
+        if lo >= hi:
+            continue
+        per = int(layout.rows_per_image[c])
+        first, last = (lo - offsets[c]) // per, (hi - 1 - offsets[c]) // per + 1
+        rows = class_rows(images[first - image_offset: last - image_offset], first, problem, plan, centers, c)
+        cut = slice(lo - offsets[c] - first * per, hi - offsets[c] - first * per)
+        parts.append(BankArrays(rows.keys[cut], rows.half_sqnorm[cut], rows.values[cut], rows.class_ids[cut],
+                                rows.source[cut]))
+    out = BankArrays.concat(parts)
+    out.start = start
+    return out
+
+
+def shard_images(shard: int, layout: BankLayout) -> tuple[int, int]:
+    """The range of training images [first, last) whose rows fall into ``shard``."""
+    start, stop = layout.shard_range(shard)
+    offsets = layout.offsets
+    first, last = layout.n_images, 0
+    for c in range(len(layout.rows_per_image)):
+        lo, hi = max(start, offsets[c]), min(stop, offsets[c + 1])
+        if lo < hi:
+            per = int(layout.rows_per_image[c])
+            first = min(first, (lo - offsets[c]) // per)
+            last = max(last, (hi - 1 - offsets[c]) // per + 1)
+    return int(first), int(last)
+
+
+def write_shard(group: zarr.Group, shard: int, arrays: BankArrays, dtype: torch.dtype) -> None:
+    """Write one whole shard, then flag it done."""
+    start, stop = arrays.start, arrays.start + len(arrays)
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    group["keys"][start:stop] = arrays.keys.numpy().astype(np_dtype)
+    group["half_sqnorm"][start:stop] = arrays.half_sqnorm.numpy().astype(np_dtype)
+    group["values"][start:stop] = arrays.values.numpy().astype(np_dtype)
+    group["class_ids"][start:stop] = arrays.class_ids.numpy().astype(np.int32)
+    group["source"][start:stop] = arrays.source.numpy()
+    group["done"][shard] = 1
+
+
+class Bank:
+    """An opened, validated bank."""
+
+    def __init__(self, url: str, group: zarr.Group, plan: ClassPlan, problem: Problem,
+                 storage_options: dict | None = None):
+        self.url = url
+        self.group = group
+        self.plan = plan
+        self.problem = problem
+        self.storage_options = storage_options
+        self.attrs = dict(group.attrs)
+        self.centers = group["centers"][...]
+        self.layout = BankLayout(self.attrs["n_images"], plan.rows_per_image(), self.attrs["shard_rows"])
+
+    @property
+    def n_rows(self) -> int:
+        return self.layout.n_rows
+
+    @property
+    def n_shards(self) -> int:
+        return self.layout.n_shards
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.attrs["dtype"])
+
+    def missing_shards(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(self.group["done"][...] == 0)]
+
+    def read_rows(self, start: int, stop: int) -> BankArrays:
+        g = self.group
+        return BankArrays(torch.from_numpy(g["keys"][start:stop]), torch.from_numpy(g["half_sqnorm"][start:stop]),
+                          torch.from_numpy(g["values"][start:stop]),
+                          torch.from_numpy(g["class_ids"][start:stop].astype(np.int64)),
+                          torch.from_numpy(g["source"][start:stop]), start)
+
+    def source(self, rows: np.ndarray) -> np.ndarray:
+        """(image, position) of global ``rows`` (any shape; −1 allowed) → shape + (2,)."""
+        flat = np.asarray(rows).reshape(-1)
+        unique, inverse = np.unique(np.clip(flat, 0, self.n_rows - 1), return_inverse=True)
+        table = self.group["source"].get_orthogonal_selection((unique, slice(None))) if len(unique) else \
+            np.zeros((0, 2), dtype=np.int64)
+        return np.asarray(table)[inverse].reshape(*np.shape(rows), 2)
+
+
+def open_bank(url: str, problem: Problem, plan: ClassPlan, storage_options: dict | None = None,
+              fingerprint_of: str | None = None, require_complete: bool = True) -> Bank:
+    """Open the bank at ``url`` and check it matches ``problem`` and ``plan`` (geometry and classes).
+
+    Raises ``ValueError`` naming what differs: a missing bank, another format version, another problem,
+    patch size, padding or candidate set, other classes, other training data (``fingerprint_of``), or
+    unfinished shards.
+    """
+    try:
+        group = open_group(url, "r", storage_options)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        raise ValueError(f"bank: no bank at {url}") from None
+    attrs = dict(group.attrs)
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"bank: {url} has format version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if attrs["problem"] != problem.spec():
+        raise ValueError(f"problem: the bank at {url} was built for {attrs['problem']}, not {problem.spec()}")
+    for key, value in plan.geometry.spec().items():
+        if attrs["geometry"].get(key) != value:
+            raise ValueError(f"{key}: the bank at {url} has {key}={attrs['geometry'].get(key)!r}, requested {value!r}")
+    if attrs["plan_hash"] != plan_hash(plan):
+        raise ValueError(f"bank: the classes/whitening of {url} differ from this problem's")
+    if fingerprint_of is not None and attrs["fingerprint"] != fingerprint_of:
+        raise ValueError(f"train: the bank at {url} was built from other training images")
+    bank = Bank(url, group, plan, problem, storage_options)
+    if require_complete and (missing := bank.missing_shards()):
+        raise ValueError(f"bank: {url} is incomplete ({len(missing)} of {bank.n_shards} shards missing); "
+                         "re-run the bank builder to finish it")
+    return bank
