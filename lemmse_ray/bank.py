@@ -52,7 +52,7 @@ def raw_keys(images: torch.Tensor, problem: Problem, plan: ClassPlan, index: int
     patches = plan.geometry.extract(inputs, positions).reshape(-1, plan.geometry.dim)
     if cls.whitening is None:
         return patches
-    return patches[:, torch.from_numpy(cls.random)] @ torch.from_numpy(cls.whitening).T
+    return patches[:, torch.tensor(cls.random)] @ torch.tensor(cls.whitening).T
 
 
 def class_centers(images: torch.Tensor, problem: Problem, plan: ClassPlan) -> np.ndarray:
@@ -73,11 +73,11 @@ def class_rows(images: torch.Tensor, image_offset: int, problem: Problem, plan: 
     n = images.shape[0] * len(positions)
     keys = torch.zeros((n, plan.width), dtype=torch.float64)
     raw = raw_keys(images, problem, plan, index)
-    keys[:, : raw.shape[1]] = raw - torch.from_numpy(centers[index, : raw.shape[1]])
+    keys[:, : raw.shape[1]] = raw - torch.tensor(centers[index, : raw.shape[1]])
     flat = images.to(torch.float64).flatten(2)  # (n_img, C, H·W)
-    values = flat[:, :, torch.from_numpy(positions)].permute(0, 2, 1).reshape(n, -1)
+    values = flat[:, :, torch.tensor(positions)].permute(0, 2, 1).reshape(n, -1)
     image_ids = torch.arange(image_offset, image_offset + images.shape[0]).repeat_interleave(len(positions))
-    position_ids = torch.from_numpy(positions).repeat(images.shape[0])
+    position_ids = torch.tensor(positions).repeat(images.shape[0])
     return BankArrays(keys, 0.5 * (keys * keys).sum(dim=1), values,
                       torch.full((n,), index, dtype=torch.int64), torch.stack([image_ids, position_ids], dim=1),
                       start)

@@ -126,7 +126,7 @@ def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | N
         raise ValueError(f"root must be None for the embedded dataset {name!r}")
     if name not in _EMBEDDED and root is None:
         raise ValueError(f"root is required for dataset {name!r}: the folder holding its files")
-    request = _Request(split, None if root is None else Path(root),
+    request = _Request(split, None if root is None else Path(root).expanduser(),
                        size if size is not None else _DEFAULT_SIZE.get(name), grayscale)
     images = _finalize(_LOADERS[name](request), request.size, grayscale)
     return images if n is None else take_subset(images, n, subset, seed)

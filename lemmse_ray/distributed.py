@@ -105,9 +105,13 @@ def build_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: 
 class ShardActor:
     """Holds shards ``[first, last)`` of a bank in device memory and scans query batches against them."""
 
-    def __init__(self, url: str, storage_options: dict | None, problem: Problem, plan: ClassPlan, first: int,
+    def __init__(self, url: str, storage_options: dict | None, problem: Problem, geometry: dict, first: int,
                  last: int, dtype: str):
         self.device = exact_device()
+        # the plan is recomputed here (not passed by reference) so that a restarted actor needs nothing from
+        # the driver's object store
+        plan = plan_classes(problem, PatchGeometry(tuple(geometry["shape"]), geometry["patch_size"],
+                                                   geometry["padding"], geometry["candidates"]))
         bank = Bank(url, open_group(url, "r", storage_options), plan, problem, storage_options)
         start, stop = bank.layout.shard_range(first)[0], bank.layout.shard_range(last - 1)[1]
         arrays = bank.read_rows(start, stop).to(DTYPES[dtype])
@@ -149,8 +153,8 @@ def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32"
         raise ValueError(f"n_actors must be a positive integer, got {n_actors!r}")
     n_actors = min(n_actors, bank.n_shards)
     bounds = np.linspace(0, bank.n_shards, n_actors + 1).round().astype(int)
-    plan_ref, problem_ref = ray.put(bank.plan), ray.put(bank.problem)
-    return [ShardActor.options(**options).remote(bank.url, bank.storage_options, problem_ref, plan_ref,
+    geometry = bank.plan.geometry.spec()
+    return [ShardActor.options(**options).remote(bank.url, bank.storage_options, bank.problem, geometry,
                                                   int(bounds[i]), int(bounds[i + 1]), dtype)
             for i in range(n_actors)]
 

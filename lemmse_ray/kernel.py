@@ -132,7 +132,7 @@ def merge_into(total: Partials, index: torch.Tensor, part: Partials) -> None:
 def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: torch.Tensor,
             row_ids: torch.Tensor | None, n_queries: int, stats: tuple[str, ...], topk: int,
             block_r: int) -> Partials:
-    """Online reduction over row blocks for one query block.
+    r"""Online reduction over row blocks for one query block.
 
     ``logits(r0, r1)`` returns a writable (Mq, r1−r0) block of logits *in base 2* (:math:`s\log_2 e`):
     ``exp2`` is several times faster than ``exp`` on CPUs, and the statistics are the same numbers

@@ -133,7 +133,7 @@ def create_bank_group(url: str, attrs: dict, centers: np.ndarray, storage_option
         return open_group(url, "r+", storage_options)
     group = open_group(url, "w", storage_options)
     n, width, channels, shard = attrs["n_rows"], attrs["width"], attrs["channels"], attrs["shard_rows"]
-    inner = min(INNER_ROWS, shard)
+    inner = INNER_ROWS if shard % INNER_ROWS == 0 else shard  # inner chunks must tile the shard
     dtype = attrs["dtype"]
 
     def create(name, shape, dt):

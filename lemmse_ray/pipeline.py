@@ -1,0 +1,123 @@
+"""The steps of a run, as library functions the jobs and the ``lemmse`` command call.
+
+``load_data`` → ``make_problem`` → ``bank_step`` (Ray tasks) → ``estimate_step`` (Ray actors, one output
+group per split and σ, holding the fixed seeded inputs ``z``, masks and clean images) → ``report_step``
+(PNG grids and a Parquet table of PSNRs).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, join
+from .datasets import load_dataset
+from .distributed import DTYPES, build_bank, estimate_on_ray, start_actors
+from .metrics import psnr
+from .problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
+from .report import image_grid, save_parquet, save_png
+from .store import Bank, open_group
+
+log = logging.getLogger("lemmse_ray")
+
+SPLITS = ("train", "test")
+
+
+def load_data(cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training images and the query images of each split (the first ``n_queries`` of it)."""
+    kwargs = dict(root=cfg.root, size=cfg.size, grayscale=cfg.grayscale)
+    train = load_dataset(cfg.dataset, "train", n=cfg.n_train, **kwargs)
+    queries = {"train": train[: cfg.n_queries],
+               "test": load_dataset(cfg.dataset, "test", **kwargs)[: cfg.n_queries]}
+    return train, queries
+
+
+def make_problem(cfg: Config, shape: tuple[int, int, int]) -> Problem:
+    """The configured problem for images of ``shape`` (C, H, W)."""
+    if cfg.problem == "denoising":
+        return Denoising(input=cfg.input, reg=cfg.reg)
+    if cfg.problem == "inpainting":
+        if cfg.mask == "random":
+            return Inpainting(keep_prob=cfg.keep_prob, input=cfg.input, reg=cfg.reg)
+        if cfg.mask == "fixed":
+            generator = torch.Generator().manual_seed(cfg.seed)
+            mask = (torch.rand(shape[1:], generator=generator, dtype=torch.float64) < cfg.keep_prob).double()
+            return Inpainting(mask=mask, input=cfg.input, reg=cfg.reg)
+        raise ValueError(f"mask must be 'random' or 'fixed', got {cfg.mask!r}")
+    if cfg.problem == "deblurring":
+        return Deblurring(gaussian_kernel(cfg.blur_size, cfg.blur_std), input=cfg.input, reg=cfg.reg,
+                          threshold=cfg.threshold)
+    raise ValueError(f"problem must be denoising, inpainting or deblurring, got {cfg.problem!r}")
+
+
+def query_seed(cfg: Config, split: str, sigma_index: int) -> int:
+    """Seed of the one fixed noise (and mask) draw of a split at a noise level."""
+    return cfg.seed * 1_000_003 + SPLITS.index(split) * 1009 + sigma_index
+
+
+def simulate(cfg: Config, problem: Problem, images: torch.Tensor, split: str, sigma_index: int):
+    """``(y, z, mask)`` for query images, from the seeded generator of (split, σ)."""
+    generator = torch.Generator().manual_seed(query_seed(cfg, split, sigma_index))
+    return problem.measure(images.to(torch.float64), cfg.sigmas[sigma_index], generator)
+
+
+def estimate_url(cfg: Config, split: str, sigma: float) -> str:
+    return join(cfg.out, "estimates", f"{split}_sigma{sigma:g}.zarr")
+
+
+def bank_step(cfg: Config, train: torch.Tensor, problem: Problem) -> Bank:
+    return build_bank(cfg.bank_url, train, problem, cfg.patch_size, cfg.padding, cfg.candidates, cfg.shard_rows,
+                      DTYPES[cfg.dtype], cfg.storage_options, cfg.overwrite)
+
+
+def estimate_step(cfg: Config, bank: Bank, problem: Problem, queries: dict[str, torch.Tensor]) -> dict:
+    """Estimate every split × σ through the Ray actors (started once); returns {(split, σ): url}."""
+    actors = start_actors(bank, cfg.n_actors, cfg.dtype)
+    urls = {}
+    for split, images in queries.items():
+        for index, sigma in enumerate(cfg.sigmas):
+            _, z, mask = simulate(cfg, problem, images, split, index)
+            url = estimate_url(cfg, split, sigma)
+            estimate_on_ray(bank, z, sigma, url, mask=mask if problem.random_mask else None, x=images,
+                            batch_images=cfg.batch_images, actors=actors, stats=tuple(cfg.stats), topk=cfg.topk,
+                            dtype=DTYPES[cfg.dtype], storage_options=cfg.storage_options,
+                            metadata={"split": split, "seed": query_seed(cfg, split, index),
+                                      "dataset": cfg.dataset, "config": _plain(cfg)},
+                            overwrite=cfg.overwrite)
+            urls[(split, sigma)] = url
+    return urls
+
+
+def report_step(cfg: Config, urls: dict, n_show: int = 8) -> list[dict]:
+    """PSNR table (Parquet) and figures (PNG: input z / LE-MMSE / ground truth) from the estimate outputs."""
+    rows = []
+    for (split, sigma), url in urls.items():
+        group = open_group(url, "r", cfg.storage_options)
+        z, mean, x = (torch.from_numpy(group[name][...]) for name in ("z", "mean", "x"))
+        for i, (p_est, p_in) in enumerate(zip(psnr(mean, x).tolist(), psnr(z, x).tolist())):
+            rows.append({"split": split, "sigma": sigma, "image": i, "problem": cfg.problem, "input": cfg.input,
+                         "patch_size": cfg.patch_size, "psnr_lemmse_x": p_est, "psnr_z_x": p_in})
+        if "://" not in cfg.out:
+            save_png(image_grid([z[:n_show], mean[:n_show], x[:n_show]]),
+                     Path(cfg.out, "figures", f"{split}_sigma{sigma:g}.png"))
+    if "://" not in cfg.out:
+        save_parquet(rows, Path(cfg.out, "psnr.parquet"))
+    return rows
+
+
+def summarize(rows: list[dict]) -> str:
+    """A plain-text table of mean PSNRs per split and σ."""
+    lines = [f"{'split':<6} {'sigma':>6} {'PSNR(LE-MMSE, x)':>17} {'PSNR(z, x)':>11}"]
+    keys = sorted({(r["split"], r["sigma"]) for r in rows})
+    for split, sigma in keys:
+        sel = [r for r in rows if r["split"] == split and r["sigma"] == sigma]
+        lines.append(f"{split:<6} {sigma:>6g} {np.mean([r['psnr_lemmse_x'] for r in sel]):>17.2f} "
+                     f"{np.mean([r['psnr_z_x'] for r in sel]):>11.2f}")
+    return "\n".join(lines)
+
+
+def _plain(cfg: Config) -> dict:
+    import dataclasses
+    return dataclasses.asdict(cfg)

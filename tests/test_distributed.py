@@ -1,0 +1,267 @@
+"""Sharded Zarr banks and Ray estimation give the in-memory API's numbers, whatever the split, and survive faults."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import lemmse_ray as lm
+from lemmse_ray.classes import plan_classes
+from lemmse_ray.datasets import load_dataset
+from lemmse_ray.distributed import build_bank, estimate_on_ray, start_actors
+from lemmse_ray.patches import PatchGeometry
+from lemmse_ray.store import fingerprint, open_bank
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+REPO = Path(__file__).resolve().parents[1]
+STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
+SIGMA = 0.15
+
+
+@pytest.fixture(scope="module")
+def data():
+    train = load_dataset("digits", "train", n=24).double()
+    queries = load_dataset("digits", "test", n=5).double()
+    return train, queries
+
+
+def measure(problem, x, seed=0):
+    return problem.measure(x, SIGMA, torch.Generator().manual_seed(seed))
+
+
+def compare(group, ref, dtype):
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(group["mean"][...], ref.mean.numpy(), rtol=0, atol=tol)
+    np.testing.assert_allclose(group["variance"][...], ref.variance.numpy(), rtol=0, atol=tol)
+    # a partial merged twice would double l and l2: ess and log-evidence would move
+    np.testing.assert_allclose(group["ess"][...], ref.ess.numpy(), rtol=tol * 10)
+    np.testing.assert_allclose(group["log_evidence"][...], ref.log_evidence.numpy(), rtol=0, atol=tol * 100)
+    np.testing.assert_allclose(group["entropy"][...], ref.entropy.numpy(), rtol=0, atol=tol * 100)
+    np.testing.assert_allclose(group["max_weight"][...], ref.max_weight.numpy(), rtol=tol * 10)
+    np.testing.assert_allclose(group["topk_logits"][...], ref.topk_logits.numpy(), rtol=0, atol=tol * 100)
+    assert (group["topk_image"][...] == ref.topk_image.numpy()).mean() > 0.99  # ties may order differently
+    assert (group["topk_position"][...] == ref.topk_position.numpy()).mean() > 0.99
+
+
+PROBLEMS = [
+    lm.Denoising(),
+    lm.Inpainting(keep_prob=0.7, input="adjoint"),
+    lm.Inpainting(keep_prob=0.7, input="direct"),
+    lm.Deblurring(lm.gaussian_kernel(3, 0.8), input="tikhonov", reg=0.05),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: repr(p))
+def test_ray_matches_in_memory(tmp_path, data, problem, dtype):
+    train, queries = data
+    _, z, mask = measure(problem, queries)
+    mask = mask if problem.random_mask else None
+    bank = build_bank(str(tmp_path / "bank"), train, problem, patch_size=3, shard_rows=300, dtype=dtype,
+                      progress=False)
+    assert bank.n_shards > 3
+    group = estimate_on_ray(bank, z, SIGMA, str(tmp_path / "out"), mask=mask, batch_images=2, stats=STATS,
+                            dtype=dtype, n_actors=2, progress=False)
+    ref = lm.estimate(train, z, problem, SIGMA, patch_size=3, mask=mask, stats=STATS, dtype=dtype)
+    compare(group, ref, dtype)
+    np.testing.assert_array_equal(group["z"][...], z.numpy().astype(np.float32))
+
+
+def test_results_do_not_depend_on_shards_or_actors(tmp_path, data):
+    train, queries = data
+    problem = lm.Denoising()
+    _, z, _ = measure(problem, queries)
+    means = []
+    for shard_rows, n_actors in [(64, 1), (250, 2), (1000, 3), (5000, 1)]:
+        bank = build_bank(str(tmp_path / f"bank{shard_rows}"), train, problem, patch_size=5, shard_rows=shard_rows,
+                          dtype=torch.float64, progress=False)
+        group = estimate_on_ray(bank, z, SIGMA, str(tmp_path / f"out{shard_rows}"), stats=STATS, n_actors=n_actors,
+                                dtype=torch.float64, progress=False)
+        means.append((group["mean"][...], group["ess"][...], group["log_evidence"][...]))
+    for other in means[1:]:
+        for a, b in zip(means[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_bank_layout_and_validation(tmp_path, data):
+    train, _ = data
+    problem = lm.Denoising()
+    url = str(tmp_path / "bank")
+    bank = build_bank(url, train, problem, patch_size=3, shard_rows=500, progress=False)
+    group = zarr.open_group(url, mode="r")
+    attrs = dict(group.attrs)
+    assert attrs["format_version"] == 1 and attrs["fingerprint"] == fingerprint(train)
+    assert attrs["n_rows"] == train.shape[0] * 64 == bank.n_rows
+    assert group["keys"].shards == (500, attrs["width"])
+    class_ids = group["class_ids"][...]
+    assert np.all(np.diff(class_ids) >= 0), "rows are sorted by class"
+    np.testing.assert_array_equal(np.searchsorted(class_ids, np.arange(len(attrs["class_ranks"]))),
+                                  attrs["class_offsets"][:-1])
+    source = group["source"][...]
+    values = group["values"][...]
+    flat = train.numpy().reshape(train.shape[0], 1, -1)
+    np.testing.assert_allclose(values[:, 0], flat[source[:, 0], 0, source[:, 1]], atol=1e-7)
+    geometry = PatchGeometry((1, 8, 8), 3)
+    plan = plan_classes(problem, geometry)
+    with pytest.raises(ValueError, match="patch_size"):
+        open_bank(url, problem, plan_classes(problem, PatchGeometry((1, 8, 8), 5)))
+    with pytest.raises(ValueError, match="padding"):
+        open_bank(url, problem, plan_classes(problem, PatchGeometry((1, 8, 8), 3, "circular")))
+    with pytest.raises(ValueError, match="problem"):
+        open_bank(url, lm.Denoising(input="tikhonov"), plan)
+    with pytest.raises(ValueError, match="train"):
+        open_bank(url, problem, plan, fingerprint_of=fingerprint(train[:-1]))
+    with pytest.raises(ValueError, match="no bank"):
+        open_bank(str(tmp_path / "missing"), problem, plan)
+    with pytest.raises(ValueError, match="already holds a different bank"):
+        build_bank(url, train, problem, patch_size=5, shard_rows=500, progress=False)
+    group_rw = zarr.open_group(url, mode="r+")
+    group_rw["done"][1] = 0
+    with pytest.raises(ValueError, match="incomplete"):
+        open_bank(url, problem, plan)
+    group_rw.attrs["format_version"] = 99
+    with pytest.raises(ValueError, match="format"):
+        open_bank(url, problem, plan)
+
+
+def test_bank_builder_completes_only_missing_shards(tmp_path, data):
+    train, queries = data
+    problem = lm.Denoising()
+    url = str(tmp_path / "bank")
+    build_bank(url, train, problem, patch_size=3, shard_rows=200, progress=False)
+    group = zarr.open_group(url, mode="r+")
+    reference = group["keys"][...]
+    shard_files = sorted((tmp_path / "bank" / "keys" / "c").iterdir())
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shard_files}
+    # a crash mid-build: two shards unflagged, one of them half-written with garbage
+    group["done"][2] = 0
+    group["done"][5] = 0
+    group["keys"][400:450] = 123.0
+    bank = build_bank(url, train, problem, patch_size=3, shard_rows=200, progress=False)
+    assert bank.build_stats["shards_written"] == 2
+    np.testing.assert_array_equal(group["keys"][...], reference)
+    for p in shard_files:
+        if p.name not in ("2", "5"):
+            assert p.stat().st_mtime_ns == mtimes[p.name], f"finished shard {p.name} was rewritten"
+
+
+def _kill_when(group_url, predicate, action, timeout=120):
+    def run():
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                if predicate(zarr.open_group(group_url, mode="r")["done"][...]):
+                    action()
+                    return
+            except Exception:  # the group may not exist yet
+                pass
+            time.sleep(0.05)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_actor_killed_mid_run(tmp_path, data):
+    import ray
+    train, queries = data
+    problem = lm.Denoising()
+    _, z, _ = measure(problem, queries)
+    bank = build_bank(str(tmp_path / "bank"), train, problem, patch_size=3, shard_rows=300, progress=False)
+    actors = start_actors(bank, 2)
+    pid_before = ray.get(actors[0].describe.remote())["pid"]
+    out = str(tmp_path / "out")
+    killer = _kill_when(out, lambda done: done.sum() >= 1, lambda: ray.kill(actors[0], no_restart=False))
+    group = estimate_on_ray(bank, z, SIGMA, out, actors=actors, batch_images=1, stats=STATS, progress=False)
+    killer.join(timeout=1)
+    assert ray.get(actors[0].describe.remote())["pid"] != pid_before, "the actor was not killed and restarted"
+    compare(group, lm.estimate(train, z, problem, SIGMA, patch_size=3, stats=STATS), torch.float32)
+
+
+def test_node_removed_mid_run(tmp_path, data, ray_cluster):
+    import ray
+    train, queries = data
+    problem = lm.Denoising()
+    _, z, _ = measure(problem, queries)
+    bank = build_bank(str(tmp_path / "bank"), train, problem, patch_size=3, shard_rows=300, progress=False)
+    nodes = [ray_cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
+    try:
+        actors = start_actors(bank, 2)  # GPU actors: placed on the (fake-GPU) worker nodes
+        where = [ray.get(a.describe.remote())["node"] for a in actors]
+        victim = next(n for n in nodes if n.node_id in where)
+        out = str(tmp_path / "out")
+        killer = _kill_when(out, lambda done: done.sum() >= 1, lambda: ray_cluster.remove_node(victim))
+        group = estimate_on_ray(bank, z, SIGMA, out, actors=actors, batch_images=1, stats=STATS, progress=False)
+        killer.join(timeout=1)
+        assert victim not in ray_cluster.worker_nodes, "the node was not removed during the run"
+        after = [ray.get(a.describe.remote())["node"] for a in actors]
+        assert victim.node_id not in after
+        compare(group, lm.estimate(train, z, problem, SIGMA, patch_size=3, stats=STATS), torch.float32)
+    finally:
+        for node in list(ray_cluster.worker_nodes):
+            ray_cluster.remove_node(node)
+
+
+def test_half_written_batch_is_recomputed(tmp_path, data):
+    train, queries = data
+    problem = lm.Denoising()
+    _, z, _ = measure(problem, queries)
+    bank = build_bank(str(tmp_path / "bank"), train, problem, patch_size=3, shard_rows=500, progress=False)
+    out = str(tmp_path / "out")
+    group = estimate_on_ray(bank, z, SIGMA, out, batch_images=2, stats=STATS, progress=False)
+    good = group["mean"][...]
+    group["done"][1] = 0  # crashed after writing part of batch 1, before its flag
+    group["mean"][2:3] = -7.0
+    group = estimate_on_ray(bank, z, SIGMA, out, batch_images=2, stats=STATS, progress=False)
+    assert group.attrs["history"][-1]["computed_batches"] == [1]
+    np.testing.assert_array_equal(group["mean"][...], good)
+    with pytest.raises(ValueError, match="another run"):
+        estimate_on_ray(bank, z, SIGMA * 2, out, batch_images=2, stats=STATS, progress=False)
+
+
+def test_job_killed_and_resumed(tmp_path, ray_cluster):
+    """A real driver process is SIGKILLed mid-run; the re-submitted job computes only what was missing."""
+    out = tmp_path / "run"
+    args = [sys.executable, str(REPO / "jobs" / "estimate.py"), "--dataset", "digits", "--n-train", "30",
+            "--n-queries", "6", "--batch-images", "1", "--patch-size", "3", "--sigmas", "0.2", "--out", str(out),
+            "--shard-rows", "400", "--n-actors", "1", "--stats", "variance", "ess", "log_evidence"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    train_url = out / "estimates" / "train_sigma0.2.zarr"
+    t0 = time.time()
+    done_before = None
+    while time.time() - t0 < 180 and first.poll() is None:
+        try:
+            done = zarr.open_group(str(train_url), mode="r")["done"][...]
+            if 1 <= done.sum() < len(done):
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait()
+                done_before = zarr.open_group(str(train_url), mode="r")["done"][...]
+                break
+        except Exception:
+            pass
+        time.sleep(0.02)
+    assert done_before is not None, "the job finished or failed before it could be killed mid-run"
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    group = zarr.open_group(str(train_url), mode="r")
+    history = group.attrs["history"]
+    computed = history[-1]["computed_batches"]
+    assert sorted(computed) == sorted(np.flatnonzero(done_before == 0).tolist()), (done_before, computed)
+    assert group["done"][...].all()
+    # identical to an uninterrupted in-memory computation on the same inputs
+    train = load_dataset("digits", "train", n=30).double()
+    ref = lm.estimate(train, torch.from_numpy(group["z"][...]).double(), lm.Denoising(), 0.2, patch_size=3,
+                      stats=("variance", "ess", "log_evidence"))
+    np.testing.assert_allclose(group["mean"][...], ref.mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(group["ess"][...], ref.ess.numpy(), rtol=1e-4)
