@@ -44,6 +44,17 @@ class Config:
                                                       "topk"], metadata={"help": f"statistics, from {STATS}"})
     topk: int = field(default=5, metadata={"help": "top-k attribution size"})
     dtype: str = field(default="float32", metadata={"help": "float32 | float64"})
+    # networks and training (one network per name and σ)
+    networks: list[str] = field(default_factory=lambda: ["patchmlp", "resnet"],
+                                metadata={"help": "networks to train: patchmlp | resnet | unet"})
+    hidden: int = field(default=256, metadata={"help": "PatchMLP hidden width"})
+    width: int = field(default=64, metadata={"help": "ResNet / U-Net width"})
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    steps_per_epoch: int = field(default=100, metadata={"help": "optimizer steps per epoch"})
+    batch_size: int = field(default=32, metadata={"help": "training images per step (over all workers)"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (cosine schedule to 0)"})
+    n_workers: int = field(default=1, metadata={"help": "Ray Train data-parallel workers"})
+    use_gpu: bool = field(default=False, metadata={"help": "train on GPU workers"})
     # execution
     shard_rows: int = field(default=1 << 16, metadata={"help": "bank rows per Zarr shard (unit of work)"})
     n_actors: int | None = field(default=None, metadata={"help": "estimation actors (default: GPUs, else CPUs)"})
