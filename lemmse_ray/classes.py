@@ -3,9 +3,9 @@ r"""Patch classes and per-class whitening (DESIGN §1.3).
 Deterministic problems (denoising, fixed-mask inpainting, deblurring, generic :math:`B`): the noise of the
 patch at position :math:`j` is :math:`\sigma^2 S_j`.  Coordinates with a zero row of :math:`S_j` (padded
 coordinates, masked pixels of an aware inpainting input) are deterministic 0; positions are grouped into
-**classes** by (deterministic pattern, :math:`S_j`), and a query meets only the classes of its own pattern
-(its *group*; components of another pattern have zero density at the query, or a support of a different
-dimension).  Inside a class, with :math:`S` restricted to the random coordinates
+**classes** by (deterministic pattern, :math:`S_j`).  A query meets the classes of its own pattern
+(components of another pattern have zero density at the query, or a support of a larger dimension) or,
+when its own pattern has no bank rows, those of the largest contained pattern (:meth:`ClassPlan.met_by`).  Inside a class, with :math:`S` restricted to the random coordinates
 :math:`S_R = U\Lambda U^\top`, the whitening is :math:`W = \Lambda^{-1/2}U^\top` over the eigenvalues
 :math:`\lambda > \text{rtol}\cdot\lambda_{\max}` (default ``rtol = 1e-10``; smaller eigenvalues are treated as
 exact zeros, i.e. :math:`S^{+1/2}`), and the log-density is
@@ -19,6 +19,7 @@ input, "mixture" for the agnostic one; see :mod:`lemmse_ray.queries`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -31,9 +32,8 @@ ZERO_ROW_TOL = 1e-12
 
 @dataclass(frozen=True)
 class PatchClass:
-    """One class: its deterministic coordinates, whitening and group (= deterministic pattern id)."""
+    """One class: its deterministic coordinates and whitening."""
 
-    group: int
     deterministic: np.ndarray  # (d,) bool
     padded_pixels: np.ndarray  # (P²,) bool
     random: np.ndarray  # (n_r,) indices of random patch coordinates
@@ -69,21 +69,44 @@ class ClassPlan:
         return np.flatnonzero((self.position_class == index) & self.geometry.candidate_mask())
 
     def met_by(self, index: int) -> np.ndarray:
-        """Classes whose rows a query at a position of class ``index`` meets (its group).
+        r"""Classes whose rows a query at a position of class ``index`` meets.
 
+        Whitened plans: a component's support is :math:`\{p: p_D = 0\}` for its deterministic set
+        :math:`D`, so a query with deterministic set :math:`D_q` lies in the supports of the classes with
+        :math:`D \subseteq D_q`; among those *that have bank rows* it meets the ones of the smallest support
+        dimension, i.e. the largest :math:`D` (usually :math:`D = D_q`, the query's own pattern; under
+        ``candidates="interior"`` the query's own pattern may have no rows, and a subset pattern defines the
+        estimate).  Empty when no class qualifies (the estimator is undefined there).
         Random-mask aware inputs meet every class (compatibility is decided per query from its mask).
         """
         if self.kind == "masked":
             return np.arange(self.n_classes)
-        group = self.classes[index].group
-        return np.array([i for i, c in enumerate(self.classes) if c.group == group])
+        if self.kind == "mixture":
+            return np.array([index])
+        own = self.classes[index].deterministic
+        present = self.rows_per_image() > 0
+        inside = [i for i, c in enumerate(self.classes) if present[i] and not (c.deterministic & ~own).any()]
+        if not inside:
+            return np.array([], dtype=np.int64)
+        largest = max(int(self.classes[i].deterministic.sum()) for i in inside)
+        met = [i for i in inside if int(self.classes[i].deterministic.sum()) == largest]
+        if len({self.classes[i].rank for i in met}) > 1:
+            raise ValueError("classes with the same deterministic pattern but different covariance ranks "
+                             "are not supported")
+        return np.array(met, dtype=np.int64)
+
+    @cached_property
+    def _rows_per_image(self) -> np.ndarray:
+        return np.array([len(self.positions(i)) for i in range(self.n_classes)], dtype=np.int64)
 
     def rows_per_image(self) -> np.ndarray:
         """(n_classes,) candidate positions per class: the rows each training image adds to each class."""
-        return np.array([len(self.positions(i)) for i in range(self.n_classes)], dtype=np.int64)
+        return self._rows_per_image.copy()
 
 
 def _whitening(cov: np.ndarray, rtol: float) -> tuple[np.ndarray, float]:
+    if cov.shape[0] == 0:  # every coordinate deterministic: the point mass, density 1 on a 0-dim support
+        return np.zeros((0, 0)), 0.0
     eigval, eigvec = np.linalg.eigh(cov)
     keep = eigval > rtol * max(eigval.max(initial=0.0), 0.0)
     if not keep.any():
@@ -101,9 +124,9 @@ def plan_classes(problem: Problem, geometry: PatchGeometry, rtol: float = RTOL) 
             raise ValueError("patch_size must be <= min(H, W) for random-mask inpainting with circular padding")
         patterns, position_class = np.unique(padded, axis=0, return_inverse=True)
         classes = tuple(
-            PatchClass(group=i, deterministic=np.tile(p, channels), padded_pixels=p,
+            PatchClass(deterministic=np.tile(p, channels), padded_pixels=p,
                        random=np.flatnonzero(~np.tile(p, channels)), whitening=None, log_pdet=0.0)
-            for i, p in enumerate(patterns))
+            for p in patterns)
         kind = "masked" if problem.aware else "mixture"
         return ClassPlan(geometry, kind, classes, position_class.reshape(-1), problem.keep_prob)
 
@@ -112,7 +135,6 @@ def plan_classes(problem: Problem, geometry: PatchGeometry, rtol: float = RTOL) 
     scale = max(float(diag.max()), np.finfo(float).tiny)
     deterministic = diag <= ZERO_ROW_TOL * scale
     keys: dict[bytes, int] = {}
-    groups: dict[bytes, int] = {}
     classes: list[PatchClass] = []
     position_class = np.empty(geometry.n_positions, dtype=np.int64)
     for j in range(geometry.n_positions):
@@ -120,14 +142,9 @@ def plan_classes(problem: Problem, geometry: PatchGeometry, rtol: float = RTOL) 
         rounded = np.round(s_all[j] / scale, 9) + 0.0
         key = pattern.tobytes() + rounded.tobytes()
         if key not in keys:
-            group = groups.setdefault(pattern.tobytes(), len(groups))
             random = np.flatnonzero(~pattern)
             whitening, log_pdet = _whitening(s_all[j][np.ix_(random, random)], rtol)
             keys[key] = len(classes)
-            classes.append(PatchClass(group, pattern, padded[j], random, whitening, log_pdet))
+            classes.append(PatchClass(pattern, padded[j], random, whitening, log_pdet))
         position_class[j] = keys[key]
-    for group in set(c.group for c in classes):
-        ranks = {c.rank for c in classes if c.group == group}
-        if len(ranks) > 1:
-            raise ValueError("classes with the same deterministic pattern but different covariance ranks are not supported")
     return ClassPlan(geometry, "whitened", tuple(classes), position_class)
