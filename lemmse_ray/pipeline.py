@@ -7,7 +7,6 @@ group per split and σ, holding the fixed seeded inputs ``z``, masks and clean i
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from .datasets import load_dataset
 from .distributed import DTYPES, build_bank, estimate_on_ray, start_actors
 from .metrics import psnr
 from .problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
-from .report import image_grid, save_parquet, save_png
+from .report import image_grid, save_parquet, save_png, save_text
 from .store import Bank, open_group
 
 log = logging.getLogger("lemmse_ray")
@@ -99,11 +98,9 @@ def report_step(cfg: Config, urls: dict, n_show: int = 8) -> list[dict]:
         for i, (p_est, p_in) in enumerate(zip(psnr(mean, x).tolist(), psnr(z, x).tolist())):
             rows.append({"split": split, "sigma": sigma, "image": i, "problem": cfg.problem, "input": cfg.input,
                          "patch_size": cfg.patch_size, "psnr_lemmse_x": p_est, "psnr_z_x": p_in})
-        if "://" not in cfg.out:
-            save_png(image_grid([z[:n_show], mean[:n_show], x[:n_show]]),
-                     Path(cfg.out, "figures", f"{split}_sigma{sigma:g}.png"))
-    if "://" not in cfg.out:
-        save_parquet(rows, Path(cfg.out, "psnr.parquet"))
+        save_png(image_grid([z[:n_show], mean[:n_show], x[:n_show]]),
+                 join(cfg.out, "figures", f"{split}_sigma{sigma:g}.png"), cfg.storage_options)
+    save_parquet(rows, join(cfg.out, "psnr.parquet"), cfg.storage_options)
     return rows
 
 
@@ -116,6 +113,27 @@ def summarize(rows: list[dict]) -> str:
         lines.append(f"{split:<6} {sigma:>6g} {np.mean([r['psnr_lemmse_x'] for r in sel]):>17.2f} "
                      f"{np.mean([r['psnr_z_x'] for r in sel]):>11.2f}")
     return "\n".join(lines)
+
+
+def write_report(cfg: Config, tables: dict[str, str], seconds: dict[str, float]) -> str:
+    """``<out>/report.md``: the configuration, the PSNR tables and the wall time of each step."""
+    times = ", ".join(f"{step} {value:.0f} s" for step, value in seconds.items())
+    text = "\n".join([
+        "# lemmse_ray report", "",
+        f"Dataset `{cfg.dataset}` ({cfg.n_train or 'all'} training images), problem `{cfg.problem}` "
+        f"(input `{cfg.input}`), σ = {', '.join(f'{s:g}' for s in cfg.sigmas)}, patch size {cfg.patch_size}, "
+        f"padding `{cfg.padding}`, candidates `{cfg.candidates}`, {cfg.n_queries} query images per split; "
+        f"networks {', '.join(cfg.networks)} ({cfg.epochs} epochs × {cfg.steps_per_epoch} steps, "
+        f"batch {cfg.batch_size}, lr {cfg.lr:g}).", "",
+        "## LE-MMSE against the ground truth (dB, mean over query images)", "",
+        "```", tables.get("estimate", "(not run)"), "```", "",
+        "## Networks against the LE-MMSE and the ground truth (dB, mean over query images)", "",
+        "```", tables.get("evaluate", "(not run)"), "```", "",
+        f"Wall time: {times}.", "",
+        "Files: `estimates/*.zarr` (inputs, LE-MMSE mean and statistics), `psnr.parquet`, "
+        "`evaluation.parquet`, `summary.parquet`, `networks/*/checkpoint.pt`, `figures/*.png`.", ""])
+    save_text(text, join(cfg.out, "report.md"), cfg.storage_options)
+    return text
 
 
 def _plain(cfg: Config) -> dict:
