@@ -49,12 +49,14 @@ class Config:
                                 metadata={"help": "networks to train: patchmlp | resnet | unet"})
     hidden: int = field(default=256, metadata={"help": "PatchMLP hidden width"})
     width: int = field(default=64, metadata={"help": "ResNet / U-Net width"})
-    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    epochs: int = field(default=8, metadata={"help": "training epochs"})
     steps_per_epoch: int = field(default=100, metadata={"help": "optimizer steps per epoch"})
     batch_size: int = field(default=32, metadata={"help": "training images per step (over all workers)"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (cosine schedule to 0)"})
     n_workers: int = field(default=1, metadata={"help": "Ray Train data-parallel workers"})
     use_gpu: bool = field(default=False, metadata={"help": "train on GPU workers"})
+    cpus_per_worker: int | None = field(default=None, metadata={"help": "CPUs per training worker (default: "
+                                                                        "the free CPUs shared among the workers)"})
     # execution
     shard_rows: int = field(default=1 << 16, metadata={"help": "bank rows per Zarr shard (unit of work)"})
     n_actors: int | None = field(default=None, metadata={"help": "estimation actors (default: GPUs, else CPUs)"})

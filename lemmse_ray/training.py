@@ -118,6 +118,9 @@ def check_training(cfg: Config, names: list[str]) -> None:
     """Raise ValueError naming the first invalid training parameter."""
     for name in names:
         check_choice(name, NETWORKS, "networks")
+    if cfg.cpus_per_worker is not None and (isinstance(cfg.cpus_per_worker, bool)
+                                            or not isinstance(cfg.cpus_per_worker, int) or cfg.cpus_per_worker < 1):
+        raise ValueError(f"cpus_per_worker must be an integer >= 1 or None, got {cfg.cpus_per_worker!r}")
     for field in ("epochs", "steps_per_epoch", "batch_size", "n_workers"):
         value = getattr(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -232,11 +235,26 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
         train_loop_config={"identity": identity, "images": ray.put(train_images.to(torch.float32)),
                            "problem": problem, "folder": folder, "storage_options": cfg.storage_options,
                            "resume": resume},
-        scaling_config=ScalingConfig(num_workers=cfg.n_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.n_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": worker_cpus(cfg)}),
         run_config=RunConfig(name=f"{name}_sigma{sigma:g}-{time.strftime('%Y%m%d-%H%M%S')}"),
     )
     trainer.fit()
     return path
+
+
+def worker_cpus(cfg: Config) -> int:
+    """CPUs per training worker: ``cfg.cpus_per_worker``, or by default (CPU training) the CPUs free now
+    divided among the workers, at most one node's CPUs (torch in a worker uses as many threads); 1 with GPUs."""
+    import ray
+
+    if cfg.cpus_per_worker is not None:
+        return cfg.cpus_per_worker
+    if cfg.use_gpu:
+        return 1
+    free = int(ray.available_resources().get("CPU", 1)) // cfg.n_workers
+    largest = max((int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]), default=1)
+    return max(1, min(free, largest))
 
 
 def train_all(cfg: Config, train: torch.Tensor, problem: Problem) -> dict[tuple[str, float], str]:
