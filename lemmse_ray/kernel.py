@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
 
-BLOCK_Q = 256
-BLOCK_R = 4096
+BLOCK_Q = 1024
+BLOCK_R = 1024
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
