@@ -71,8 +71,10 @@ def read_checkpoint(path: str, storage_options: dict | None = None) -> dict | No
 # --- the pieces of a training step ------------------------------------------------------------------------
 
 def network_dir(cfg: Config, name: str, sigma: float) -> str:
-    """``<out>/networks/<name>_sigma<σ>``: checkpoint and metrics of one network."""
-    return join(cfg.out, "networks", f"{name}_sigma{sigma:g}")
+    """``<out>/networks/<name>_sigma<σ>``: checkpoint and metrics of one network (a local ``out`` is made
+    absolute: Ray Train workers run in a directory of their own)."""
+    out = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    return join(out, "networks", f"{name}_sigma{sigma:g}")
 
 
 def mask_channel(problem: Problem) -> bool:

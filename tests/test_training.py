@@ -6,6 +6,7 @@ a run that crashes during epoch 2, its resumption, and an uninterrupted run (wit
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -63,17 +64,26 @@ def runs(ray_cluster, tmp_path_factory):
     crashed = {"checkpoint": torch.load(path_a, weights_only=True), "metrics": metrics_rows(cfg_a)}
     train_all(cfg_a, train, Denoising())
 
-    # run B's folder first holds a checkpoint of another run (other lr), whose weights are zeroed:
-    cfg_b = small_config(tmp_path_factory.mktemp("b"))
-    path_b = f"{network_dir(cfg_b, 'patchmlp', SIGMA)}/{CHECKPOINT}"
-    bogus = dict(crashed["checkpoint"])
-    bogus["config"] = {**bogus["config"], "lr": 0.5}
-    bogus["model"] = {k: torch.zeros_like(v) for k, v in bogus["model"].items()}
-    Path(path_b).parent.mkdir(parents=True)
-    torch.save(bogus, path_b)
-    with pytest.raises(ValueError, match="another run.*config"):
-        train_network(cfg_b, "patchmlp", SIGMA, train, Denoising())
-    train_network(dataclasses.replace(cfg_b, overwrite=True), "patchmlp", SIGMA, train, Denoising())
+    # run B's folder first holds a checkpoint of another run (other lr), whose weights are zeroed; its output
+    # folder is given relative to the current directory (Ray Train workers run in a directory of their own)
+    base_b = tmp_path_factory.mktemp("b")
+    cwd = os.getcwd()
+    os.chdir(base_b.parent)
+    try:
+        cfg_b = small_config(base_b.name)
+        path_b = f"{network_dir(cfg_b, 'patchmlp', SIGMA)}/{CHECKPOINT}"
+        assert path_b == str(base_b / "networks" / f"patchmlp_sigma{SIGMA:g}" / CHECKPOINT)
+        bogus = dict(crashed["checkpoint"])
+        bogus["config"] = {**bogus["config"], "lr": 0.5}
+        bogus["model"] = {k: torch.zeros_like(v) for k, v in bogus["model"].items()}
+        Path(path_b).parent.mkdir(parents=True)
+        torch.save(bogus, path_b)
+        with pytest.raises(ValueError, match="another run.*config"):
+            train_network(cfg_b, "patchmlp", SIGMA, train, Denoising())
+        train_network(dataclasses.replace(cfg_b, overwrite=True), "patchmlp", SIGMA, train, Denoising())
+    finally:
+        os.chdir(cwd)
+    cfg_b = dataclasses.replace(cfg_b, out=str(base_b))
     return {"train": train, "cfg_a": cfg_a, "cfg_b": cfg_b, "path_a": path_a, "path_b": path_b, "crashed": crashed}
 
 
