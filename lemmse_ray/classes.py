@@ -5,7 +5,8 @@ patch at position :math:`j` is :math:`\sigma^2 S_j`.  Coordinates with a zero ro
 coordinates, masked pixels of an aware inpainting input) are deterministic 0; positions are grouped into
 **classes** by (deterministic pattern, :math:`S_j`).  A query meets the classes of its own pattern
 (components of another pattern have zero density at the query, or a support of a larger dimension) or,
-when its own pattern has no bank rows, those of the largest contained pattern (:meth:`ClassPlan.met_by`).  Inside a class, with :math:`S` restricted to the random coordinates
+when its own pattern has no bank rows, those of the largest contained pattern (:attr:`ClassPlan.meets`).
+Inside a class, with :math:`S` restricted to the random coordinates
 :math:`S_R = U\Lambda U^\top`, the whitening is :math:`W = \Lambda^{-1/2}U^\top` over the eigenvalues
 :math:`\lambda > \text{rtol}\cdot\lambda_{\max}` (default ``rtol = 1e-10``; smaller eigenvalues are treated as
 exact zeros, i.e. :math:`S^{+1/2}`), and the log-density is
@@ -68,32 +69,34 @@ class ClassPlan:
         """Candidate positions of class ``index`` (ascending)."""
         return np.flatnonzero((self.position_class == index) & self.geometry.candidate_mask())
 
-    def met_by(self, index: int) -> np.ndarray:
-        r"""Classes whose rows a query at a position of class ``index`` meets.
+    @cached_property
+    def meets(self) -> np.ndarray:
+        r"""(n_classes, n_classes) bool: ``meets[c, j]`` when a query at a position of class ``j`` meets the
+        rows of class ``c``.
 
         Whitened plans: a component's support is :math:`\{p: p_D = 0\}` for its deterministic set
         :math:`D`, so a query with deterministic set :math:`D_q` lies in the supports of the classes with
         :math:`D \subseteq D_q`; among those *that have bank rows* it meets the ones of the smallest support
         dimension, i.e. the largest :math:`D` (usually :math:`D = D_q`, the query's own pattern; under
         ``candidates="interior"`` the query's own pattern may have no rows, and a subset pattern defines the
-        estimate).  Empty when no class qualifies (the estimator is undefined there).
-        Random-mask aware inputs meet every class (compatibility is decided per query from its mask).
+        estimate).  A column is empty when no class qualifies (the estimator is undefined there).
+        Random-mask aware inputs meet every class (compatibility is decided per query from its mask); the
+        mixture kernel's queries meet their own class.
         """
         if self.kind == "masked":
-            return np.arange(self.n_classes)
+            return np.ones((self.n_classes, self.n_classes), dtype=bool)
         if self.kind == "mixture":
-            return np.array([index])
-        own = self.classes[index].deterministic
-        present = self.rows_per_image() > 0
-        inside = [i for i, c in enumerate(self.classes) if present[i] and not (c.deterministic & ~own).any()]
-        if not inside:
-            return np.array([], dtype=np.int64)
-        largest = max(int(self.classes[i].deterministic.sum()) for i in inside)
-        met = [i for i in inside if int(self.classes[i].deterministic.sum()) == largest]
-        if len({self.classes[i].rank for i in met}) > 1:
-            raise ValueError("classes with the same deterministic pattern but different covariance ranks "
-                             "are not supported")
-        return np.array(met, dtype=np.int64)
+            return np.eye(self.n_classes, dtype=bool)
+        det = np.stack([c.deterministic for c in self.classes]).astype(np.int64)  # (n_classes, d)
+        inside = (det @ (1 - det).T == 0) & (self.rows_per_image() > 0)[:, None]  # [c, j]: D_c ⊆ D_j, rows
+        size = np.where(inside, det.sum(axis=1)[:, None], -1)
+        meets = inside & (size == size.max(axis=0, keepdims=True))
+        ranks = np.array([c.rank for c in self.classes])
+        for j in range(self.n_classes):
+            if len(set(ranks[meets[:, j]])) > 1:
+                raise ValueError("classes with the same deterministic pattern but different covariance ranks "
+                                 "are not supported")
+        return meets
 
     @cached_property
     def _rows_per_image(self) -> np.ndarray:

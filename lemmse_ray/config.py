@@ -77,24 +77,18 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) if "://" in base else str(Path(base, *parts))
 
 
-def _field_type(f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(Config)
-    return hints[f.name]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (``--patch-size``), plus ``--config file.yaml``."""
     parser.add_argument("--config", help="YAML file with any of the fields below (flags override it)")
+    hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         if f.name == "storage_options":
             continue
-        kind = _field_type(f)
+        kind = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif kind == (bool | None):
+        if kind in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]

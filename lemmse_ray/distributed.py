@@ -167,6 +167,8 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
 
     Same numbers as :func:`lemmse_ray.estimate` on the bank's training images (up to float rounding of the
     merge order).  Batches already flagged done in ``out_url`` (same configuration) are not recomputed.
+    ``actors``: running actors of this bank to use; an empty list is filled with the actors started here
+    (only if some batch is left to compute), so that a caller can share them over several outputs.
     """
     sigma = check_sigma(sigma)
     stats = check_stats(stats, topk)
@@ -195,8 +197,13 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     n_batches = group.attrs["n_batches"]
     log.info("%s: %d of %d batches to compute (%d already done)", out_url, len(todo), n_batches,
              n_batches - len(todo))
-    ensure_ray()
-    actors = actors or start_actors(bank, n_actors, dname)
+    if todo and not actors:  # a finished output starts no actor (they would load their shards for nothing)
+        ensure_ray()
+        started = start_actors(bank, n_actors, dname)
+        if actors is None:
+            actors = started
+        else:
+            actors.extend(started)  # the caller's (empty) list: it reuses them for its next outputs
     t0 = time.perf_counter()
     computed = []
     plan, centers = bank.plan, bank.centers
@@ -231,7 +238,7 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     seconds = time.perf_counter() - t0
     pairs = sum(min(z.shape[0], (b + 1) * batch_images) - b * batch_images for b in computed) \
         * geometry.n_positions * bank.n_rows
-    record_run(group, {"computed_batches": computed, "seconds": seconds, "n_actors": len(actors),
+    record_run(group, {"computed_batches": computed, "seconds": seconds, "n_actors": len(actors or []),
                        "pairs_per_s": pairs / seconds if seconds > 0 and computed else 0.0})
     log.info("%s: computed %d batches in %.1f s", out_url, len(computed), seconds)
     return group

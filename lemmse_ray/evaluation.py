@@ -22,7 +22,7 @@ import torch
 from .config import Config, join
 from .metrics import mse, psnr
 from .pipeline import SPLITS, estimate_url
-from .report import image_grid, save_parquet, save_png
+from .report import group_means, image_grid, save_parquet, save_png
 from .store import open_group
 from .training import load_network
 
@@ -84,13 +84,7 @@ def evaluate_all(cfg: Config, networks: dict[tuple[str, float], str], n_show: in
 
 def summary_rows(rows: list[dict]) -> list[dict]:
     """Mean of each PSNR column per (split, σ, network), in that order."""
-    keys = sorted({(r["split"], r["sigma"], r["network"]) for r in rows})
-    out = []
-    for split, sigma, network in keys:
-        sel = [r for r in rows if (r["split"], r["sigma"], r["network"]) == (split, sigma, network)]
-        out.append({"split": split, "sigma": sigma, "network": network, "images": len(sel),
-                    **{column: float(np.mean([r[column] for r in sel])) for column in COLUMNS}})
-    return out
+    return group_means(rows, ("split", "sigma", "network"), COLUMNS)
 
 
 def summary_table(rows: list[dict]) -> str:

@@ -6,17 +6,17 @@ group per split and σ, holding the fixed seeded inputs ``z``, masks and clean i
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
-import numpy as np
 import torch
 
 from .config import Config, join
 from .datasets import load_dataset
-from .distributed import DTYPES, build_bank, estimate_on_ray, start_actors
+from .distributed import DTYPES, build_bank, estimate_on_ray
 from .metrics import psnr
 from .problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
-from .report import image_grid, save_parquet, save_png, save_text
+from .report import group_means, image_grid, save_parquet, save_png, save_text
 from .store import Bank, open_group
 
 log = logging.getLogger("lemmse_ray")
@@ -72,18 +72,19 @@ def bank_step(cfg: Config, train: torch.Tensor, problem: Problem) -> Bank:
 
 
 def estimate_step(cfg: Config, bank: Bank, problem: Problem, queries: dict[str, torch.Tensor]) -> dict:
-    """Estimate every split × σ through the Ray actors (started once); returns {(split, σ): url}."""
-    actors = start_actors(bank, cfg.n_actors, cfg.dtype)
+    """Estimate every split × σ through the Ray actors (started at most once); returns {(split, σ): url}."""
+    actors: list = []  # started by the first output with work left, then shared
     urls = {}
     for split, images in queries.items():
         for index, sigma in enumerate(cfg.sigmas):
             _, z, mask = simulate(cfg, problem, images, split, index)
             url = estimate_url(cfg, split, sigma)
             estimate_on_ray(bank, z, sigma, url, mask=mask if problem.random_mask else None, x=images,
-                            batch_images=cfg.batch_images, actors=actors, stats=tuple(cfg.stats), topk=cfg.topk,
-                            dtype=DTYPES[cfg.dtype], storage_options=cfg.storage_options,
+                            batch_images=cfg.batch_images, actors=actors, n_actors=cfg.n_actors,
+                            stats=tuple(cfg.stats), topk=cfg.topk, dtype=DTYPES[cfg.dtype],
+                            storage_options=cfg.storage_options,
                             metadata={"split": split, "seed": query_seed(cfg, split, index),
-                                      "dataset": cfg.dataset, "config": _plain(cfg)},
+                                      "dataset": cfg.dataset, "config": dataclasses.asdict(cfg)},
                             overwrite=cfg.overwrite)
             urls[(split, sigma)] = url
     return urls
@@ -107,11 +108,8 @@ def report_step(cfg: Config, urls: dict, n_show: int = 8) -> list[dict]:
 def summarize(rows: list[dict]) -> str:
     """A plain-text table of mean PSNRs per split and σ."""
     lines = [f"{'split':<6} {'sigma':>6} {'PSNR(LE-MMSE, x)':>17} {'PSNR(z, x)':>11}"]
-    keys = sorted({(r["split"], r["sigma"]) for r in rows})
-    for split, sigma in keys:
-        sel = [r for r in rows if r["split"] == split and r["sigma"] == sigma]
-        lines.append(f"{split:<6} {sigma:>6g} {np.mean([r['psnr_lemmse_x'] for r in sel]):>17.2f} "
-                     f"{np.mean([r['psnr_z_x'] for r in sel]):>11.2f}")
+    for r in group_means(rows, ("split", "sigma"), ("psnr_lemmse_x", "psnr_z_x")):
+        lines.append(f"{r['split']:<6} {r['sigma']:>6g} {r['psnr_lemmse_x']:>17.2f} {r['psnr_z_x']:>11.2f}")
     return "\n".join(lines)
 
 
@@ -135,7 +133,3 @@ def write_report(cfg: Config, tables: dict[str, str], seconds: dict[str, float])
     save_text(text, join(cfg.out, "report.md"), cfg.storage_options)
     return text
 
-
-def _plain(cfg: Config) -> dict:
-    import dataclasses
-    return dataclasses.asdict(cfg)

@@ -67,14 +67,10 @@ def prepare_queries(z: torch.Tensor, mask: torch.Tensor | None, problem: Problem
         kept = pixel_mask.sum(dim=1)
         coord_mask = pixel_mask.repeat(1, channels)
     q = plan.keep_prob
-    if plan.kind == "whitened":
-        meets = np.zeros((plan.n_classes, plan.n_classes), dtype=bool)  # meets[c, j]: class-j queries meet c
-        for j in np.unique(plan.position_class):
-            meets[plan.met_by(int(j)), j] = True
     for c, cls in enumerate(plan.classes):
         center = torch.from_numpy(centers[c])
         if plan.kind == "whitened":
-            met = torch.from_numpy(meets[c][query_class.numpy()])
+            met = torch.from_numpy(plan.meets[c][query_class.numpy()])
             ids = torch.nonzero(met).flatten()
             qt = patches[ids][:, torch.from_numpy(cls.random)] @ torch.from_numpy(cls.whitening).T
             qt = qt - center[: cls.rank]

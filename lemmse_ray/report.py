@@ -55,6 +55,15 @@ def image_grid(rows: Sequence[torch.Tensor], scale: int = 4, pad: int = 2) -> np
     return canvas
 
 
+def group_means(rows: list[dict], keys: Sequence[str], columns: Sequence[str]) -> list[dict]:
+    """One row per distinct value of ``keys`` (sorted): the number of rows and the mean of each column."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return [{**dict(zip(keys, key)), "images": len(sel),
+             **{c: float(np.mean([r[c] for r in sel])) for c in columns}} for key, sel in sorted(groups.items())]
+
+
 def write_bytes(path: str, data: bytes, storage_options: dict | None = None) -> None:
     """Write ``data`` to a local path (atomically) or an fsspec URL."""
     if "://" in path:
