@@ -7,15 +7,18 @@ r"""Bank building and exact estimation on Ray (DESIGN §2.3).
 * :func:`estimate_on_ray` — the driver: prepares query features per batch, broadcasts them through the
   object store, merges the actors' partials in a fixed order (so results do not depend on timing), finalises,
   and writes each batch to the output Zarr group before flagging it done; finished batches are skipped on
-  restart.  Actors are restartable (``max_restarts``) and their calls retried, so a killed actor, or one lost
-  with its node, is recreated elsewhere and its partial recomputed; each batch takes exactly one partial per
-  actor, so nothing is merged twice.
+  restart.  Actors are restartable (``max_restarts``, default 3) and their calls retried
+  (``max_task_retries``, default 3), so a killed actor, or one lost with its node, is recreated elsewhere and
+  its partial recomputed; each batch takes exactly one partial per actor, so nothing is merged twice.  An
+  error raised by the code (a damaged bank, a missing array) is not retried: the driver raises
+  :class:`ActorFailed` naming the actor's shards, the bank and the original exception.
 """
 from __future__ import annotations
 
 import logging
 import os
 import platform
+import re
 import time
 from typing import Any
 
@@ -30,15 +33,23 @@ from .estimate import check_inputs, check_stats, to_result
 from .kernel import Partials, finalize, merge
 from .patches import PatchGeometry
 from .problems import Problem
+from .ownership import check_apart, open_group
 from .queries import key_features, keys_to, prepare_queries, queries_to, scan
+from .redact import public
 from .results import GRID_STATS, inputs_hash, open_results, pending_batches, record_run, write_batch, write_inputs
-from .store import (Bank, BankLayout, bank_attributes, create_bank_group, fingerprint, open_bank, open_group,
-                    shard_images, shard_rows_for, write_shard)
+from .store import (Bank, BankLayout, bank_attributes, create_bank_group, fingerprint, open_bank, shard_images,
+                    shard_rows_for, write_shard)
 from .validation import as_images, check_sigma
 
 log = logging.getLogger("lemmse_ray")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MAX_RESTARTS = 3
+MAX_TASK_RETRIES = 3
+
+
+class ActorFailed(RuntimeError):
+    """A shard actor failed for good (an error in its code, or more deaths than ``max_restarts``)."""
 
 
 def ensure_ray(**init_kwargs: Any) -> None:
@@ -96,12 +107,12 @@ def build_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: 
     bank = open_bank(url, problem, plan, storage_options)
     bank.build_stats = {"shards_written": len(missing), "rows_written": rows_written, "seconds": seconds,
                         "rows_per_s": rows_written / seconds if seconds > 0 and rows_written else 0.0}
-    log.info("bank %s: %d shards written (%d rows) in %.1f s, %.0f rows/s; %d were already done", url,
+    log.info("bank %s: %d shards written (%d rows) in %.1f s, %.0f rows/s; %d were already done", public(url),
              len(missing), rows_written, seconds, bank.build_stats["rows_per_s"], bank.n_shards - len(missing))
     return bank
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
 class ShardActor:
     """Holds shards ``[first, last)`` of a bank in device memory and scans query batches against them."""
 
@@ -143,33 +154,78 @@ def _actor_options() -> dict:
     return {"num_gpus": 1, "num_cpus": 0} if gpus >= 1 else {"num_cpus": 1}
 
 
-def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32") -> list:
-    """One actor per contiguous range of shards (default: one per GPU, else one per CPU, at most one per shard)."""
+def actor_shards(n_shards: int, n_actors: int) -> list[tuple[int, int]]:
+    """The contiguous shard range ``[first, last)`` of each of ``n_actors`` actors (at most one per shard)."""
+    bounds = np.linspace(0, n_shards, min(n_actors, n_shards) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _check_limit(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32", max_restarts: int = MAX_RESTARTS,
+                 max_task_retries: int = MAX_TASK_RETRIES) -> list:
+    """One actor per contiguous range of shards (default: one per GPU, else one per CPU, at most one per shard).
+
+    A dead actor (killed, lost with its node) is restarted at most ``max_restarts`` times, and a call to it
+    resubmitted at most ``max_task_retries`` times; errors raised by the actor's code are never retried.
+    """
+    _check_limit("max_restarts", max_restarts)
+    _check_limit("max_task_retries", max_task_retries)
     options = _actor_options()
     if n_actors is None:
         resources = ray.cluster_resources()
         n_actors = int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
     if isinstance(n_actors, bool) or not isinstance(n_actors, int) or n_actors < 1:
         raise ValueError(f"n_actors must be a positive integer, got {n_actors!r}")
-    n_actors = min(n_actors, bank.n_shards)
-    bounds = np.linspace(0, bank.n_shards, n_actors + 1).round().astype(int)
     geometry = bank.plan.geometry.spec()
-    return [ShardActor.options(**options).remote(bank.url, bank.storage_options, bank.problem, geometry,
-                                                  int(bounds[i]), int(bounds[i + 1]), dtype)
-            for i in range(n_actors)]
+    return [ShardActor.options(**options, max_restarts=max_restarts, max_task_retries=max_task_retries).remote(
+                bank.url, bank.storage_options, bank.problem, geometry, first, last, dtype)
+            for first, last in actor_shards(bank.n_shards, n_actors)]
+
+
+def original_error(err: Exception) -> str:
+    """``"Type: message"`` of the exception behind a Ray error, on one line."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}".replace("\n", " ")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", getattr(err, "error_msg", None) or str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if getattr(err, "_actor_init_failed", False) and lines:
+        return lines[-1]  # the creation task's traceback ends with "Type: message"
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def gather_partials(refs: list, bank: Bank) -> list[Partials]:
+    """The actors' partials, in order; :class:`ActorFailed` naming the shards of the first actor that failed."""
+    parts = []
+    for ref, (first, last) in zip(refs, actor_shards(bank.n_shards, len(refs))):
+        try:
+            parts.append(ray.get(ref))
+        except ray.exceptions.RayError as err:
+            raise ActorFailed(f"actor for shards [{first}, {last}) of {public(bank.url)} failed: "
+                              f"{original_error(err)}") from err
+    return parts
 
 
 def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=None, batch_images: int = 8,
                     actors: list | None = None, n_actors: int | None = None, stats=("variance", "ess"),
                     topk: int = 5, dtype: torch.dtype = torch.float32, storage_options: dict | None = None,
-                    metadata: dict | None = None, overwrite: bool = False, progress: bool = True):
+                    metadata: dict | None = None, overwrite: bool = False, progress: bool = True,
+                    max_restarts: int = MAX_RESTARTS, max_task_retries: int = MAX_TASK_RETRIES):
     """Estimate every pixel of ``z`` against ``bank`` with Ray actors; write and return the output group.
 
     Same numbers as :func:`lemmse_ray.estimate` on the bank's training images (up to float rounding of the
     merge order).  Batches already flagged done in ``out_url`` (same configuration) are not recomputed.
     ``actors``: running actors of this bank to use; an empty list is filled with the actors started here
     (only if some batch is left to compute), so that a caller can share them over several outputs.
+    ``max_restarts``, ``max_task_retries``: limits of the actors started here (see :func:`start_actors`).
+    ``out_url`` may not be the bank, nor be inside it or hold it.  Nothing secret of ``metadata`` is stored
+    (:func:`lemmse_ray.redact.public`).  A resumed output keeps the ``batch_images`` it was created with.
     """
+    check_apart(out_url, bank.url)
     sigma = check_sigma(sigma)
     stats = check_stats(stats, topk)
     if dtype not in DTYPES.values():
@@ -188,18 +244,21 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     config = {"bank_fingerprint": bank.attrs["fingerprint"], "bank_plan": bank.attrs["plan_hash"],
               "problem": bank.problem.spec(), "geometry": geometry.spec(), "sigma": sigma, "stats": list(stats),
               "topk": topk, "dtype": dname, "inputs": inputs_hash(z, mask), "n_rows": bank.n_rows}
+    _check_limit("max_restarts", max_restarts)
+    _check_limit("max_task_retries", max_task_retries)
     group = open_results(out_url, config, tuple(z.shape), batch_images, stats, topk, dname, storage_options,
                          overwrite)
+    batch_images = group.attrs["batch_images"]  # a resumed output keeps its layout
     write_inputs(group, z.to(torch.float32), None if mask is None else mask.to(torch.float32),
                  None if x is None else x.to(torch.float32))
-    group.attrs["metadata"] = {**(metadata or {}), "versions": versions()}
+    group.attrs["metadata"] = public({**(metadata or {}), "versions": versions()})
     todo = pending_batches(group)
     n_batches = group.attrs["n_batches"]
-    log.info("%s: %d of %d batches to compute (%d already done)", out_url, len(todo), n_batches,
+    log.info("%s: %d of %d batches to compute (%d already done)", public(out_url), len(todo), n_batches,
              n_batches - len(todo))
     if todo and not actors:  # a finished output starts no actor (they would load their shards for nothing)
         ensure_ray()
-        started = start_actors(bank, n_actors, dname)
+        started = start_actors(bank, n_actors, dname, max_restarts, max_task_retries)
         if actors is None:
             actors = started
         else:
@@ -212,7 +271,7 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
         queries = prepare_queries(z[lo:hi], None if mask is None else mask[lo:hi], bank.problem, plan, centers,
                                   sigma, dtype)
         ref = ray.put(queries)
-        parts = ray.get([a.partials.remote(ref, stats, topk) for a in actors])
+        parts = gather_partials([a.partials.remote(ref, stats, topk) for a in actors], bank)
         total = parts[0]
         for part in parts[1:]:
             total = merge(total, part)
@@ -240,7 +299,7 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
         * geometry.n_positions * bank.n_rows
     record_run(group, {"computed_batches": computed, "seconds": seconds, "n_actors": len(actors or []),
                        "pairs_per_s": pairs / seconds if seconds > 0 and computed else 0.0})
-    log.info("%s: computed %d batches in %.1f s", out_url, len(computed), seconds)
+    log.info("%s: computed %d batches in %.1f s", public(out_url), len(computed), seconds)
     return group
 
 

@@ -14,6 +14,12 @@ array               shape               content
 ``done``            (n_shards,) uint8   1 once a shard is completely written
 ==================  ==================  ===============================================================
 
+Every chunk ends with a CRC-32C checksum (the ``crc32c`` codec, inside the sharding codec; shard indexes
+have theirs), and the row arrays' fill value cannot occur in a bank (NaN for floats, −1 for integers), so a
+flipped byte, a truncated or missing shard object or chunk of a shard flagged done is a :class:`BankError`
+naming the bank, the array and the shard (:func:`lemmse_ray.verify.verify_bank` checks them all), never
+silently read as zeros.
+
 A Zarr *shard* of ``shard_rows`` rows is the unit of work and of writing: the builder writes each shard
 whole and only then sets its ``done`` flag, so a crash leaves at most unflagged shards, which a re-run
 rewrites; finished shards are left alone.  Attributes hold the problem spec, patch geometry, class offsets,
@@ -30,14 +36,24 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
-from .bank import BankArrays, class_offsets, class_rows
+from .bank import BankArrays, class_rows
 from .classes import ClassPlan
+from .ownership import create_group, kind_of, open_group, owned_group
 from .problems import Problem
+from .redact import public
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksummed chunks, fill values that cannot occur in a bank
 ARRAYS = ("keys", "half_sqnorm", "values", "class_ids", "source")
+MEMBERS = (*ARRAYS, "centers", "done")
 INNER_ROWS = 4096
+CHECKSUMMED = (ZstdCodec(), Crc32cCodec())  # compression, then a CRC-32C of each compressed chunk
+
+
+class BankError(ValueError):
+    """A bank that cannot be used as it is: damaged, incomplete or of another format."""
 
 
 def fingerprint(images: torch.Tensor) -> str:
@@ -57,12 +73,6 @@ def plan_hash(plan: ClassPlan) -> str:
         if cls.whitening is not None:
             digest.update(np.round(cls.whitening, 9).tobytes())
     return digest.hexdigest()
-
-
-def open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
-    """Open a Zarr group by local path or fsspec URL."""
-    kwargs = {"storage_options": storage_options} if storage_options and "://" in url else {}
-    return zarr.open_group(url, mode=mode, **kwargs)
 
 
 @dataclass
@@ -111,43 +121,69 @@ def bank_attributes(problem: Problem, plan: ClassPlan, layout: BankLayout, image
     }
 
 
+def check_format(url: str, attrs: dict) -> None:
+    """``BankError`` unless ``attrs`` are those of a bank of this :data:`FORMAT_VERSION`."""
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BankError(f"bank: {url} has format version {version!r}, expected {FORMAT_VERSION} (banks of earlier "
+                        "formats have no checksums); rebuild it (build_bank with overwrite=True, or "
+                        "--overwrite)")
+
+
 def create_bank_group(url: str, attrs: dict, centers: np.ndarray, storage_options: dict | None = None,
                       overwrite: bool = False) -> zarr.Group:
     """Create the bank's arrays, or reopen an identical unfinished/finished bank (to resume).
 
-    An existing group with different attributes is never overwritten silently: ``ValueError`` unless
-    ``overwrite=True``.
+    Only a missing path, an empty folder or a bank of this project is written to (see
+    :mod:`lemmse_ray.ownership`).  An existing bank with different attributes is replaced only with
+    ``overwrite=True``; an interrupted creation (marker without attributes) is recreated.
     """
-    try:
-        existing = open_group(url, "r", storage_options)
-    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
-        existing = None
-    if existing is not None and not overwrite:
+    attrs = public(attrs)
+    existing = owned_group(url, "bank", MEMBERS, storage_options)
+    if existing is not None and not overwrite and "format_version" in existing.attrs:
         old = dict(existing.attrs)
-        if old.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"url: {url} holds a bank of format {old.get('format_version')!r}, not {FORMAT_VERSION}")
+        check_format(url, old)
         diff = sorted(k for k in attrs if old.get(k) != attrs[k])
         if diff:
             raise ValueError(f"url: {url} already holds a different bank (differs in {', '.join(diff)}); "
                              "choose another url or pass overwrite=True")
         return open_group(url, "r+", storage_options)
-    group = open_group(url, "w", storage_options)
+    group = create_group(url, "bank", storage_options)
     n, width, channels, shard = attrs["n_rows"], attrs["width"], attrs["channels"], attrs["shard_rows"]
     inner = INNER_ROWS if shard % INNER_ROWS == 0 else shard  # inner chunks must tile the shard
     dtype = attrs["dtype"]
 
-    def create(name, shape, dt):
-        group.create_array(name, shape=shape, dtype=dt, chunks=(inner, *shape[1:]), shards=(shard, *shape[1:]))
+    def create(name, shape, dt, fill):
+        group.create_array(name, shape=shape, dtype=dt, chunks=(inner, *shape[1:]), shards=(shard, *shape[1:]),
+                           fill_value=fill, compressors=CHECKSUMMED)
 
-    create("keys", (n, width), dtype)
-    create("half_sqnorm", (n,), dtype)
-    create("values", (n, channels), dtype)
-    create("class_ids", (n,), "int32")
-    create("source", (n, 2), "int64")
-    group.create_array("centers", shape=centers.shape, dtype="float64", chunks=centers.shape)[...] = centers
-    group.create_array("done", shape=(attrs["n_shards"],), dtype="uint8", chunks=(1,), fill_value=0)
-    group.attrs.update(attrs)  # last: a group without attributes is an interrupted creation
+    create("keys", (n, width), dtype, np.nan)
+    create("half_sqnorm", (n,), dtype, np.nan)
+    create("values", (n, channels), dtype, np.nan)
+    create("class_ids", (n,), "int32", -1)
+    create("source", (n, 2), "int64", -1)
+    group.create_array("centers", shape=centers.shape, dtype="float64", chunks=centers.shape,
+                       compressors=CHECKSUMMED)[...] = centers
+    group.create_array("done", shape=(attrs["n_shards"],), dtype="uint8", chunks=(1,), fill_value=0,
+                       compressors=CHECKSUMMED)
+    group.attrs.update(attrs)  # last: a marked group without attributes is an interrupted creation
     return group
+
+
+def read_shard(group: zarr.Group, url: str, name: str, shard: int, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of array ``name``, all in ``shard``; ``BankError`` naming the bank, array and
+    shard if a chunk fails its checksum or cannot be decoded, or is missing (read as the fill value)."""
+    array = group[name]
+    where = f"bank {url}: array {name!r}, shard {shard} (rows {start}–{stop})"
+    try:
+        data = array[start:stop]
+    except Exception as err:  # a checksum mismatch, a truncated shard or chunk, an undecodable chunk
+        raise BankError(f"{where} is damaged ({type(err).__name__}: {err}); repair the bank") from err
+    missing = np.isnan(data) if data.dtype.kind == "f" else data < 0
+    if missing.any():
+        first = start + int(np.flatnonzero(missing.reshape(len(data), -1).any(axis=1))[0])
+        raise BankError(f"{where} has missing chunks (row {first} was never written); repair the bank")
+    return data
 
 
 def shard_rows_for(images: torch.Tensor, image_offset: int, shard: int, layout: BankLayout, problem: Problem,
@@ -186,7 +222,14 @@ def shard_images(shard: int, layout: BankLayout) -> tuple[int, int]:
 
 
 def write_shard(group: zarr.Group, shard: int, arrays: BankArrays, dtype: torch.dtype) -> None:
-    """Write one whole shard, then flag it done."""
+    """Write one whole shard, then flag it done.
+
+    The shard's old objects (from a crashed writer, or damaged) are deleted first: Zarr reads an existing shard
+    before rewriting it, and a damaged one would fail its checksum."""
+    for name in ARRAYS:
+        array = group[name]
+        key = f"{array.path}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}"
+        sync(array.store.delete(key))
     start, stop = arrays.start, arrays.start + len(arrays)
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
     group["keys"][start:stop] = arrays.keys.numpy().astype(np_dtype)
@@ -208,7 +251,12 @@ class Bank:
         self.problem = problem
         self.storage_options = storage_options
         self.attrs = dict(group.attrs)
-        self.centers = group["centers"][...]
+        check_format(url, self.attrs)
+        try:
+            self.centers = group["centers"][...]
+        except Exception as err:
+            raise BankError(f"bank {url}: array 'centers' is damaged ({type(err).__name__}: {err}); rebuild the "
+                            "bank") from err
         self.layout = BankLayout(self.attrs["n_images"], plan.rows_per_image(), self.attrs["shard_rows"])
 
     @property
@@ -227,19 +275,33 @@ class Bank:
         return [int(s) for s in np.flatnonzero(self.group["done"][...] == 0)]
 
     def read_rows(self, start: int, stop: int) -> BankArrays:
-        g = self.group
-        return BankArrays(torch.from_numpy(g["keys"][start:stop]), torch.from_numpy(g["half_sqnorm"][start:stop]),
-                          torch.from_numpy(g["values"][start:stop]),
-                          torch.from_numpy(g["class_ids"][start:stop].astype(np.int64)),
-                          torch.from_numpy(g["source"][start:stop]), start)
+        """Rows ``[start, stop)``, read shard by shard with the checks of :func:`read_shard`."""
+        first, last = start // self.layout.shard_rows, -(-stop // self.layout.shard_rows)
+        parts = {name: [] for name in ARRAYS}
+        for shard in range(first, last):
+            lo, hi = self.layout.shard_range(shard)
+            for name in ARRAYS:
+                parts[name].append(read_shard(self.group, self.url, name, shard, max(lo, start), min(hi, stop)))
+        keys, half_sqnorm, values, class_ids, source = (np.concatenate(parts[name]) for name in ARRAYS)
+        return BankArrays(torch.from_numpy(keys), torch.from_numpy(half_sqnorm), torch.from_numpy(values),
+                          torch.from_numpy(class_ids.astype(np.int64)), torch.from_numpy(source), start)
 
     def source(self, rows: np.ndarray) -> np.ndarray:
         """(image, position) of global ``rows`` (any shape; −1 allowed) → shape + (2,)."""
         flat = np.asarray(rows).reshape(-1)
         unique, inverse = np.unique(np.clip(flat, 0, self.n_rows - 1), return_inverse=True)
-        table = self.group["source"].get_orthogonal_selection((unique, slice(None))) if len(unique) else \
-            np.zeros((0, 2), dtype=np.int64)
-        return np.asarray(table)[inverse].reshape(*np.shape(rows), 2)
+        if not len(unique):
+            return np.zeros((*np.shape(rows), 2), dtype=np.int64)
+        try:
+            table = np.asarray(self.group["source"].get_orthogonal_selection((unique, slice(None))))
+        except Exception as err:
+            raise BankError(f"bank {self.url}: array 'source' is damaged ({type(err).__name__}: {err}); repair "
+                            "the bank") from err
+        if (table < 0).any():
+            row = int(unique[np.flatnonzero((table < 0).any(axis=1))[0]])
+            raise BankError(f"bank {self.url}: array 'source', shard {row // self.layout.shard_rows} has missing "
+                            f"chunks (row {row} was never written); repair the bank")
+        return table[inverse].reshape(*np.shape(rows), 2)
 
 
 def open_bank(url: str, problem: Problem, plan: ClassPlan, storage_options: dict | None = None,
@@ -254,9 +316,10 @@ def open_bank(url: str, problem: Problem, plan: ClassPlan, storage_options: dict
         group = open_group(url, "r", storage_options)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
         raise ValueError(f"bank: no bank at {url}") from None
+    if kind_of(group) != "bank":
+        raise ValueError(f"bank: {url} is not a lemmse_ray bank")
     attrs = dict(group.attrs)
-    if attrs.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"bank: {url} has format version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
+    check_format(url, attrs)
     if attrs["problem"] != problem.spec():
         raise ValueError(f"problem: the bank at {url} was built for {attrs['problem']}, not {problem.spec()}")
     for key, value in plan.geometry.spec().items():

@@ -19,7 +19,7 @@ from lemmse_ray.classes import plan_classes
 from lemmse_ray.datasets import load_dataset
 from lemmse_ray.distributed import build_bank, estimate_on_ray, start_actors
 from lemmse_ray.patches import PatchGeometry
-from lemmse_ray.store import fingerprint, open_bank
+from lemmse_ray.store import FORMAT_VERSION, fingerprint, open_bank
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_bank_layout_and_validation(tmp_path, data):
     bank = build_bank(url, train, problem, patch_size=3, shard_rows=500, progress=False)
     group = zarr.open_group(url, mode="r")
     attrs = dict(group.attrs)
-    assert attrs["format_version"] == 1 and attrs["fingerprint"] == fingerprint(train)
+    assert attrs["format_version"] == FORMAT_VERSION and attrs["fingerprint"] == fingerprint(train)
     assert attrs["n_rows"] == train.shape[0] * 64 == bank.n_rows
     assert group["keys"].shards == (500, attrs["width"])
     class_ids = group["class_ids"][...]

@@ -130,3 +130,28 @@ def test_unflagged_shard_is_rebuilt_on_s3(s3):
     bank = build_bank(url, train, problem, patch_size=3, shard_rows=64, storage_options=s3, progress=False)
     assert bank.build_stats["shards_written"] == 1
     np.testing.assert_array_equal(open_group(url, "r", s3)["keys"][...], reference)
+
+
+def test_user_objects_survive_and_no_secret_is_written_on_s3(s3):
+    """A user's object under the target prefix survives (``overwrite`` included); no credential reaches the bucket."""
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    fs.pipe(f"{BUCKET}/mine/notes.txt", b"my thesis")
+    train = load_dataset("digits", "train", n=2).double()
+    problem = lm.Denoising()
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"mine.*notes\.txt"):
+            build_bank(f"s3://{BUCKET}/mine", train, problem, patch_size=3, shard_rows=64, storage_options=s3,
+                       overwrite=overwrite, progress=False)
+    assert fs.cat(f"{BUCKET}/mine/notes.txt") == b"my thesis"
+
+    options = {**s3, "key": "AKIAUNIQUEKEY8842", "secret": "uniqueSECRETvalue-0042"}  # moto accepts any
+    bank = build_bank(f"s3://{BUCKET}/secret/bank.zarr", train, problem, patch_size=3, shard_rows=64,
+                      storage_options=options, progress=False)
+    _, z, _ = problem.measure(train, SIGMA, torch.Generator().manual_seed(0))
+    estimate_on_ray(bank, z, SIGMA, f"s3://{BUCKET}/secret/out.zarr", batch_images=2, n_actors=1, stats=STATS,
+                    storage_options=options, metadata={"config": {"storage_options": options}}, progress=False)
+    objects = fs.find(f"{BUCKET}/secret")
+    assert len(objects) > 10
+    for path in objects:
+        content = fs.cat(path)
+        assert options["key"].encode() not in content and options["secret"].encode() not in content, path

@@ -1,0 +1,111 @@
+"""Which paths this project may write: only its own groups, a missing path or an empty folder.
+
+Every group the project creates carries the attribute ``lemmse_ray`` = its kind (``"bank"`` or ``"estimate"``),
+written in the same write that creates the group, before anything else; the group's full attributes are
+written last.  So a group with the marker but without its attributes is an interrupted creation of ours,
+and anything else (a user's files, another program's Zarr group, a group of the other kind) is never deleted
+or overwritten, ``overwrite=True`` included: the refusal is a ``ValueError`` naming the path and what was
+found there.  Groups written before the marker existed are recognised by their attributes.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import fsspec
+import zarr
+
+MARKER = "lemmse_ray"
+LEGACY = {"bank": ("format_version", "plan_hash"), "estimate": ("config", "n_batches")}
+NAMES = {"bank": "a lemmse_ray bank", "estimate": "a lemmse_ray estimate output"}
+
+
+def _options(url: str, storage_options: dict | None) -> dict:
+    return storage_options if storage_options and "://" in url else {}
+
+
+def open_group(url: str, mode: str, storage_options: dict | None = None, **kwargs) -> zarr.Group:
+    """Open a Zarr group by local path or fsspec URL."""
+    options = _options(url, storage_options)
+    return zarr.open_group(url, mode=mode, **({"storage_options": options} if options else {}), **kwargs)
+
+
+def _entries(url: str, storage_options: dict | None) -> list[str] | None:
+    """Names directly under ``url``; None if nothing is there; ValueError if it is a file."""
+    fs, path = fsspec.core.url_to_fs(url, **_options(url, storage_options))
+    path = path.rstrip("/")
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return None
+    if fs.isfile(path):
+        raise ValueError(f"{url} is a file, not a folder or a group of this project; it is left untouched")
+    return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def kind_of(group: zarr.Group) -> str | None:
+    """``"bank"``, ``"estimate"`` or None (not a group of this project)."""
+    attrs = group.attrs
+    if attrs.get(MARKER) in NAMES:
+        return attrs[MARKER]
+    return next((kind for kind, keys in LEGACY.items() if all(k in attrs for k in keys)), None)
+
+
+def _found(entries: list[str]) -> str:
+    shown = ", ".join(repr(e) for e in entries[:5])
+    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({shown}{', …' if len(entries) > 5 else ''})"
+
+
+def owned_group(url: str, kind: str, members: Iterable[str], storage_options: dict | None = None
+                ) -> zarr.Group | None:
+    """The group of ``kind`` at ``url``, or None where nothing is (a missing path or an empty folder).
+
+    ``members``: the names such a group may hold.  ``ValueError`` naming ``url`` and what is there when it
+    holds anything else: files or folders that are not ours, another program's group, a group of another kind,
+    or our group with foreign entries among its members (replacing it would delete them).
+    """
+    entries = _entries(url, storage_options)
+    if not entries:
+        return None
+    try:
+        group = open_group(url, "r", storage_options)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError):
+        raise ValueError(f"{url} is not {NAMES[kind]}: it holds {_found(entries)}; it is left untouched, "
+                         "choose another path (a new or empty folder)") from None
+    found = kind_of(group)
+    if found is None:
+        raise ValueError(f"{url} holds a Zarr group that lemmse_ray did not write ({_found(entries)}); it is left "
+                         "untouched, choose another path (a new or empty folder)")
+    if found != kind:
+        raise ValueError(f"{url} holds {NAMES[found]}, not {NAMES[kind]}; it is left untouched, choose another "
+                         "path")
+    foreign = [e for e in entries if e != "zarr.json" and e not in set(members)]
+    if foreign:
+        raise ValueError(f"{url} holds {NAMES[kind]} and files that are not part of it ({_found(foreign)}); "
+                         "it is left untouched: move them away or choose another path")
+    return group
+
+
+def create_group(url: str, kind: str, storage_options: dict | None = None) -> zarr.Group:
+    """A new, empty group marked as ``kind`` (replacing what :func:`owned_group` allowed)."""
+    return open_group(url, "w", storage_options, attributes={MARKER: kind})
+
+
+def _normalized(url: str) -> str:
+    if "://" in url:
+        protocol, path = url.split("://", 1)
+        return f"{protocol}://{path.rstrip('/')}"
+    return os.path.realpath(os.path.abspath(url))
+
+
+def check_apart(out_url: str, bank_url: str) -> None:
+    """``ValueError`` when the output ``out_url`` is the bank, inside it, or holds it."""
+    out, bank = _normalized(out_url), _normalized(bank_url)
+    if out == bank:
+        where = "is the bank"
+    elif out.startswith(bank + "/"):
+        where = "is inside the bank"
+    elif bank.startswith(out + "/"):
+        where = "contains the bank"
+    else:
+        return
+    raise ValueError(f"out: {out_url} {where} {bank_url}; write the estimate outside the bank")
