@@ -25,6 +25,7 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,14 +36,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-__all__ = ["DATASETS", "download", "fetch_file", "load_dataset", "read_idx", "safe_load_cifar_pickle",
+__all__ = ["DATASETS", "download", "fetch_file", "load_dataset", "read_idx", "read_idx_file",
+           "safe_load_cifar_pickle",
            "take_subset", "verify_checksum"]
 
 DATASETS: tuple[str, ...] = ("photos", "faces", "digits", "fashion-mnist", "cifar10", "ffhq32", "folder")
 SPLITS: tuple[str, ...] = ("train", "test")
 SUBSET_MODES: tuple[str, ...] = ("first", "random")
 
-_EMBEDDED = ("photos", "faces", "digits")
+EMBEDDED = ("photos", "faces", "digits")
 _DEFAULT_SIZE = {"photos": 32, "ffhq32": 32, "folder": 32}
 
 # Photographs of ``skimage.data`` that load offline and whose docstrings state a free licence.
@@ -59,6 +61,8 @@ _FOLDER_TEST_MODULUS = 5        # a file is a test file when its path hash is 0 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _LUMA = (0.299, 0.587, 0.114)
 
+# Largest decompressed file or archive member read (FFHQ-32 as one array: 215 MB; a CIFAR-10 batch: 31 MB).
+MAX_DECOMPRESSED_BYTES = 1 << 29
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _FASHION_PREFIX = {"train": "train", "test": "t10k"}
 
@@ -122,9 +126,9 @@ def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | N
         raise ValueError(f"n must be a positive integer or None, got {n}")
     if size is not None and size <= 0:
         raise ValueError(f"size must be a positive integer or None, got {size}")
-    if name in _EMBEDDED and root is not None:
+    if name in EMBEDDED and root is not None:
         raise ValueError(f"root must be None for the embedded dataset {name!r}")
-    if name not in _EMBEDDED and root is None:
+    if name not in EMBEDDED and root is None:
         raise ValueError(f"root is required for dataset {name!r}: the folder holding its files")
     request = _Request(split, None if root is None else Path(root).expanduser(),
                        size if size is not None else _DEFAULT_SIZE.get(name), grayscale)
@@ -345,9 +349,40 @@ def _load_digits(request: _Request) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- fashion-mnist
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    """Bytes of ``path``, gunzipped when its name ends in ``.gz``."""
-    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+def read_idx_file(path: str | os.PathLike, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> np.ndarray:
+    """:func:`read_idx` of a file, gunzipped when its name ends in ``.gz``, reading no more than its header
+    declares (plus one byte, to detect trailing data): a small file that would decompress to gigabytes is
+    refused after reading its header, and a header declaring more than ``max_bytes`` is refused outright."""
+    path = Path(path)
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as stream:
+        head = stream.read(4)
+        if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] not in _IDX_DTYPES:
+            raise ValueError(f"{path.name}: not an IDX file: bad magic number")
+        dims = stream.read(4 * head[3])
+        if len(dims) < 4 * head[3]:
+            raise ValueError(f"{path.name}: truncated IDX header")
+        shape = struct.unpack(f">{head[3]}i", dims)
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_IDX_DTYPES[head[2]]).itemsize
+        if size > max_bytes:
+            raise ValueError(f"{path.name}: its header declares {size:,} bytes of data, more than the "
+                             f"{max_bytes:,} allowed")
+        payload = stream.read(size + 1)  # one byte more than declared: read_idx refuses trailing data
+    try:
+        return read_idx(head + dims + payload)
+    except ValueError as err:
+        raise ValueError(f"{path.name}: {err}") from None
+
+
+def read_capped(stream: io.RawIOBase | io.BufferedIOBase, max_bytes: int, what: str) -> bytes:
+    """Read ``stream`` to its end, refusing (``ValueError`` naming ``what``) once more than ``max_bytes``
+    would be read: a decompression bomb is stopped at the cap, not after filling memory."""
+    chunks, total = [], 0
+    while chunk := stream.read(min(1 << 20, max_bytes + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise ValueError(f"{what}: decompresses to more than {max_bytes:,} bytes (the limit for one file)")
+    return b"".join(chunks)
 
 
 def _load_fashion_mnist(request: _Request) -> torch.Tensor:
@@ -358,7 +393,7 @@ def _load_fashion_mnist(request: _Request) -> torch.Tensor:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise ValueError(f"root {str(request.root)!r} has no Fashion-MNIST file {stem} or {stem}.gz")
-    images = read_idx(_read_maybe_gzip(path))
+    images = read_idx_file(path)
     if images.dtype != np.uint8 or images.ndim != 3:
         raise ValueError(f"{path.name}: expected uint8 images of shape (N, H, W), got {images.dtype} "
                          f"{images.shape}")
@@ -399,7 +434,13 @@ def _read_cifar_archive(path: Path, split: str) -> tuple[str, list[bytes]]:
         for fmt, folder in _CIFAR_DIRS.items():
             wanted = [f"{folder}/{name}" for name in _cifar_names(fmt, split)]
             if all(name in members for name in wanted):
-                return fmt, [archive.extractfile(members[name]).read() for name in wanted]
+                too_large = [name for name in wanted if members[name].size > MAX_DECOMPRESSED_BYTES]
+                if too_large:
+                    raise ValueError(f"root archive {path.name!r}: member {too_large[0]} declares "
+                                     f"{members[too_large[0]].size:,} bytes, more than the "
+                                     f"{MAX_DECOMPRESSED_BYTES:,} allowed")
+                return fmt, [read_capped(archive.extractfile(members[name]), MAX_DECOMPRESSED_BYTES, name)
+                             for name in wanted]
     expected = " or ".join(f"{_CIFAR_DIRS[f]}/{{{', '.join(_cifar_names(f, split))}}}" for f in _CIFAR_DIRS)
     raise ValueError(f"root archive {path.name!r} lacks the CIFAR-10 {split} members {expected}")
 
@@ -597,6 +638,14 @@ def _load_array_file(path: Path, split: str) -> torch.Tensor:
     """
     if path.suffix == ".npy":
         return _to_images(_split_by_fraction(np.load(path, allow_pickle=False), split, _FFHQ_TRAIN_FRACTION))
+    try:
+        with zipfile.ZipFile(path) as archive:  # members are decompressed by np.load: check their sizes first
+            sizes = {info.filename: info.file_size for info in archive.infolist()}
+    except zipfile.BadZipFile:
+        raise ValueError(f"root {path.name!r} is not a .npz archive") from None
+    if sum(sizes.values()) > MAX_DECOMPRESSED_BYTES:
+        raise ValueError(f"root {path.name!r}: its arrays declare {sum(sizes.values()):,} bytes, more than the "
+                         f"{MAX_DECOMPRESSED_BYTES:,} allowed")
     with np.load(path, allow_pickle=False) as arrays:
         if "train" in arrays.files and "test" in arrays.files:
             return _to_images(arrays[split])

@@ -34,16 +34,22 @@ from .queries import key_features, keys_to, prepare_queries, queries_to, scan
 from .results import GRID_STATS, inputs_hash, open_results, pending_batches, record_run, write_batch, write_inputs
 from .store import (Bank, BankLayout, bank_attributes, create_bank_group, fingerprint, open_bank, open_group,
                     shard_images, shard_rows_for, write_shard)
-from .validation import as_images, check_sigma
+from .validation import as_images, check_noise_level
 
 log = logging.getLogger("lemmse_ray")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def ensure_ray(**init_kwargs: Any) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray."""
+def ensure_ray(verbose: bool = True, **init_kwargs: Any) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray.
+
+    ``verbose=False`` keeps Ray's own log lines (its start-up messages, the workers' and Ray Train's logs)
+    out of the driver's output; progress bars and results are printed by the driver itself.
+    """
     if not ray.is_initialized():
+        if not verbose:
+            init_kwargs = {"logging_level": logging.ERROR, "log_to_driver": False, **init_kwargs}
         ray.init(**init_kwargs)
 
 
@@ -170,10 +176,10 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     ``actors``: running actors of this bank to use; an empty list is filled with the actors started here
     (only if some batch is left to compute), so that a caller can share them over several outputs.
     """
-    sigma = check_sigma(sigma)
     stats = check_stats(stats, topk)
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    sigma = check_noise_level(sigma, dtype)
     if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 1:
         raise ValueError(f"batch_images must be a positive integer, got {batch_images!r}")
     geometry = bank.plan.geometry

@@ -20,7 +20,7 @@ from .kernel import STATS, Partials, finalize
 from .patches import PatchGeometry
 from .problems import Problem
 from .queries import key_features, prepare_queries, scan
-from .validation import as_images, as_mask, check_sigma
+from .validation import as_images, as_mask, check_noise_level
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -61,7 +61,7 @@ def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a lemmse_ray problem (Denoising, Inpainting, ...), got {type(problem).__name__}")
     train = as_images(train, "train")
-    z = as_images(z, "z")
+    z = as_images(z, "z", check_range=False)
     if train.shape[1] != z.shape[1]:
         raise ValueError(f"z has {z.shape[1]} channels but train has {train.shape[1]}")
     if train.shape[2:] != z.shape[2:]:
@@ -134,10 +134,10 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
     Returns:
         :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
     """
-    sigma = check_sigma(sigma)
     stats = check_stats(stats, topk)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    sigma = check_noise_level(sigma, dtype)
     train, z, mask, geometry = check_inputs(train, z, problem, mask, patch_size, padding, candidates)
     plan = plan_classes(problem, geometry)
     part, source, n_rows = scan_in_memory(train, z, mask, problem, plan, sigma, stats, topk, dtype)

@@ -28,7 +28,12 @@ INPUT_MODES = ("direct", "adjoint", "pinv", "tikhonov")
 
 
 def _check_reg(reg: Any, name: str) -> float:
-    value = float(reg)
+    if isinstance(reg, bool):
+        raise ValueError(f"{name} must be a number >= 0, got {reg!r}")
+    try:
+        value = float(reg)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0, got {reg!r}") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {reg!r}")
     return value
