@@ -1,7 +1,7 @@
 r"""Training the baseline networks on Ray Train (data-parallel), with resumable per-epoch checkpoints.
 
 A network :math:`f_\theta` is trained on the risk that the LE-MMSE estimator minimises exactly
-(DESIGN §1.2), by stochastic gradient descent on
+(``docs/theory.md``), by stochastic gradient descent on
 
 .. math:: L(\theta) = \mathbb E_{i,\,e\,(,\,m)}\ \tfrac{1}{CHW}\,\lVert f_\theta(z) - x_i\rVert^2,
           \qquad z = B\big(A_m x_i + \sigma e\big),
