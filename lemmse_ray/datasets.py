@@ -3,13 +3,19 @@
 Three datasets are embedded (their data ship inside scikit-image / scikit-learn and load offline):
 
 * ``"photos"`` -- non-overlapping RGB tiles cut from scikit-image's bundled colour photographs,
-  split by photograph (a CIFAR-10 analogue);
+  split by photograph (a CIFAR-10 analogue), in a fixed shuffled order so that any first ``n`` tiles
+  span the photographs (:func:`photo_tile_sources` says where each tile comes from);
 * ``"faces"`` -- the 100 face crops of ``skimage.data.lfw_subset()`` (25x25 grayscale);
 * ``"digits"`` -- scikit-learn's 8x8 handwritten digits.
 
 Four more read standard files from a user folder ``root``: ``"fashion-mnist"`` (IDX files),
 ``"cifar10"`` (binary or python batches, or their ``.tar.gz`` archive), ``"ffhq32"`` (``.npy``/``.npz``
 array or image folder) and ``"folder"`` (any folder of images). See ``docs/datasets.md``.
+
+Subsets and queries: :func:`subset_indices` chooses a training subset (the first ``n`` images, or ``n``
+drawn without replacement with a seed; random subsets of one seed are nested: the one of size ``n`` is
+the prefix of every larger one), :func:`query_indices` the query images of a split (seeded, its own
+stream per split).
 
 CIFAR-10 python batches are pickles; they are read by a restricted unpickler that never imports or
 calls anything but its own array-building stand-ins, so a malicious file cannot execute code.
@@ -36,9 +42,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-__all__ = ["DATASETS", "download", "fetch_file", "load_dataset", "read_idx", "read_idx_file",
-           "safe_load_cifar_pickle",
-           "take_subset", "verify_checksum"]
+__all__ = ["DATASETS", "download", "fetch_file", "load_dataset", "photo_tile_sources", "query_indices", "read_idx",
+           "read_idx_file", "safe_load_cifar_pickle", "subset_indices", "take_subset", "verify_checksum"]
 
 DATASETS: tuple[str, ...] = ("photos", "faces", "digits", "fashion-mnist", "cifar10", "ffhq32", "folder")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -53,6 +58,7 @@ PHOTO_SPLITS: dict[str, tuple[str, ...]] = {
     "train": ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry"),
     "test": ("coffee", "chelsea"),
 }
+_PHOTOS_ORDER_SEED = 0  # the fixed shuffle of the photos tiles (see _photo_order)
 _N_FACES = 100          # lfw_subset(): the first 100 images are faces, the last 100 are not
 _N_FACES_TRAIN = 80
 _DIGITS_TRAIN_FRACTION = 0.8
@@ -122,8 +128,9 @@ def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | N
     _check_choice("name", name, DATASETS)
     _check_choice("split", split, SPLITS)
     _check_choice("subset", subset, SUBSET_MODES)
-    if n is not None and n <= 0:
-        raise ValueError(f"n must be a positive integer or None, got {n}")
+    if n is not None:
+        _check_count("n", n)
+    _check_count("seed", seed, minimum=0)
     if size is not None and size <= 0:
         raise ValueError(f"size must be a positive integer or None, got {size}")
     if name in EMBEDDED and root is not None:
@@ -136,21 +143,67 @@ def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | N
     return images if n is None else take_subset(images, n, subset, seed)
 
 
-def take_subset(images: torch.Tensor, n: int, mode: str = "first", seed: int = 0) -> torch.Tensor:
-    """Return ``n`` of ``images``: the first ``n``, or ``n`` drawn without replacement with ``seed``.
+def subset_indices(total: int, n: int, mode: str = "first", seed: int = 0) -> torch.Tensor:
+    """Indices (int64, length ``n``) of the images a subset of ``n`` out of ``total`` keeps.
 
-    Random picks keep the original order (sorted indices), and are reproducible for a given seed.
+    ``mode="first"``: ``0, 1, ..., n - 1``.  ``mode="random"``: the first ``n`` entries of a uniformly
+    random permutation of ``range(total)`` drawn with ``seed``, i.e. ``n`` images without replacement, in
+    random order.  For one ``seed`` and ``total`` the subsets are **nested**: the subset of size ``n`` is
+    the prefix of the subset of every size ``n' > n`` (dataset-size studies compare nested subsets).
+
+    Raises:
+        ValueError: naming ``total``, ``n``, ``subset mode`` or ``seed``.
     """
+    _check_count("total", total, minimum=0)
     _check_choice("subset mode", mode, SUBSET_MODES)
-    if n <= 0:
-        raise ValueError(f"n must be a positive integer, got {n}")
-    if n > len(images):
-        raise ValueError(f"n={n} exceeds the {len(images)} images available")
+    _check_count("n", n)
+    _check_count("seed", seed, minimum=0)
+    if n > total:
+        raise ValueError(f"n={n} exceeds the {total} images available")
     if mode == "first":
-        return images[:n]
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(images), generator=generator)[:n].sort().values
-    return images[index]
+        return torch.arange(n)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def query_indices(total: int, n: int, *, split: str, seed: int = 0) -> torch.Tensor:
+    """Indices (int64, length ``n``) of the query images drawn from a split of ``total`` images.
+
+    ``n`` distinct indices, uniformly at random without replacement, in random order, from a generator
+    seeded by ``(seed, split)``: train and test queries use independent streams, and neither repeats
+    the draw of :func:`subset_indices` with the same seed.  Nested in ``n`` (the queries of size ``n``
+    are the prefix of those of size ``n' > n``).  Training queries must be images of the bank: draw them
+    from the training subset (``train[query_indices(len(train), n, split="train", seed=s)]``).
+
+    Raises:
+        ValueError: naming ``total``, ``n``, ``split`` or ``seed``.
+    """
+    _check_count("total", total, minimum=0)
+    _check_count("n", n)
+    _check_choice("split", split, SPLITS)
+    _check_count("seed", seed, minimum=0)
+    if n > total:
+        raise ValueError(f"n={n} exceeds the {total} images of split {split!r}")
+    state = np.random.SeedSequence([seed, 1 + SPLITS.index(split)]).generate_state(1, np.uint64)[0]
+    return torch.randperm(total, generator=torch.Generator().manual_seed(int(state)))[:n]
+
+
+def take_subset(images: torch.Tensor, n: int, mode: str = "first", seed: int = 0) -> torch.Tensor:
+    """``images[subset_indices(len(images), n, mode, seed)]``: the first ``n``, or ``n`` drawn without
+    replacement with ``seed`` (random order; nested in ``n`` for one seed)."""
+    return images[subset_indices(len(images), n, mode, seed)]
+
+
+def photo_tile_sources(split: str, size: int = 32) -> list[tuple[str, int, int]]:
+    """Where each tile of ``load_dataset("photos", split, size=size)`` comes from, in the dataset's order:
+    ``(photograph, top, left)``, the tile being ``skimage.data.<photograph>()[top:top+size, left:left+size]``.
+
+    The tiles of a split (every non-overlapping tile of its photographs, see :data:`PHOTO_SPLITS`) are
+    ordered by a fixed seeded hash of their source, so that a small first subset spans the photographs;
+    the order does not depend on library versions.
+    """
+    _check_choice("split", split, SPLITS)
+    _check_count("size", size)
+    return list(_photo_tiles(split, size)[1])
 
 
 def read_idx(data: bytes) -> np.ndarray:
@@ -234,6 +287,13 @@ def download(name: str, root: str | os.PathLike) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------- tensors
+
+def _check_count(param: str, value: object, minimum: int = 1) -> int:
+    """Raise ValueError naming ``param`` unless ``value`` is an integer ``>= minimum`` (bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{param} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
 
 def _check_choice(param: str, value: str, choices: tuple[str, ...]) -> None:
     """Raise ValueError naming ``param`` unless ``value`` is one of ``choices``."""
@@ -322,9 +382,34 @@ def _tiles(image: np.ndarray, size: int) -> np.ndarray:
     return grid.transpose(0, 2, 1, 3, 4).reshape(rows * cols, size, size, image.shape[2])
 
 
+def _photo_order(sources: list[tuple[str, int, int]]) -> list[int]:
+    """A fixed shuffle of tile sources: sorted by the SHA-256 of ``(seed, photograph, top, left)``."""
+    def key(index: int) -> bytes:
+        name, top, left = sources[index]
+        return hashlib.sha256(f"{_PHOTOS_ORDER_SEED}:{name}:{top}:{left}".encode()).digest()
+
+    return sorted(range(len(sources)), key=key)
+
+
+@lru_cache(maxsize=8)
+def _photo_tiles(split: str, size: int) -> tuple[np.ndarray, tuple[tuple[str, int, int], ...]]:
+    """Shuffled ``(tiles (N, size, size, 3) uint8, sources)`` of the photographs of ``split``."""
+    tiles, sources = [], []
+    for name in PHOTO_SPLITS[split]:
+        photo = _photo(name)
+        grid = _tiles(photo, size)
+        columns = photo.shape[1] // size
+        tiles.append(grid)
+        sources += [(name, (t // columns) * size, (t % columns) * size) for t in range(len(grid))]
+    order = _photo_order(sources)
+    tiles = np.concatenate(tiles)[order]
+    tiles.setflags(write=False)
+    return tiles, tuple(sources[i] for i in order)
+
+
 def _load_photos(request: _Request) -> torch.Tensor:
-    """Tiles of the photographs assigned to ``request.split`` (see :data:`PHOTO_SPLITS`)."""
-    tiles = np.concatenate([_tiles(_photo(name), request.size) for name in PHOTO_SPLITS[request.split]])
+    """Tiles of the photographs assigned to ``request.split`` (see :data:`PHOTO_SPLITS`), shuffled."""
+    tiles = _photo_tiles(request.split, request.size)[0]
     if len(tiles) == 0:
         raise ValueError(f"size={request.size} is larger than every {request.split} photograph")
     return _to_images(tiles)

@@ -3,9 +3,9 @@ r"""The in-memory LE-MMSE estimator.
 .. math:: g^*(p) = \sum_{i,j} w_{ij}(p)\, x_i[:, j], \qquad
           w_{ij}(p) = \operatorname{softmax}_{ij}\bigl(\log N(p;\ \Pi_j BAx_i,\ \sigma^2 S_j)\bigr)
 
-evaluated at every pixel of every estimator input (DESIGN §1.2): the best estimator, under the empirical
-training distribution, among all functions applied identically to every :math:`P\times P` patch of ``z``
-(every CNN with receptive field ``P`` and the same boundary rule).
+evaluated at every pixel of every estimator input: the best estimator, under the empirical training
+distribution, among all functions applied identically to every :math:`P\times P` patch of ``z`` (every CNN
+with receptive field ``P`` and the same boundary rule); see ``docs/theory.md``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 r"""Training the baseline networks on Ray Train (data-parallel), with resumable per-epoch checkpoints.
 
 A network :math:`f_\theta` is trained on the risk that the LE-MMSE estimator minimises exactly
-(DESIGN §1.2), by stochastic gradient descent on
+(``docs/theory.md``), by stochastic gradient descent on
 
 .. math:: L(\theta) = \mathbb E_{i,\,e\,(,\,m)}\ \tfrac{1}{CHW}\,\lVert f_\theta(z) - x_i\rVert^2,
           \qquad z = B\big(A_m x_i + \sigma e\big),
@@ -97,11 +97,11 @@ def network_input(problem: Problem, z: torch.Tensor, mask: torch.Tensor | None) 
 
 
 def make_network(cfg: Config, name: str, channels: int, problem: Problem) -> nn.Module:
-    """The network ``name`` for images with ``channels`` channels: PatchMLP (``hidden``, receptive field
-    ``patch_size``), ResNet (``width``, receptive field ``patch_size``) or U-Net (``width``), ``padding``."""
+    """The network ``name`` for images with ``channels`` channels, with receptive field ``patch_size`` (the
+    LE-MMSE's) and boundary rule ``padding``: PatchMLP (``hidden``), ResNet or U-Net (``width``)."""
     kwargs = {"hidden": cfg.hidden} if name == "patchmlp" else {"width": cfg.width}
     return build_network(name, in_channels=channels + mask_channel(problem), out_channels=channels,
-                         patch_size=None if name == "unet" else cfg.patch_size, padding=cfg.padding, **kwargs)
+                         patch_size=cfg.patch_size, padding=cfg.padding, **kwargs)
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
