@@ -359,7 +359,9 @@ def loss_floor(variance) -> tuple[float, float, np.ndarray]:
 
     .. math:: \bar v = \frac1B\sum_b v_b,\qquad v_b = \frac1{CHW}\sum_{c,k}\operatorname{Var}(x_c[k]\mid\Pi_k z_b),
 
-    estimated from the :math:`B` train queries with standard error :math:`\operatorname{sd}(v_b)/\sqrt B`.
+    estimated from the :math:`B` train queries with standard error :math:`\operatorname{sd}(v_b)/\sqrt B`
+    (unbiased when the train queries are a random sample of the training images with fresh noise: the
+    distribution the networks are trained on).
     """
     var = _f64(variance, "variance")
     if var.ndim != 4 or len(var) == 0:
@@ -524,3 +526,34 @@ def density_rows(est: EstimateArrays, plan: ClassPlan, outputs: Mapping[str, Any
         rows += [{"metric": "mse_net_lemmse", "network": name, **r}
                  for r in binned_rows(pct, pixel_error(out, est.mean), n_bins, extra)]
     return rows
+
+
+# --- one cell -----------------------------------------------------------------------------------------------
+
+def cell_metrics(est: EstimateArrays, plan: ClassPlan, outputs: Mapping[str, Any] | None = None,
+                 query_image_ids=None, query_inputs=None, bank_inputs=None,
+                 train_losses: Mapping[str, float] | None = None, n_bins: int = 10) -> dict[str, list[dict]]:
+    """Every metric of one cell (one estimate output and the networks run on its inputs), as row lists:
+
+    * ``"images"``: :func:`image_rows`;
+    * ``"cell"``: one row, :func:`concentration_row` and :func:`copying_row` merged;
+    * ``"floor"``: train queries only (``query_image_ids`` given): :func:`floor_check` for ``"LE-MMSE"``
+      itself (its gap has expectation 0: a reference) and each network of ``outputs``, with its final training
+      loss from ``train_losses`` ({network: loss}, e.g. :func:`final_train_loss`); empty otherwise or
+      without ``variance``;
+    * ``"density"``: :func:`density_rows` (empty without ``log_evidence``).
+
+    ``query_image_ids`` (B,): each train query's index among the bank's training images (None for test
+    queries); ``query_inputs`` (B, C, H, W) and ``bank_inputs`` (N, C, H, W): ``problem.noiseless_input`` of
+    the query and bank images, for :func:`copied_patch` (None skips ``copy_rate``).
+    """
+    outputs = _outputs(outputs, est.shape)
+    floor = []
+    if query_image_ids is not None and est.variance is not None:
+        floor.append(floor_check(est.variance, est.mean, est.x, network="LE-MMSE"))
+        floor += [floor_check(est.variance, out, est.x, (train_losses or {}).get(name), network=name)
+                  for name, out in outputs.items()]
+    copying = (copying_row(est, query_image_ids, query_inputs, bank_inputs, plan)
+               if est.topk_image is not None else {})
+    return {"images": image_rows(est, outputs), "cell": [{**concentration_row(est, plan), **copying}],
+            "floor": floor, "density": density_rows(est, plan, outputs, n_bins) if est.log_evidence is not None else []}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lemmse_ray as lm
-from lemmse_ray.analysis import (EstimateArrays, binned_rows, class_keys, concentration_row, copied_own,
+from lemmse_ray.analysis import (EstimateArrays, binned_rows, cell_metrics, class_keys, concentration_row, copied_own,
                                  copied_patch, copying_row, density_rows, final_train_loss, floor_check,
                                  image_rows, loss_floor, rows_met, topk_mass, within_class_centred,
                                  within_class_percentile)
@@ -395,6 +395,13 @@ def test_real_estimates_uniform_weights_at_large_sigma_and_floor(digits):
     rows = density_rows(mid, plan, {"leak": mid.x})
     assert {(r["metric"], r["network"]) for r in rows} == {("mse_lemmse_x", None), ("mse_net_lemmse", "leak")}
     assert sum(r["pixels"] for r in rows if r["network"] is None) == 10 * height * width
+
+    cell = cell_metrics(mid, plan, {"leak": mid.x}, np.arange(10), train[:10], train, {"leak": 0.0})
+    assert [r["network"] for r in cell["floor"]] == ["LE-MMSE", "leak"]
+    assert [r["below_floor"] for r in cell["floor"]] == [False, True] and cell["floor"][1]["below_floor_train_loss"]
+    assert len(cell["images"]) == 10 and len(cell["cell"]) == 1 and cell["cell"][0]["copy_rate"] <= 1
+    assert len(cell["density"]) == 20 and {r["network"] for r in cell["density"]} == {None, "leak"}
+    assert cell_metrics(mid, plan)["floor"] == []  # test queries: no floor
 
 
 @pytest.mark.parametrize("input_mode", ["adjoint", "direct"])
