@@ -51,7 +51,10 @@ class Config:
     size: int | None = _field(None, "image size in pixels (tile size for photos; unset: the dataset's own)",
                               min=1, max=4096)
     n_train: int | None = _field(None, "number of training images (unset: all)", min=1)
-    n_queries: int = _field(8, "query images per split (train and test)", min=1)
+    subset: str = _field("random", "training images: a seeded random subset (nested: a smaller one is a prefix "
+                                   "of a larger one) or the first n_train", choices=("random", "first"))
+    n_queries: int = _field(8, "query images per split: the first n_queries training images, and seeded "
+                               "random test images", min=1)
     # problem
     problem: str = _field("denoising", "inverse problem", choices=PROBLEMS)
     input: str = _field("direct", "estimator input: direct (physics-agnostic) or an approximate inverse "
@@ -89,7 +92,7 @@ class Config:
     shard_rows: int = _field(1 << 16, "bank rows per Zarr shard (the unit of work)", min=1)
     n_actors: int | None = _field(None, "estimation actors (unset: one per GPU, else one per CPU)", min=1)
     batch_images: int = _field(4, "query images per batch", min=1)
-    seed: int = _field(0, "seed of the query noise and mask draws", min=0)
+    seed: int = _field(0, "seed of the training subset, the test queries and the noise and mask draws", min=0)
     out: str = _field("results/quickstart", "output folder or URL", metavar="URL")
     bank: str | None = _field(None, "bank URL (unset: <out>/bank.zarr)", metavar="URL")
     storage_options: dict | None = _field(None, "fsspec options for URLs (YAML only; never written to outputs)")

@@ -14,7 +14,7 @@ import torch
 
 from .classes import plan_classes
 from .config import Config, join
-from .datasets import load_dataset
+from .datasets import load_dataset, query_indices, subset_indices
 from .distributed import DTYPES, build_bank, estimate_on_ray
 from .metrics import psnr
 from .patches import PatchGeometry
@@ -28,14 +28,25 @@ SPLITS = ("train", "test")
 
 
 def load_data(cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Training images and the query images of each split (the first ``n_queries`` of it)."""
+    """Training images and the query images of each split.
+
+    Training images: ``n_train`` of the split, a seeded random subset (``subset="random"``: the first
+    ``n_train`` of a seeded permutation, so smaller subsets are prefixes of larger ones) or the first ones.
+    Train queries are the first ``n_queries`` training images (bank images ``0 … n_queries − 1``, the same
+    images for every ``n_train`` of a seed); test queries are seeded random test images.
+    """
     kwargs = dict(root=cfg.root, size=cfg.size, grayscale=cfg.grayscale)
-    train = load_dataset(cfg.dataset, "train", n=cfg.n_train, **kwargs)
+    train = load_dataset(cfg.dataset, "train", **kwargs)
     test = load_dataset(cfg.dataset, "test", **kwargs)
+    n_train = len(train) if cfg.n_train is None else cfg.n_train
+    if n_train > len(train):
+        raise ValueError(f"n_train={n_train} exceeds the {len(train)} training images of {cfg.dataset}")
+    train = train[subset_indices(len(train), n_train, cfg.subset, cfg.seed)]
     for split, images in (("train", train), ("test", test)):
         if cfg.n_queries > len(images):
             raise ValueError(f"n_queries={cfg.n_queries} exceeds the {len(images)} {split} images")
-    return train, {"train": train[: cfg.n_queries], "test": test[: cfg.n_queries]}
+    test_ids = query_indices(len(test), cfg.n_queries, split="test", seed=cfg.seed)
+    return train, {"train": train[: cfg.n_queries], "test": test[test_ids]}
 
 
 def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
