@@ -24,6 +24,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from .backends import check_kernel
 from .bank import class_centers
 from .classes import ClassPlan, plan_classes
 from .estimate import check_inputs, check_stats, to_result
@@ -109,10 +110,15 @@ def build_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class ShardActor:
-    """Holds shards ``[first, last)`` of a bank in device memory and scans query batches against them."""
+    """Holds shards ``[first, last)`` of a bank in device memory and scans query batches against them.
+
+    ``kernel`` (``"auto"``, ``"torch"``, ``"triton"``, :mod:`lemmse_ray.backends`): with ``"auto"`` a CUDA actor
+    with Triton installed scans float32 banks with the fused Triton kernel.  Whether ``"triton"`` can run is
+    checked where the actor runs (its node's packages and device), at its first scan.
+    """
 
     def __init__(self, url: str, storage_options: dict | None, problem: Problem, geometry: dict, first: int,
-                 last: int, dtype: str):
+                 last: int, dtype: str, kernel: str = "auto"):
         self.device = exact_device()
         # the plan is recomputed here (not passed by reference) so that a restarted actor needs nothing from
         # the driver's object store
@@ -123,12 +129,13 @@ class ShardActor:
         arrays = bank.read_rows(start, stop).to(DTYPES[dtype])
         self.keys = keys_to(key_features(arrays, plan, bank.centers), self.device)
         self.plan = plan
+        self.kernel = kernel
         self.rows = stop - start
         self.calls = 0
 
     def partials(self, queries, stats: tuple[str, ...], topk: int) -> Partials:
         self.calls += 1
-        part = scan(self.keys, self.plan, queries_to(queries, self.device), stats, topk)
+        part = scan(self.keys, self.plan, queries_to(queries, self.device), stats, topk, self.kernel)
         return part.to(device="cpu")
 
     def describe(self) -> dict:
@@ -149,8 +156,14 @@ def _actor_options() -> dict:
     return {"num_gpus": 1, "num_cpus": 0} if gpus >= 1 else {"num_cpus": 1}
 
 
-def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32") -> list:
-    """One actor per contiguous range of shards (default: one per GPU, else one per CPU, at most one per shard)."""
+def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32", kernel: str = "auto") -> list:
+    """One actor per contiguous range of shards (default: one per GPU, else one per CPU, at most one per shard).
+
+    ``kernel``: the actors' kernel (see :class:`ShardActor`).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    check_kernel(kernel, DTYPES[dtype])
     options = _actor_options()
     if n_actors is None:
         resources = ray.cluster_resources()
@@ -161,25 +174,29 @@ def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32"
     bounds = np.linspace(0, bank.n_shards, n_actors + 1).round().astype(int)
     geometry = bank.plan.geometry.spec()
     return [ShardActor.options(**options).remote(bank.url, bank.storage_options, bank.problem, geometry,
-                                                  int(bounds[i]), int(bounds[i + 1]), dtype)
+                                                  int(bounds[i]), int(bounds[i + 1]), dtype, kernel)
             for i in range(n_actors)]
 
 
 def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=None, batch_images: int = 8,
                     actors: list | None = None, n_actors: int | None = None, stats=("variance", "ess"),
                     topk: int = 5, dtype: torch.dtype = torch.float32, storage_options: dict | None = None,
-                    metadata: dict | None = None, overwrite: bool = False, progress: bool = True):
+                    metadata: dict | None = None, overwrite: bool = False, progress: bool = True,
+                    kernel: str = "auto"):
     """Estimate every pixel of ``z`` against ``bank`` with Ray actors; write and return the output group.
 
     Same numbers as :func:`lemmse_ray.estimate` on the bank's training images (up to float rounding of the
     merge order).  Batches already flagged done in ``out_url`` (same configuration) are not recomputed.
     ``actors``: running actors of this bank to use; an empty list is filled with the actors started here
     (only if some batch is left to compute), so that a caller can share them over several outputs.
+    ``kernel``: kernel of the actors started here (``"auto"``, ``"torch"``, ``"triton"``; see :class:`ShardActor`);
+    actors passed in keep their own.
     """
     stats = check_stats(stats, topk)
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     sigma = check_noise_level(sigma, dtype)
+    check_kernel(kernel, dtype)
     if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 1:
         raise ValueError(f"batch_images must be a positive integer, got {batch_images!r}")
     geometry = bank.plan.geometry
@@ -205,7 +222,7 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
              n_batches - len(todo))
     if todo and not actors:  # a finished output starts no actor (they would load their shards for nothing)
         ensure_ray()
-        started = start_actors(bank, n_actors, dname)
+        started = start_actors(bank, n_actors, dname, kernel)
         if actors is None:
             actors = started
         else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .backends import check_kernel, check_triton_runs
 from .bank import class_centers, class_offsets, memory_bank
 from .classes import ClassPlan, plan_classes
 from .kernel import STATS, Partials, finalize
@@ -81,12 +82,13 @@ def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str
 
 
 def scan_in_memory(train: torch.Tensor, z: torch.Tensor, mask, problem: Problem, plan: ClassPlan, sigma: float,
-                   stats: tuple[str, ...], topk: int, dtype: torch.dtype) -> tuple[Partials, torch.Tensor, int]:
+                   stats: tuple[str, ...], topk: int, dtype: torch.dtype,
+                   kernel: str = "auto") -> tuple[Partials, torch.Tensor, int]:
     """Build the bank of ``train`` in memory and return (merged partials, row sources, number of rows)."""
     centers = class_centers(train, problem, plan)
     arrays = memory_bank(train, problem, plan, centers).to(dtype)
     queries = prepare_queries(z, mask, problem, plan, centers, sigma, dtype)
-    part = scan(key_features(arrays, plan, centers), plan, queries, stats, topk)
+    part = scan(key_features(arrays, plan, centers), plan, queries, stats, topk, kernel)
     return part, arrays.source, int(class_offsets(plan, train.shape[0])[-1])
 
 
@@ -113,7 +115,7 @@ def to_result(stats_out: dict[str, torch.Tensor], source: torch.Tensor, shape: t
 
 def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padding: str = "zeros",
              candidates: str = "all", mask=None, stats=("variance", "ess"), topk: int = 5,
-             dtype: torch.dtype = torch.float32) -> Result:
+             dtype: torch.dtype = torch.float32, kernel: str = "auto") -> Result:
     """Exact LE-MMSE estimate of the clean images behind estimator inputs ``z``.
 
     Args:
@@ -130,6 +132,9 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
         topk: number of most-weighted training patches reported with ``"topk"``.
         dtype: ``torch.float32`` (default) or ``torch.float64`` for the kernel arithmetic (the class
             whitening is always computed in float64).
+        kernel: ``"auto"`` (default), ``"torch"`` or ``"triton"``: the kernel of the matrix-product logit
+            forms (:mod:`lemmse_ray.backends`).  This API computes on the CPU, where ``"auto"`` is torch and
+            ``"triton"`` runs only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 
     Returns:
         :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
@@ -138,9 +143,11 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     sigma = check_noise_level(sigma, dtype)
+    if check_kernel(kernel, dtype) == "triton":
+        check_triton_runs("cpu")
     train, z, mask, geometry = check_inputs(train, z, problem, mask, patch_size, padding, candidates)
     plan = plan_classes(problem, geometry)
-    part, source, n_rows = scan_in_memory(train, z, mask, problem, plan, sigma, stats, topk, dtype)
+    part, source, n_rows = scan_in_memory(train, z, mask, problem, plan, sigma, stats, topk, dtype, kernel)
     res = to_result(finalize(part, n_rows), source, tuple(z.shape), stats)
     res.info = {"n_rows": n_rows, "n_classes": plan.n_classes, "kind": plan.kind}
     return res
