@@ -1,4 +1,4 @@
-r"""Patch classes and per-class whitening (DESIGN §1.3).
+r"""Patch classes and per-class whitening (``docs/theory.md``, the class rule).
 
 Deterministic problems (denoising, fixed-mask inpainting, deblurring, generic :math:`B`): the noise of the
 patch at position :math:`j` is :math:`\sigma^2 S_j`.  Coordinates with a zero row of :math:`S_j` (padded

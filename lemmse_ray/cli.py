@@ -1,10 +1,8 @@
-"""The ``lemmse`` command: ``lemmse run`` (the main job) and its steps as separate commands.
+"""The ``lemmse`` command: the main job (``lemmse run``) and each of its steps.
 
-``run``: build the patch bank → estimate train and test queries (Ray actors) → train the networks (Ray Train)
-→ evaluate them against the LE-MMSE on the same inputs → ``report.md``.  Each command takes the same flags
-(``lemmse run --help`` lists them) or a YAML ``--config``; it connects to the Ray cluster in ``RAY_ADDRESS``
-(as under ``ray job submit``) or starts a local Ray.  Every step is resumable: finished bank shards,
-estimate batches and networks are reused.
+Every command takes the same options (``lemmse run --help`` lists them) or a YAML file of them
+(``--config``). It connects to the Ray cluster in RAY_ADDRESS (as under ``ray job submit``) or starts a
+local Ray. Every step resumes: finished bank shards, estimate batches and networks are reused.
 """
 from __future__ import annotations
 
@@ -13,73 +11,114 @@ import logging
 import sys
 import time
 
-from .config import Config, add_arguments, from_args
-from .distributed import ensure_ray
-from .pipeline import bank_step, estimate_step, load_data, make_problem, report_step, summarize, write_report
+from .config import Config, add_arguments, from_args, join
+
+DESCRIPTION = """\
+Exact LE-MMSE estimates at cluster scale, and the networks that try to match them.
+'lemmse COMMAND --help' lists the options of a command; 'lemmse run' runs the main job on the
+embedded default data."""
 
 COMMANDS = {
     "run": ("the main job: bank, estimates, networks, evaluation and report.md",
             ("bank", "estimate", "train", "evaluate")),
     "build-bank": ("build (or finish) the patch bank of the training set", ("bank",)),
+    "verify-bank": ("check every shard of the bank against its checksums; --repair rebuilds the bad ones",
+                    ("verify",)),
     "estimate": ("estimate train and test queries against the bank (built or finished first)", ("bank", "estimate")),
     "train": ("train the networks (one per name and σ) on Ray Train", ("train",)),
     "evaluate": ("evaluate the trained networks against the stored LE-MMSE estimates", ("evaluate",)),
 }
 
 
-def parse(argv: list[str] | None) -> tuple[str, Config]:
-    parser = argparse.ArgumentParser(prog="lemmse", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (``lemmse: error: …``, exit 2)."""
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        self.exit(2, f"lemmse: error: {message} (see '{self.prog} --help')\n")
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
+    parser = Parser(prog="lemmse", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser,
+                                title="commands")
     for name, (help_text, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--verbose", action="store_true", help="show Ray's own log lines and library logs")
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        if name == "verify-bank":
+            command.add_argument("--repair", action="store_true",
+                                 help="clear the done flag of the bad shards and rebuild them")
+        add_arguments(command)
     args = parser.parse_args(argv)
-    return args.command, from_args(args)
+    return args, from_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    command, cfg = parse(argv)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args, cfg = parse(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s")
+        return run(args.command, cfg, args)
+    except ValueError as err:
+        if debug:
+            raise
+        print(f"lemmse: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(command: str, cfg: Config, args: argparse.Namespace) -> int:
+    """Run the steps of ``command``; timings go to ``<out>/timings.json`` (kept from the run that computed)."""
+    from .distributed import ensure_ray
+    from .pipeline import (bank_step, check_run, estimate_step, load_data, make_problem, record_timing,
+                           report_step, summarize, verify_step, write_report)
+
     steps = COMMANDS[command][1]
-    seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     train, queries = load_data(cfg)
     problem = make_problem(cfg, tuple(train.shape[1:]))
+    check_run(cfg, train, problem)
     print(f"{cfg.dataset}: {train.shape[0]} training images of {tuple(train.shape[1:])}; problem {problem}",
           flush=True)
-    if set(steps) & {"bank", "estimate", "train"}:
-        ensure_ray()
+    if set(steps) & {"bank", "estimate", "train", "verify"}:
+        ensure_ray(verbose=args.verbose)
     tables: dict[str, str] = {}
+    if "verify" in steps:
+        return verify_step(cfg, train, problem, repair=args.repair)
     if "bank" in steps:
         t = time.perf_counter()
         bank = bank_step(cfg, train, problem)
-        seconds["bank"] = time.perf_counter() - t
+        record_timing(cfg, "bank", time.perf_counter() - t, bank.build_stats["shards_written"] > 0)
         print(f"bank {cfg.bank_url}: {bank.n_rows} rows in {bank.n_shards} shards "
-              f"({bank.build_stats['rows_per_s']:.0f} rows/s this run)", flush=True)
+              f"({bank.build_stats['shards_written']} written this run)", flush=True)
     if "estimate" in steps:
         t = time.perf_counter()
-        urls = estimate_step(cfg, bank, problem, queries)
+        urls, computed = estimate_step(cfg, bank, problem, queries)
         psnr_rows = report_step(cfg, urls)
-        seconds["estimate"] = time.perf_counter() - t
+        record_timing(cfg, "estimate", time.perf_counter() - t, computed > 0)
         tables["estimate"] = summarize(psnr_rows)
         print(tables["estimate"], flush=True)
     if "train" in steps:
-        from .training import train_all
+        from .training import train_all, unfinished_networks
         t = time.perf_counter()
+        pending = unfinished_networks(cfg)
         train_all(cfg, train, problem)
-        seconds["train"] = time.perf_counter() - t
+        record_timing(cfg, "train", time.perf_counter() - t, bool(pending))
     if "evaluate" in steps:
         from .evaluation import evaluate_all, summary_table
         from .training import trained_networks
         t = time.perf_counter()
         eval_rows = evaluate_all(cfg, trained_networks(cfg))
-        seconds["evaluate"] = time.perf_counter() - t
+        record_timing(cfg, "evaluate", time.perf_counter() - t, True)
         tables["evaluate"] = summary_table(eval_rows)
         print(tables["evaluate"], flush=True)
-    seconds["total"] = time.perf_counter() - t0
+    total = time.perf_counter() - t0
     if command == "run":
-        write_report(cfg, tables, seconds)
-    print(f"results in {cfg.out} ({seconds['total']:.0f} s)", flush=True)
+        write_report(cfg, tables)
+        print(f"report: {join(cfg.out, 'report.md')}; figures: {join(cfg.out, 'figures')} ({total:.0f} s)",
+              flush=True)
+    else:
+        print(f"results in {cfg.out} ({total:.0f} s)", flush=True)
     return 0
 
 

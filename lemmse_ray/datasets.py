@@ -3,13 +3,19 @@
 Three datasets are embedded (their data ship inside scikit-image / scikit-learn and load offline):
 
 * ``"photos"`` -- non-overlapping RGB tiles cut from scikit-image's bundled colour photographs,
-  split by photograph (a CIFAR-10 analogue);
+  split by photograph (a CIFAR-10 analogue), in a fixed shuffled order so that any first ``n`` tiles
+  span the photographs (:func:`photo_tile_sources` says where each tile comes from);
 * ``"faces"`` -- the 100 face crops of ``skimage.data.lfw_subset()`` (25x25 grayscale);
 * ``"digits"`` -- scikit-learn's 8x8 handwritten digits.
 
 Four more read standard files from a user folder ``root``: ``"fashion-mnist"`` (IDX files),
 ``"cifar10"`` (binary or python batches, or their ``.tar.gz`` archive), ``"ffhq32"`` (``.npy``/``.npz``
 array or image folder) and ``"folder"`` (any folder of images). See ``docs/datasets.md``.
+
+Subsets and queries: :func:`subset_indices` chooses a training subset (the first ``n`` images, or ``n``
+drawn without replacement with a seed; random subsets of one seed are nested: the one of size ``n`` is
+the prefix of every larger one), :func:`query_indices` the query images of a split (seeded, its own
+stream per split).
 
 CIFAR-10 python batches are pickles; they are read by a restricted unpickler that never imports or
 calls anything but its own array-building stand-ins, so a malicious file cannot execute code.
@@ -25,6 +31,7 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,14 +42,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-__all__ = ["DATASETS", "download", "fetch_file", "load_dataset", "read_idx", "safe_load_cifar_pickle",
-           "take_subset", "verify_checksum"]
+__all__ = ["DATASETS", "download", "fetch_file", "load_dataset", "photo_tile_sources", "query_indices", "read_idx",
+           "read_idx_file", "safe_load_cifar_pickle", "subset_indices", "take_subset", "verify_checksum"]
 
 DATASETS: tuple[str, ...] = ("photos", "faces", "digits", "fashion-mnist", "cifar10", "ffhq32", "folder")
 SPLITS: tuple[str, ...] = ("train", "test")
 SUBSET_MODES: tuple[str, ...] = ("first", "random")
 
-_EMBEDDED = ("photos", "faces", "digits")
+EMBEDDED = ("photos", "faces", "digits")
 _DEFAULT_SIZE = {"photos": 32, "ffhq32": 32, "folder": 32}
 
 # Photographs of ``skimage.data`` that load offline and whose docstrings state a free licence.
@@ -51,6 +58,7 @@ PHOTO_SPLITS: dict[str, tuple[str, ...]] = {
     "train": ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry"),
     "test": ("coffee", "chelsea"),
 }
+_PHOTOS_ORDER_SEED = 0  # the fixed shuffle of the photos tiles (see _photo_order)
 _N_FACES = 100          # lfw_subset(): the first 100 images are faces, the last 100 are not
 _N_FACES_TRAIN = 80
 _DIGITS_TRAIN_FRACTION = 0.8
@@ -59,6 +67,8 @@ _FOLDER_TEST_MODULUS = 5        # a file is a test file when its path hash is 0 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _LUMA = (0.299, 0.587, 0.114)
 
+# Largest decompressed file or archive member read (FFHQ-32 as one array: 215 MB; a CIFAR-10 batch: 31 MB).
+MAX_DECOMPRESSED_BYTES = 1 << 29
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _FASHION_PREFIX = {"train": "train", "test": "t10k"}
 
@@ -118,13 +128,14 @@ def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | N
     _check_choice("name", name, DATASETS)
     _check_choice("split", split, SPLITS)
     _check_choice("subset", subset, SUBSET_MODES)
-    if n is not None and n <= 0:
-        raise ValueError(f"n must be a positive integer or None, got {n}")
+    if n is not None:
+        _check_count("n", n)
+    _check_count("seed", seed, minimum=0)
     if size is not None and size <= 0:
         raise ValueError(f"size must be a positive integer or None, got {size}")
-    if name in _EMBEDDED and root is not None:
+    if name in EMBEDDED and root is not None:
         raise ValueError(f"root must be None for the embedded dataset {name!r}")
-    if name not in _EMBEDDED and root is None:
+    if name not in EMBEDDED and root is None:
         raise ValueError(f"root is required for dataset {name!r}: the folder holding its files")
     request = _Request(split, None if root is None else Path(root).expanduser(),
                        size if size is not None else _DEFAULT_SIZE.get(name), grayscale)
@@ -132,21 +143,67 @@ def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | N
     return images if n is None else take_subset(images, n, subset, seed)
 
 
-def take_subset(images: torch.Tensor, n: int, mode: str = "first", seed: int = 0) -> torch.Tensor:
-    """Return ``n`` of ``images``: the first ``n``, or ``n`` drawn without replacement with ``seed``.
+def subset_indices(total: int, n: int, mode: str = "first", seed: int = 0) -> torch.Tensor:
+    """Indices (int64, length ``n``) of the images a subset of ``n`` out of ``total`` keeps.
 
-    Random picks keep the original order (sorted indices), and are reproducible for a given seed.
+    ``mode="first"``: ``0, 1, ..., n - 1``.  ``mode="random"``: the first ``n`` entries of a uniformly
+    random permutation of ``range(total)`` drawn with ``seed``, i.e. ``n`` images without replacement, in
+    random order.  For one ``seed`` and ``total`` the subsets are **nested**: the subset of size ``n`` is
+    the prefix of the subset of every size ``n' > n`` (dataset-size studies compare nested subsets).
+
+    Raises:
+        ValueError: naming ``total``, ``n``, ``subset mode`` or ``seed``.
     """
+    _check_count("total", total, minimum=0)
     _check_choice("subset mode", mode, SUBSET_MODES)
-    if n <= 0:
-        raise ValueError(f"n must be a positive integer, got {n}")
-    if n > len(images):
-        raise ValueError(f"n={n} exceeds the {len(images)} images available")
+    _check_count("n", n)
+    _check_count("seed", seed, minimum=0)
+    if n > total:
+        raise ValueError(f"n={n} exceeds the {total} images available")
     if mode == "first":
-        return images[:n]
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(images), generator=generator)[:n].sort().values
-    return images[index]
+        return torch.arange(n)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def query_indices(total: int, n: int, *, split: str, seed: int = 0) -> torch.Tensor:
+    """Indices (int64, length ``n``) of the query images drawn from a split of ``total`` images.
+
+    ``n`` distinct indices, uniformly at random without replacement, in random order, from a generator
+    seeded by ``(seed, split)``: train and test queries use independent streams, and neither repeats
+    the draw of :func:`subset_indices` with the same seed.  Nested in ``n`` (the queries of size ``n``
+    are the prefix of those of size ``n' > n``).  Training queries must be images of the bank: draw them
+    from the training subset (``train[query_indices(len(train), n, split="train", seed=s)]``).
+
+    Raises:
+        ValueError: naming ``total``, ``n``, ``split`` or ``seed``.
+    """
+    _check_count("total", total, minimum=0)
+    _check_count("n", n)
+    _check_choice("split", split, SPLITS)
+    _check_count("seed", seed, minimum=0)
+    if n > total:
+        raise ValueError(f"n={n} exceeds the {total} images of split {split!r}")
+    state = np.random.SeedSequence([seed, 1 + SPLITS.index(split)]).generate_state(1, np.uint64)[0]
+    return torch.randperm(total, generator=torch.Generator().manual_seed(int(state)))[:n]
+
+
+def take_subset(images: torch.Tensor, n: int, mode: str = "first", seed: int = 0) -> torch.Tensor:
+    """``images[subset_indices(len(images), n, mode, seed)]``: the first ``n``, or ``n`` drawn without
+    replacement with ``seed`` (random order; nested in ``n`` for one seed)."""
+    return images[subset_indices(len(images), n, mode, seed)]
+
+
+def photo_tile_sources(split: str, size: int = 32) -> list[tuple[str, int, int]]:
+    """Where each tile of ``load_dataset("photos", split, size=size)`` comes from, in the dataset's order:
+    ``(photograph, top, left)``, the tile being ``skimage.data.<photograph>()[top:top+size, left:left+size]``.
+
+    The tiles of a split (every non-overlapping tile of its photographs, see :data:`PHOTO_SPLITS`) are
+    ordered by a fixed seeded hash of their source, so that a small first subset spans the photographs;
+    the order does not depend on library versions.
+    """
+    _check_choice("split", split, SPLITS)
+    _check_count("size", size)
+    return list(_photo_tiles(split, size)[1])
 
 
 def read_idx(data: bytes) -> np.ndarray:
@@ -230,6 +287,13 @@ def download(name: str, root: str | os.PathLike) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------- tensors
+
+def _check_count(param: str, value: object, minimum: int = 1) -> int:
+    """Raise ValueError naming ``param`` unless ``value`` is an integer ``>= minimum`` (bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{param} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
 
 def _check_choice(param: str, value: str, choices: tuple[str, ...]) -> None:
     """Raise ValueError naming ``param`` unless ``value`` is one of ``choices``."""
@@ -318,9 +382,34 @@ def _tiles(image: np.ndarray, size: int) -> np.ndarray:
     return grid.transpose(0, 2, 1, 3, 4).reshape(rows * cols, size, size, image.shape[2])
 
 
+def _photo_order(sources: list[tuple[str, int, int]]) -> list[int]:
+    """A fixed shuffle of tile sources: sorted by the SHA-256 of ``(seed, photograph, top, left)``."""
+    def key(index: int) -> bytes:
+        name, top, left = sources[index]
+        return hashlib.sha256(f"{_PHOTOS_ORDER_SEED}:{name}:{top}:{left}".encode()).digest()
+
+    return sorted(range(len(sources)), key=key)
+
+
+@lru_cache(maxsize=8)
+def _photo_tiles(split: str, size: int) -> tuple[np.ndarray, tuple[tuple[str, int, int], ...]]:
+    """Shuffled ``(tiles (N, size, size, 3) uint8, sources)`` of the photographs of ``split``."""
+    tiles, sources = [], []
+    for name in PHOTO_SPLITS[split]:
+        photo = _photo(name)
+        grid = _tiles(photo, size)
+        columns = photo.shape[1] // size
+        tiles.append(grid)
+        sources += [(name, (t // columns) * size, (t % columns) * size) for t in range(len(grid))]
+    order = _photo_order(sources)
+    tiles = np.concatenate(tiles)[order]
+    tiles.setflags(write=False)
+    return tiles, tuple(sources[i] for i in order)
+
+
 def _load_photos(request: _Request) -> torch.Tensor:
-    """Tiles of the photographs assigned to ``request.split`` (see :data:`PHOTO_SPLITS`)."""
-    tiles = np.concatenate([_tiles(_photo(name), request.size) for name in PHOTO_SPLITS[request.split]])
+    """Tiles of the photographs assigned to ``request.split`` (see :data:`PHOTO_SPLITS`), shuffled."""
+    tiles = _photo_tiles(request.split, request.size)[0]
     if len(tiles) == 0:
         raise ValueError(f"size={request.size} is larger than every {request.split} photograph")
     return _to_images(tiles)
@@ -345,9 +434,40 @@ def _load_digits(request: _Request) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- fashion-mnist
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    """Bytes of ``path``, gunzipped when its name ends in ``.gz``."""
-    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+def read_idx_file(path: str | os.PathLike, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> np.ndarray:
+    """:func:`read_idx` of a file, gunzipped when its name ends in ``.gz``, reading no more than its header
+    declares (plus one byte, to detect trailing data): a small file that would decompress to gigabytes is
+    refused after reading its header, and a header declaring more than ``max_bytes`` is refused outright."""
+    path = Path(path)
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as stream:
+        head = stream.read(4)
+        if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] not in _IDX_DTYPES:
+            raise ValueError(f"{path.name}: not an IDX file: bad magic number")
+        dims = stream.read(4 * head[3])
+        if len(dims) < 4 * head[3]:
+            raise ValueError(f"{path.name}: truncated IDX header")
+        shape = struct.unpack(f">{head[3]}i", dims)
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_IDX_DTYPES[head[2]]).itemsize
+        if size > max_bytes:
+            raise ValueError(f"{path.name}: its header declares {size:,} bytes of data, more than the "
+                             f"{max_bytes:,} allowed")
+        payload = stream.read(size + 1)  # one byte more than declared: read_idx refuses trailing data
+    try:
+        return read_idx(head + dims + payload)
+    except ValueError as err:
+        raise ValueError(f"{path.name}: {err}") from None
+
+
+def read_capped(stream: io.RawIOBase | io.BufferedIOBase, max_bytes: int, what: str) -> bytes:
+    """Read ``stream`` to its end, refusing (``ValueError`` naming ``what``) once more than ``max_bytes``
+    would be read: a decompression bomb is stopped at the cap, not after filling memory."""
+    chunks, total = [], 0
+    while chunk := stream.read(min(1 << 20, max_bytes + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise ValueError(f"{what}: decompresses to more than {max_bytes:,} bytes (the limit for one file)")
+    return b"".join(chunks)
 
 
 def _load_fashion_mnist(request: _Request) -> torch.Tensor:
@@ -358,7 +478,7 @@ def _load_fashion_mnist(request: _Request) -> torch.Tensor:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise ValueError(f"root {str(request.root)!r} has no Fashion-MNIST file {stem} or {stem}.gz")
-    images = read_idx(_read_maybe_gzip(path))
+    images = read_idx_file(path)
     if images.dtype != np.uint8 or images.ndim != 3:
         raise ValueError(f"{path.name}: expected uint8 images of shape (N, H, W), got {images.dtype} "
                          f"{images.shape}")
@@ -399,7 +519,13 @@ def _read_cifar_archive(path: Path, split: str) -> tuple[str, list[bytes]]:
         for fmt, folder in _CIFAR_DIRS.items():
             wanted = [f"{folder}/{name}" for name in _cifar_names(fmt, split)]
             if all(name in members for name in wanted):
-                return fmt, [archive.extractfile(members[name]).read() for name in wanted]
+                too_large = [name for name in wanted if members[name].size > MAX_DECOMPRESSED_BYTES]
+                if too_large:
+                    raise ValueError(f"root archive {path.name!r}: member {too_large[0]} declares "
+                                     f"{members[too_large[0]].size:,} bytes, more than the "
+                                     f"{MAX_DECOMPRESSED_BYTES:,} allowed")
+                return fmt, [read_capped(archive.extractfile(members[name]), MAX_DECOMPRESSED_BYTES, name)
+                             for name in wanted]
     expected = " or ".join(f"{_CIFAR_DIRS[f]}/{{{', '.join(_cifar_names(f, split))}}}" for f in _CIFAR_DIRS)
     raise ValueError(f"root archive {path.name!r} lacks the CIFAR-10 {split} members {expected}")
 
@@ -597,6 +723,14 @@ def _load_array_file(path: Path, split: str) -> torch.Tensor:
     """
     if path.suffix == ".npy":
         return _to_images(_split_by_fraction(np.load(path, allow_pickle=False), split, _FFHQ_TRAIN_FRACTION))
+    try:
+        with zipfile.ZipFile(path) as archive:  # members are decompressed by np.load: check their sizes first
+            sizes = {info.filename: info.file_size for info in archive.infolist()}
+    except zipfile.BadZipFile:
+        raise ValueError(f"root {path.name!r} is not a .npz archive") from None
+    if sum(sizes.values()) > MAX_DECOMPRESSED_BYTES:
+        raise ValueError(f"root {path.name!r}: its arrays declare {sum(sizes.values()):,} bytes, more than the "
+                         f"{MAX_DECOMPRESSED_BYTES:,} allowed")
     with np.load(path, allow_pickle=False) as arrays:
         if "train" in arrays.files and "test" in arrays.files:
             return _to_images(arrays[split])

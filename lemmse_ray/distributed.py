@@ -27,19 +27,20 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from .backends import check_kernel
 from .bank import class_centers
 from .classes import ClassPlan, plan_classes
 from .estimate import check_inputs, check_stats, to_result
 from .kernel import Partials, finalize, merge
+from .ownership import check_apart, open_group
 from .patches import PatchGeometry
 from .problems import Problem
-from .ownership import check_apart, open_group
 from .queries import key_features, keys_to, prepare_queries, queries_to, scan
 from .redact import public
 from .results import GRID_STATS, inputs_hash, open_results, pending_batches, record_run, write_batch, write_inputs
 from .store import (Bank, BankLayout, bank_attributes, create_bank_group, fingerprint, open_bank, shard_images,
                     shard_rows_for, write_shard)
-from .validation import as_images, check_sigma
+from .validation import as_images, check_noise_level
 
 log = logging.getLogger("lemmse_ray")
 
@@ -52,9 +53,15 @@ class ActorFailed(RuntimeError):
     """A shard actor failed for good (an error in its code, or more deaths than ``max_restarts``)."""
 
 
-def ensure_ray(**init_kwargs: Any) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray."""
+def ensure_ray(verbose: bool = True, **init_kwargs: Any) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray.
+
+    ``verbose=False`` keeps Ray's own log lines (its start-up messages, the workers' and Ray Train's logs)
+    out of the driver's output; progress bars and results are printed by the driver itself.
+    """
     if not ray.is_initialized():
+        if not verbose:
+            init_kwargs = {"logging_level": logging.ERROR, "log_to_driver": False, **init_kwargs}
         ray.init(**init_kwargs)
 
 
@@ -114,10 +121,15 @@ def build_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: 
 
 @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
 class ShardActor:
-    """Holds shards ``[first, last)`` of a bank in device memory and scans query batches against them."""
+    """Holds shards ``[first, last)`` of a bank in device memory and scans query batches against them.
+
+    ``kernel`` (``"auto"``, ``"torch"``, ``"triton"``, :mod:`lemmse_ray.backends`): with ``"auto"`` a CUDA actor
+    with Triton installed scans float32 banks with the fused Triton kernel.  Whether ``"triton"`` can run is
+    checked where the actor runs (its node's packages and device), at its first scan.
+    """
 
     def __init__(self, url: str, storage_options: dict | None, problem: Problem, geometry: dict, first: int,
-                 last: int, dtype: str):
+                 last: int, dtype: str, kernel: str = "auto"):
         self.device = exact_device()
         # the plan is recomputed here (not passed by reference) so that a restarted actor needs nothing from
         # the driver's object store
@@ -128,12 +140,13 @@ class ShardActor:
         arrays = bank.read_rows(start, stop).to(DTYPES[dtype])
         self.keys = keys_to(key_features(arrays, plan, bank.centers), self.device)
         self.plan = plan
+        self.kernel = kernel
         self.rows = stop - start
         self.calls = 0
 
     def partials(self, queries, stats: tuple[str, ...], topk: int) -> Partials:
         self.calls += 1
-        part = scan(self.keys, self.plan, queries_to(queries, self.device), stats, topk)
+        part = scan(self.keys, self.plan, queries_to(queries, self.device), stats, topk, self.kernel)
         return part.to(device="cpu")
 
     def describe(self) -> dict:
@@ -165,13 +178,17 @@ def _check_limit(name: str, value) -> None:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
-def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32", max_restarts: int = MAX_RESTARTS,
-                 max_task_retries: int = MAX_TASK_RETRIES) -> list:
+def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32", kernel: str = "auto",
+                 max_restarts: int = MAX_RESTARTS, max_task_retries: int = MAX_TASK_RETRIES) -> list:
     """One actor per contiguous range of shards (default: one per GPU, else one per CPU, at most one per shard).
 
-    A dead actor (killed, lost with its node) is restarted at most ``max_restarts`` times, and a call to it
-    resubmitted at most ``max_task_retries`` times; errors raised by the actor's code are never retried.
+    ``kernel``: the actors' kernel (see :class:`ShardActor`).  A dead actor (killed, lost with its node) is
+    restarted at most ``max_restarts`` times, and a call to it resubmitted at most ``max_task_retries`` times;
+    errors raised by the actor's code are never retried.
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    check_kernel(kernel, DTYPES[dtype])
     _check_limit("max_restarts", max_restarts)
     _check_limit("max_task_retries", max_task_retries)
     options = _actor_options()
@@ -182,7 +199,7 @@ def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32"
         raise ValueError(f"n_actors must be a positive integer, got {n_actors!r}")
     geometry = bank.plan.geometry.spec()
     return [ShardActor.options(**options, max_restarts=max_restarts, max_task_retries=max_task_retries).remote(
-                bank.url, bank.storage_options, bank.problem, geometry, first, last, dtype)
+                bank.url, bank.storage_options, bank.problem, geometry, first, last, dtype, kernel)
             for first, last in actor_shards(bank.n_shards, n_actors)]
 
 
@@ -214,22 +231,26 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
                     actors: list | None = None, n_actors: int | None = None, stats=("variance", "ess"),
                     topk: int = 5, dtype: torch.dtype = torch.float32, storage_options: dict | None = None,
                     metadata: dict | None = None, overwrite: bool = False, progress: bool = True,
-                    max_restarts: int = MAX_RESTARTS, max_task_retries: int = MAX_TASK_RETRIES):
+                    kernel: str = "auto", max_restarts: int = MAX_RESTARTS,
+                    max_task_retries: int = MAX_TASK_RETRIES):
     """Estimate every pixel of ``z`` against ``bank`` with Ray actors; write and return the output group.
 
     Same numbers as :func:`lemmse_ray.estimate` on the bank's training images (up to float rounding of the
     merge order).  Batches already flagged done in ``out_url`` (same configuration) are not recomputed.
     ``actors``: running actors of this bank to use; an empty list is filled with the actors started here
     (only if some batch is left to compute), so that a caller can share them over several outputs.
-    ``max_restarts``, ``max_task_retries``: limits of the actors started here (see :func:`start_actors`).
-    ``out_url`` may not be the bank, nor be inside it or hold it.  Nothing secret of ``metadata`` is stored
-    (:func:`lemmse_ray.redact.public`).  A resumed output keeps the ``batch_images`` it was created with.
+    ``kernel``: kernel of the actors started here (``"auto"``, ``"torch"``, ``"triton"``; see :class:`ShardActor`);
+    actors passed in keep their own.  ``max_restarts``, ``max_task_retries``: limits of the actors started here
+    (see :func:`start_actors`).  ``out_url`` may not be the bank, nor be inside it or hold it.  Nothing secret
+    of ``metadata`` is stored (:func:`lemmse_ray.redact.public`).  A resumed output keeps the ``batch_images``
+    it was created with.
     """
     check_apart(out_url, bank.url)
-    sigma = check_sigma(sigma)
     stats = check_stats(stats, topk)
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    sigma = check_noise_level(sigma, dtype)
+    check_kernel(kernel, dtype)
     if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 1:
         raise ValueError(f"batch_images must be a positive integer, got {batch_images!r}")
     geometry = bank.plan.geometry
@@ -258,7 +279,7 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
              n_batches - len(todo))
     if todo and not actors:  # a finished output starts no actor (they would load their shards for nothing)
         ensure_ray()
-        started = start_actors(bank, n_actors, dname, max_restarts, max_task_retries)
+        started = start_actors(bank, n_actors, dname, kernel, max_restarts, max_task_retries)
         if actors is None:
             actors = started
         else:

@@ -3,9 +3,9 @@ r"""The in-memory LE-MMSE estimator.
 .. math:: g^*(p) = \sum_{i,j} w_{ij}(p)\, x_i[:, j], \qquad
           w_{ij}(p) = \operatorname{softmax}_{ij}\bigl(\log N(p;\ \Pi_j BAx_i,\ \sigma^2 S_j)\bigr)
 
-evaluated at every pixel of every estimator input (DESIGN §1.2): the best estimator, under the empirical
-training distribution, among all functions applied identically to every :math:`P\times P` patch of ``z``
-(every CNN with receptive field ``P`` and the same boundary rule).
+evaluated at every pixel of every estimator input: the best estimator, under the empirical training
+distribution, among all functions applied identically to every :math:`P\times P` patch of ``z`` (every CNN
+with receptive field ``P`` and the same boundary rule); see ``docs/theory.md``.
 """
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .backends import check_kernel, check_triton_runs
 from .bank import class_centers, class_offsets, memory_bank
 from .classes import ClassPlan, plan_classes
 from .kernel import STATS, Partials, finalize
 from .patches import PatchGeometry
 from .problems import Problem
 from .queries import key_features, prepare_queries, scan
-from .validation import as_images, as_mask, check_sigma
+from .validation import as_images, as_mask, check_noise_level
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -61,7 +62,7 @@ def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a lemmse_ray problem (Denoising, Inpainting, ...), got {type(problem).__name__}")
     train = as_images(train, "train")
-    z = as_images(z, "z")
+    z = as_images(z, "z", check_range=False)
     if train.shape[1] != z.shape[1]:
         raise ValueError(f"z has {z.shape[1]} channels but train has {train.shape[1]}")
     if train.shape[2:] != z.shape[2:]:
@@ -81,12 +82,13 @@ def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str
 
 
 def scan_in_memory(train: torch.Tensor, z: torch.Tensor, mask, problem: Problem, plan: ClassPlan, sigma: float,
-                   stats: tuple[str, ...], topk: int, dtype: torch.dtype) -> tuple[Partials, torch.Tensor, int]:
+                   stats: tuple[str, ...], topk: int, dtype: torch.dtype,
+                   kernel: str = "auto") -> tuple[Partials, torch.Tensor, int]:
     """Build the bank of ``train`` in memory and return (merged partials, row sources, number of rows)."""
     centers = class_centers(train, problem, plan)
     arrays = memory_bank(train, problem, plan, centers).to(dtype)
     queries = prepare_queries(z, mask, problem, plan, centers, sigma, dtype)
-    part = scan(key_features(arrays, plan, centers), plan, queries, stats, topk)
+    part = scan(key_features(arrays, plan, centers), plan, queries, stats, topk, kernel)
     return part, arrays.source, int(class_offsets(plan, train.shape[0])[-1])
 
 
@@ -113,7 +115,7 @@ def to_result(stats_out: dict[str, torch.Tensor], source: torch.Tensor, shape: t
 
 def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padding: str = "zeros",
              candidates: str = "all", mask=None, stats=("variance", "ess"), topk: int = 5,
-             dtype: torch.dtype = torch.float32) -> Result:
+             dtype: torch.dtype = torch.float32, kernel: str = "auto") -> Result:
     """Exact LE-MMSE estimate of the clean images behind estimator inputs ``z``.
 
     Args:
@@ -130,17 +132,22 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
         topk: number of most-weighted training patches reported with ``"topk"``.
         dtype: ``torch.float32`` (default) or ``torch.float64`` for the kernel arithmetic (the class
             whitening is always computed in float64).
+        kernel: ``"auto"`` (default), ``"torch"`` or ``"triton"``: the kernel of the matrix-product logit
+            forms (:mod:`lemmse_ray.backends`).  This API computes on the CPU, where ``"auto"`` is torch and
+            ``"triton"`` runs only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 
     Returns:
         :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
     """
-    sigma = check_sigma(sigma)
     stats = check_stats(stats, topk)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    sigma = check_noise_level(sigma, dtype)
+    if check_kernel(kernel, dtype) == "triton":
+        check_triton_runs("cpu")
     train, z, mask, geometry = check_inputs(train, z, problem, mask, patch_size, padding, candidates)
     plan = plan_classes(problem, geometry)
-    part, source, n_rows = scan_in_memory(train, z, mask, problem, plan, sigma, stats, topk, dtype)
+    part, source, n_rows = scan_in_memory(train, z, mask, problem, plan, sigma, stats, topk, dtype, kernel)
     res = to_result(finalize(part, n_rows), source, tuple(z.shape), stats)
     res.info = {"n_rows": n_rows, "n_classes": plan.n_classes, "kind": plan.kind}
     return res

@@ -262,6 +262,9 @@ def finalize(part: Partials, n_rows_total: int) -> dict[str, torch.Tensor]:
     if bool((part.l <= 0).any()):
         raise ValueError("some queries met no bank rows (their class is absent from the bank)")
     out = {"mean": part.o / part.l[:, None]}
+    if not bool(torch.isfinite(out["mean"]).all()):
+        raise ValueError("sigma: the estimate is not finite: the logits overflowed the arithmetic's range "
+                         "(use dtype float64, or a larger sigma)")
     if part.o2 is not None:
         out["variance"] = torch.clamp(part.o2 / part.l[:, None] - out["mean"] ** 2, min=0)
     if part.l2 is not None:

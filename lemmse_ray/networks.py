@@ -15,6 +15,14 @@ information an LE-MMSE estimator with that patch size sees, at every pixel
 including the border.  No normalisation layer is used (batch statistics would
 couple pixels and samples).
 
+Shift equivariance (with circular padding): PatchMLP and ResNet have no
+down-sampling and commute with every shift, so each is one function ``g`` of
+the patch around a pixel, the function class of the LE-MMSE estimator of
+patch size ``receptive_field``.  The U-Net pools: it commutes only with shifts
+by multiples of ``2**(levels - 1)``, and its output at a pixel is a function of
+the same patch that may depend on the pixel's position modulo that factor --
+a larger class (see ``docs/theory.md``).
+
 Each network stores its constructor arguments, plus ``"name"``, in a JSON-able
 ``config`` dict, so that ``build_network(**network_config(net))`` rebuilds it.
 """
@@ -39,6 +47,8 @@ __all__ = [
     "UNet2D",
     "build_network",
     "network_config",
+    "unet_kernels",
+    "unet_radius_range",
 ]
 
 
@@ -62,17 +72,19 @@ def _check_patch_size(patch_size: Any, minimum: int = 1) -> int:
     return patch_size
 
 
-def _extend(x: torch.Tensor, pad: int, padding: str) -> torch.Tensor:
-    """Extend ``x`` (B, C, H, W) by ``pad`` pixels on every side with the boundary rule.
+def _extend(x: torch.Tensor, pad: int, padding: str, extra: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Extend ``x`` (B, C, H, W) by ``pad`` pixels on every side with the boundary rule, plus
+    ``extra = (rows, columns)`` more at the bottom and the right.
 
-    Circular extension works for any ``pad``, also ``pad > H`` (the image is tiled).
+    Circular extension works for any width, also wider than the image (the image is tiled).
     """
-    if pad == 0:
+    bottom, right = pad + extra[0], pad + extra[1]
+    if pad == bottom == right == 0:
         return x
     if padding == "zeros":
-        return F.pad(x, (pad, pad, pad, pad))
-    rows = torch.arange(-pad, x.shape[-2] + pad, device=x.device) % x.shape[-2]
-    cols = torch.arange(-pad, x.shape[-1] + pad, device=x.device) % x.shape[-1]
+        return F.pad(x, (pad, right, pad, bottom))
+    rows = torch.arange(-pad, x.shape[-2] + bottom, device=x.device) % x.shape[-2]
+    cols = torch.arange(-pad, x.shape[-1] + right, device=x.device) % x.shape[-1]
     return x.index_select(-2, rows).index_select(-1, cols)
 
 
@@ -207,36 +219,102 @@ class ResNet(nn.Module):
 
 
 class _DoubleConv(nn.Sequential):
-    """Two size-preserving 3x3 convolutions, each followed by a GELU."""
+    """Two size-preserving convolutions of odd kernel sizes ``kernels``, each followed by a GELU."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernels: tuple[int, int] = (3, 3)) -> None:
+        first, second = kernels
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.Conv2d(in_channels, out_channels, first, padding=first // 2),
             nn.GELU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            nn.Conv2d(out_channels, out_channels, second, padding=second // 2),
             nn.GELU(),
         )
+
+
+def unet_radius_range(levels: int) -> tuple[int, int]:
+    """Smallest and largest receptive radius of a :class:`UNet2D` with ``levels`` levels.
+
+    With every convolution ``1 x 1`` the radius is ``2**(levels-1) - 1`` (the pooling alone); with every
+    convolution ``3 x 3`` it is ``7 * 2**(levels-1) - 5`` (receptive field ``7 * 2**levels - 9``).
+    """
+    return 2 ** (levels - 1) - 1, 7 * 2 ** (levels - 1) - 5
+
+
+def unet_kernels(patch_size: int | None, levels: int | None = None) -> tuple[int, tuple[tuple[int, ...], ...]]:
+    r"""``(levels, kernel sizes)`` of the :class:`UNet2D` whose receptive field is ``patch_size``.
+
+    Level :math:`l` (resolution :math:`2^{-l}`) has two encoder convolutions and, except the coarsest
+    level :math:`L-1`, two decoder convolutions; each is ``1 x 1`` or ``3 x 3``.  A ``3 x 3`` conv at
+    level :math:`l` adds :math:`2^l` to the receptive radius, and every pooling step adds
+    :math:`2^l` as well (a pixel and its pooling partner), so the radius is
+
+    .. math:: r = \sum_{l=0}^{L-2} 2^l\,(e_l + d_l + 1) + 2^{L-1} e_{L-1},
+
+    with :math:`e_l, d_l` the numbers of ``3 x 3`` encoder and decoder convs of level :math:`l`.
+    Rule: ``levels`` (when None) is the smallest :math:`L \ge 2` whose all-``3 x 3`` radius
+    :math:`7 \cdot 2^{L-1} - 5` reaches :math:`p = P // 2` (``L = 2`` for ``P <= 19``, ``L = 3`` for
+    ``P <= 47``); the convolutions are then visited from the coarsest level to the finest (encoder
+    before decoder) and each becomes ``3 x 3`` while its weight :math:`2^l` fits in what is left of
+    :math:`p - (2^{L-1} - 1)`.  Powers of two with these multiplicities make this greedy choice exact.
+
+    Returns ``levels`` and, per level from the finest, the kernel sizes ``(enc, enc, dec, dec)`` (the
+    coarsest level: ``(enc, enc)``).  ``patch_size=None`` gives every convolution ``3 x 3`` (``levels``
+    defaults to 2).  Raises ValueError naming ``patch_size`` (and ``levels``) when no U-Net matches.
+    """
+    if levels is not None:
+        _check_int("levels", levels)
+    if patch_size is None:
+        levels = 2 if levels is None else levels
+        return levels, tuple((3, 3) if level == levels - 1 else (3, 3, 3, 3) for level in range(levels))
+    _check_patch_size(patch_size)
+    radius = patch_size // 2
+    if levels is None:
+        if radius < unet_radius_range(2)[0]:
+            raise ValueError(f"network 'unet' cannot have receptive field patch_size={patch_size}: "
+                             f"two levels (one pooling step) already reach {2 * unet_radius_range(2)[0] + 1}")
+        levels = next(level for level in range(2, 64) if unet_radius_range(level)[1] >= radius)
+    low, high = unet_radius_range(levels)
+    if not low <= radius <= high:
+        raise ValueError(f"network 'unet' cannot have receptive field patch_size={patch_size} with "
+                         f"levels={levels} (possible: {2 * low + 1} to {2 * high + 1})")
+    left = radius - low
+    kernels = [[1, 1] if level == levels - 1 else [1, 1, 1, 1] for level in range(levels)]
+    for level in reversed(range(levels)):
+        for index in range(len(kernels[level])):
+            if 2**level <= left:
+                kernels[level][index] = 3
+                left -= 2**level
+    assert left == 0, "greedy kernel choice is exact for powers of two"
+    return levels, tuple(tuple(k) for k in kernels)
 
 
 class UNet2D(nn.Module):
     """Small U-Net: ``levels`` resolutions, 2x average-pool down, nearest 2x up.
 
     Level ``l`` works at resolution ``1 / 2**l`` with ``width * 2**l`` channels:
-    the encoder applies a double 3x3 conv at each level (average-pooling
-    between levels); the decoder, from level ``levels - 2`` up to 0,
-    upsamples, concatenates the encoder features of that level and applies a
-    double 3x3 conv; a 1x1 head gives ``out_channels``.  ``H`` and ``W`` must be
-    divisible by ``f = 2**(levels - 1)``.  The input is extended once by
-    ``margin`` (the receptive radius rounded up to a multiple of ``f``), the
-    U-Net runs on the extended image and the centre is cropped out, so the
-    internal conv padding never reaches the returned pixels.  With circular
-    padding the network is equivariant to shifts that are multiples of ``f``.
+    the encoder applies a double conv at each level (average-pooling between
+    levels); the decoder, from level ``levels - 2`` up to 0, upsamples,
+    concatenates the encoder features of that level and applies a double conv;
+    a 1x1 head gives ``out_channels``.  Every conv is ``3 x 3`` unless
+    ``patch_size`` is given: then ``levels`` (when None) and the kernel sizes
+    (``1 x 1`` or ``3 x 3``) are chosen by :func:`unet_kernels` so that the
+    receptive field is exactly ``patch_size``.
 
-    Receptive field: ``7 * 2**levels - 9``.  The radius ``7 * 2**(levels-1) - 5``
-    sums the encoder convs ``2 * (2**levels - 1)``, the decoder convs
-    ``2 * (2**(levels-1) - 1)`` and the worst position of a pixel inside its
-    coarsest cell ``2**(levels-1) - 1`` (the bound is attained for some pixel
-    positions modulo ``f``, smaller for others).
+    The input is extended once by ``margin`` (the receptive radius rounded up
+    to a multiple of ``factor = 2**(levels - 1)``), plus up to ``factor - 1``
+    rows / columns at the bottom / right so that the pooling grid divides it;
+    the U-Net runs on the extended image and the original pixels are cropped
+    out, so the internal conv padding never reaches the returned pixels.
+
+    Receptive field: ``2 r + 1`` with ``r`` the radius of :func:`unet_kernels`
+    (``7 * 2**levels - 9`` with every conv ``3 x 3``).  It is the smallest
+    centred window that contains the input pixels every output pixel depends
+    on.  No single output pixel sees all of it: a pixel depends on a window of
+    even width ``2 r`` shifted towards its pooling partner, so which side it
+    misses depends on its position modulo ``factor``.  Hence the output at
+    pixel ``k`` is ``g_{k mod factor}(patch of size P around k)``: local, but
+    equivariant (with circular padding and ``H, W`` multiples of ``factor``)
+    only to shifts by multiples of ``factor``.
     """
 
     def __init__(
@@ -244,15 +322,16 @@ class UNet2D(nn.Module):
         in_channels: int,
         out_channels: int,
         width: int = 32,
-        levels: int = 2,
+        levels: int | None = None,
         padding: str = "zeros",
+        patch_size: int | None = None,
     ) -> None:
         super().__init__()
         _check_int("in_channels", in_channels)
         _check_int("out_channels", out_channels)
         _check_int("width", width)
-        _check_int("levels", levels)
         self.padding = _check_padding(padding)
+        levels, self.kernels = unet_kernels(patch_size, levels)
         self.levels = levels
         self.config = {
             "name": "unet",
@@ -261,25 +340,29 @@ class UNet2D(nn.Module):
             "width": width,
             "levels": levels,
             "padding": padding,
+            "patch_size": patch_size,
         }
         widths = [width * 2**level for level in range(levels)]
         self.encoders = nn.ModuleList(
-            _DoubleConv(c_in, c_out) for c_in, c_out in zip([in_channels] + widths[:-1], widths)
+            _DoubleConv(c_in, c_out, self.kernels[level][:2])
+            for level, (c_in, c_out) in enumerate(zip([in_channels] + widths[:-1], widths))
         )
         self.decoders = nn.ModuleList(
-            _DoubleConv(widths[level + 1] + widths[level], widths[level])
+            _DoubleConv(widths[level + 1] + widths[level], widths[level], self.kernels[level][2:])
             for level in range(levels - 1)
         )
         self.head = nn.Conv2d(width, out_channels, 1)
 
     @property
     def factor(self) -> int:
-        """Total down-sampling factor ``2**(levels - 1)``; H and W must be multiples of it."""
+        """Total down-sampling factor ``2**(levels - 1)``."""
         return 2 ** (self.levels - 1)
 
     @property
     def receptive_field(self) -> int:
-        return 7 * 2**self.levels - 9
+        low = unet_radius_range(self.levels)[0]
+        spatial = sum(2**level * (k // 2) for level, ks in enumerate(self.kernels) for k in ks)
+        return 2 * (low + spatial) + 1
 
     @property
     def margin(self) -> int:
@@ -289,13 +372,8 @@ class UNet2D(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         height, width = z.shape[-2:]
-        if height % self.factor or width % self.factor:
-            raise ValueError(
-                f"UNet2D with levels={self.levels} needs H and W divisible by {self.factor}, "
-                f"got {height}x{width}"
-            )
         m = self.margin
-        h = _extend(z, m, self.padding)
+        h = _extend(z, m, self.padding, extra=((-height) % self.factor, (-width) % self.factor))
         skips = []
         for level, encoder in enumerate(self.encoders):
             if level:
@@ -320,14 +398,15 @@ def build_network(
     padding: str = "zeros",
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a network by name (one of ``NETWORKS``).
+    """Build a network by name (one of ``NETWORKS``) with receptive field ``patch_size``.
 
-    ``patch_size`` is required for ``"patchmlp"``.  For ``"resnet"`` it is
-    optional and, when given (odd, >= 3), sets ``depth = patch_size // 2`` so
-    that the receptive field equals ``patch_size``.  ``"unet"`` rejects it (its
-    receptive field is fixed by ``levels``).  Remaining keyword arguments go to
-    the network's constructor.  Unknown names, unknown arguments and invalid
-    values raise ValueError naming the offending parameter.
+    ``patch_size`` (odd) is required for ``"patchmlp"`` (any odd ``P >= 1``).  For ``"resnet"`` it is
+    optional and, when given (``P >= 3``), sets ``depth = P // 2``.  For ``"unet"`` it is optional and,
+    when given (``P >= 3``), chooses ``levels`` (unless given) and the kernel sizes by
+    :func:`unet_kernels`.  In both cases the receptive field is then exactly ``P``; without it it is
+    fixed by ``depth`` / ``levels``.  Remaining keyword arguments go to the network's constructor.
+    Unknown names, unknown arguments, invalid values and a ``P`` the network cannot match raise
+    ValueError naming the offending parameter (for a ``P`` it cannot match: the network and ``P``).
 
     ``build_network(**network_config(net))`` rebuilds ``net``'s architecture.
     """
@@ -345,14 +424,18 @@ def build_network(
             raise ValueError("patch_size is required for network 'patchmlp'")
         kwargs["patch_size"] = patch_size
     elif name == "resnet" and patch_size is not None:
-        depth = _check_patch_size(patch_size, minimum=3) // 2
+        _check_patch_size(patch_size)
+        if patch_size < 3:
+            raise ValueError(f"network 'resnet' cannot have receptive field patch_size={patch_size} "
+                             "(its stem is a 3x3 convolution: at least 3)")
+        depth = patch_size // 2
         if kwargs.setdefault("depth", depth) != depth:
             raise ValueError(
                 f"depth={kwargs['depth']} conflicts with patch_size={patch_size} "
                 f"(resnet receptive field 2*depth+1)"
             )
-    elif name == "unet" and patch_size is not None:
-        raise ValueError("patch_size is not a parameter of network 'unet' (set levels instead)")
+    elif name == "unet":
+        kwargs["patch_size"] = patch_size
     return cls(in_channels=in_channels, out_channels=out_channels, padding=padding, **kwargs)
 
 

@@ -7,16 +7,19 @@ group per split and σ, holding the fixed seeded inputs ``z``, masks and clean i
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import torch
 
+from .classes import plan_classes
 from .config import Config, join
-from .datasets import load_dataset
+from .datasets import load_dataset, query_indices, subset_indices
 from .distributed import DTYPES, build_bank, estimate_on_ray
 from .metrics import psnr
+from .patches import PatchGeometry
 from .problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
-from .report import group_means, image_grid, save_parquet, save_png, save_text
+from .report import group_means, image_grid, read_bytes, save_parquet, save_png, save_text, write_bytes
 from .store import Bank, open_group
 
 log = logging.getLogger("lemmse_ray")
@@ -25,12 +28,32 @@ SPLITS = ("train", "test")
 
 
 def load_data(cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Training images and the query images of each split (the first ``n_queries`` of it)."""
+    """Training images and the query images of each split.
+
+    Training images: ``n_train`` of the split, a seeded random subset (``subset="random"``: the first
+    ``n_train`` of a seeded permutation, so smaller subsets are prefixes of larger ones) or the first ones.
+    Train queries are the first ``n_queries`` training images (bank images ``0 … n_queries − 1``, the same
+    images for every ``n_train`` of a seed); test queries are seeded random test images.
+    """
     kwargs = dict(root=cfg.root, size=cfg.size, grayscale=cfg.grayscale)
-    train = load_dataset(cfg.dataset, "train", n=cfg.n_train, **kwargs)
-    queries = {"train": train[: cfg.n_queries],
-               "test": load_dataset(cfg.dataset, "test", **kwargs)[: cfg.n_queries]}
-    return train, queries
+    train = load_dataset(cfg.dataset, "train", **kwargs)
+    test = load_dataset(cfg.dataset, "test", **kwargs)
+    n_train = len(train) if cfg.n_train is None else cfg.n_train
+    if n_train > len(train):
+        raise ValueError(f"n_train={n_train} exceeds the {len(train)} training images of {cfg.dataset}")
+    train = train[subset_indices(len(train), n_train, cfg.subset, cfg.seed)]
+    for split, images in (("train", train), ("test", test)):
+        if cfg.n_queries > len(images):
+            raise ValueError(f"n_queries={cfg.n_queries} exceeds the {len(images)} {split} images")
+    test_ids = query_indices(len(test), cfg.n_queries, split="test", seed=cfg.seed)
+    return train, {"train": train[: cfg.n_queries], "test": test[test_ids]}
+
+
+def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
+    """The checks that need the images' shape (patch size, problem, classes), before Ray starts."""
+    shape = tuple(train.shape[1:])
+    problem.check_shape(shape)
+    plan_classes(problem, PatchGeometry(shape, cfg.patch_size, cfg.padding, cfg.candidates))
 
 
 def make_problem(cfg: Config, shape: tuple[int, int, int]) -> Problem:
@@ -71,15 +94,19 @@ def bank_step(cfg: Config, train: torch.Tensor, problem: Problem) -> Bank:
                       DTYPES[cfg.dtype], cfg.storage_options, cfg.overwrite)
 
 
-def estimate_step(cfg: Config, bank: Bank, problem: Problem, queries: dict[str, torch.Tensor]) -> dict:
-    """Estimate every split × σ through the Ray actors (started at most once); returns {(split, σ): url}."""
+def estimate_step(cfg: Config, bank: Bank, problem: Problem,
+                  queries: dict[str, torch.Tensor]) -> tuple[dict, int]:
+    """Estimate every split × σ through the Ray actors (started at most once).
+
+    Returns ({(split, σ): url}, number of batches computed by this call)."""
     actors: list = []  # started by the first output with work left, then shared
     urls = {}
+    computed = 0
     for split, images in queries.items():
         for index, sigma in enumerate(cfg.sigmas):
             _, z, mask = simulate(cfg, problem, images, split, index)
             url = estimate_url(cfg, split, sigma)
-            estimate_on_ray(bank, z, sigma, url, mask=mask if problem.random_mask else None, x=images,
+            group = estimate_on_ray(bank, z, sigma, url, mask=mask if problem.random_mask else None, x=images,
                             batch_images=cfg.batch_images, actors=actors, n_actors=cfg.n_actors,
                             stats=tuple(cfg.stats), topk=cfg.topk, dtype=DTYPES[cfg.dtype],
                             storage_options=cfg.storage_options,
@@ -87,7 +114,32 @@ def estimate_step(cfg: Config, bank: Bank, problem: Problem, queries: dict[str, 
                                       "dataset": cfg.dataset, "config": dataclasses.asdict(cfg)},
                             overwrite=cfg.overwrite)
             urls[(split, sigma)] = url
-    return urls
+            computed += len(group.attrs["history"][-1]["computed_batches"])
+    return urls, computed
+
+
+def verify_step(cfg: Config, train: torch.Tensor, problem: Problem, repair: bool = False) -> int:
+    """Check every shard of ``cfg.bank_url`` and print a table; with ``repair`` clear the done flag of the bad
+    shards and rebuild them from ``train``.  Returns 0 when the bank is (now) whole, else 1."""
+    from .store import clear_done, verify_bank
+
+    rows = verify_bank(cfg.bank_url, cfg.storage_options)
+    bad = [r["shard"] for r in rows if r["status"] != "ok"]
+    print(f"{'shard':>6} {'rows':>23}  status")
+    for r in rows:
+        if r["status"] != "ok" or len(rows) <= 20:
+            print(f"{r['shard']:>6} {r['first_row']:>11}-{r['last_row']:<11}  {r['status']}")
+    print(f"{cfg.bank_url}: {len(rows) - len(bad)} of {len(rows)} shards ok", flush=True)
+    if not bad:
+        return 0
+    if not repair:
+        print(f"re-run with --repair to rebuild shards {', '.join(map(str, bad))}", flush=True)
+        return 1
+    clear_done(cfg.bank_url, bad, cfg.storage_options)
+    bank_step(cfg, train, problem)
+    still = [r["shard"] for r in verify_bank(cfg.bank_url, cfg.storage_options) if r["status"] != "ok"]
+    print(f"repaired {len(bad) - len(still)} of {len(bad)} shards", flush=True)
+    return 1 if still else 0
 
 
 def report_step(cfg: Config, urls: dict, n_show: int = 8) -> list[dict]:
@@ -113,9 +165,41 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(cfg: Config, tables: dict[str, str], seconds: dict[str, float]) -> str:
-    """``<out>/report.md``: the configuration, the PSNR tables and the wall time of each step."""
-    times = ", ".join(f"{step} {value:.0f} s" for step, value in seconds.items())
+TIMINGS = "timings.json"
+
+
+def record_timing(cfg: Config, step: str, seconds: float, computed: bool) -> None:
+    """Keep the wall time of the invocation that computed ``step`` in ``<out>/timings.json``.
+
+    An invocation that only reused finished work leaves the recorded time alone; one that resumed a step
+    adds its time to the earlier ones' (the step's cost over every invocation that computed part of it).
+    """
+    path = join(cfg.out, TIMINGS)
+    raw = read_bytes(path, cfg.storage_options)
+    timings = json.loads(raw) if raw else {}
+    if computed:
+        previous = timings.get(step, {"seconds": 0.0, "invocations": 0})
+        timings[step] = {"seconds": previous["seconds"] + seconds, "invocations": previous["invocations"] + 1}
+    elif step not in timings:
+        timings[step] = {"seconds": None, "invocations": 0}  # computed before timings were kept
+    write_bytes(path, json.dumps(timings, indent=1).encode(), cfg.storage_options)
+
+
+def timing_text(cfg: Config) -> str:
+    raw = read_bytes(join(cfg.out, TIMINGS), cfg.storage_options)
+    parts = []
+    for step, entry in (json.loads(raw) if raw else {}).items():
+        if entry["seconds"] is None:
+            parts.append(f"{step} (reused; time unknown)")
+        else:
+            runs = "" if entry["invocations"] == 1 else f" over {entry['invocations']} invocations"
+            parts.append(f"{step} {entry['seconds']:.0f} s{runs}")
+    return ", ".join(parts) or "not recorded"
+
+
+def write_report(cfg: Config, tables: dict[str, str]) -> str:
+    """``<out>/report.md``: the configuration, the PSNR tables and the wall time each step took when it was
+    computed (kept across invocations that only reuse it)."""
     text = "\n".join([
         "# lemmse_ray report", "",
         f"Dataset `{cfg.dataset}` ({cfg.n_train or 'all'} training images), problem `{cfg.problem}` "
@@ -127,9 +211,8 @@ def write_report(cfg: Config, tables: dict[str, str], seconds: dict[str, float])
         "```", tables.get("estimate", "(not run)"), "```", "",
         "## Networks against the LE-MMSE and the ground truth (dB, mean over query images)", "",
         "```", tables.get("evaluate", "(not run)"), "```", "",
-        f"Wall time: {times}.", "",
+        f"Wall time of each step when it was computed: {timing_text(cfg)}.", "",
         "Files: `estimates/*.zarr` (inputs, LE-MMSE mean and statistics), `psnr.parquet`, "
         "`evaluation.parquet`, `summary.parquet`, `networks/*/checkpoint.pt`, `figures/*.png`.", ""])
     save_text(text, join(cfg.out, "report.md"), cfg.storage_options)
     return text
-

@@ -28,7 +28,12 @@ INPUT_MODES = ("direct", "adjoint", "pinv", "tikhonov")
 
 
 def _check_reg(reg: Any, name: str) -> float:
-    value = float(reg)
+    if isinstance(reg, bool):
+        raise ValueError(f"{name} must be a number >= 0, got {reg!r}")
+    try:
+        value = float(reg)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0, got {reg!r}") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {reg!r}")
     return value
@@ -295,8 +300,9 @@ class LinearInverseProblem(Problem):
 
     :math:`G = BB^\top` is obtained by probing: :math:`B` is applied to the standard basis of the
     measurement space (in batches), giving its matrix column by column; patch covariances and classes then
-    follow exactly as for the built-in problems (DESIGN §1.3, rule 4).  Cost: one application of :math:`B`
-    per measurement coordinate, and a dense (C·H·W)² matrix, so this path suits images up to ~64×64.
+    follow exactly as for the built-in problems (``docs/theory.md``, the class rule).  Cost: one
+    application of :math:`B` per measurement coordinate, and a dense (C·H·W)² matrix, so this path suits
+    images up to ~64×64.
     """
 
     name = "generic"

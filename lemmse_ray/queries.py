@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .backends import fused_partials, use_triton
 from .bank import BankArrays
 from .classes import ClassPlan
 from .kernel import Partials, matmul_partials, merge_into, mixture_partials
@@ -140,8 +141,11 @@ def key_features(arrays: BankArrays, plan: ClassPlan, centers: np.ndarray) -> di
 
 
 def scan(keys: dict[int, ClassKeys], plan: ClassPlan, queries: QuerySet, stats: tuple[str, ...] = (),
-         topk: int = 0) -> Partials:
-    """Partials of every query over the rows behind ``keys`` (classes no query meets are skipped)."""
+         topk: int = 0, kernel: str = "auto") -> Partials:
+    """Partials of every query over the rows behind ``keys`` (classes no query meets are skipped).
+
+    ``kernel``: ``"auto"``, ``"torch"`` or ``"triton"`` for the matrix-product forms (:mod:`lemmse_ray.backends`).
+    """
     first = next(iter(keys.values())).values
     total = Partials.empty(queries.n, queries.channels, stats, topk, first.dtype, first.device)
     for c, ck in keys.items():
@@ -151,6 +155,8 @@ def scan(keys: dict[int, ClassKeys], plan: ClassPlan, queries: QuerySet, stats: 
         if plan.kind == "mixture":
             part = mixture_partials(cq.features, ck.features, ck.values, cq.shift, plan.keep_prob, queries.sigma,
                                     ck.row_ids, stats, topk)
+        elif use_triton(kernel, ck.features, stats):
+            part = fused_partials(cq.features, ck.features, ck.values, cq.shift, stats)
         else:
             part = matmul_partials(cq.features, ck.features, ck.values, cq.shift, ck.row_ids, stats, topk)
         merge_into(total, cq.index, part)

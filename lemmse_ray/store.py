@@ -17,8 +17,13 @@ array               shape               content
 Every chunk ends with a CRC-32C checksum (the ``crc32c`` codec, inside the sharding codec; shard indexes
 have theirs), and the row arrays' fill value cannot occur in a bank (NaN for floats, −1 for integers), so a
 flipped byte, a truncated or missing shard object or chunk of a shard flagged done is a :class:`BankError`
-naming the bank, the array and the shard (:func:`lemmse_ray.verify.verify_bank` checks them all), never
-silently read as zeros.
+naming the bank, the array and the shard, never silently read as zeros.  :func:`verify_bank` reads and checks
+every shard of every row array (``class_ids`` must also follow the class offsets); :func:`clear_done` unflags
+shards so that :func:`lemmse_ray.distributed.build_bank` rewrites them.  A repair is::
+
+    bad = [row["shard"] for row in verify_bank(url) if row["status"] != "ok"]
+    clear_done(url, bad)
+    build_bank(url, train, problem, ...)  # the same arguments as the first build
 
 A Zarr *shard* of ``shard_rows`` rows is the unit of work and of writing: the builder writes each shard
 whole and only then sets its ``done`` flag, so a crash leaves at most unflagged shards, which a re-run
@@ -334,3 +339,69 @@ def open_bank(url: str, problem: Problem, plan: ClassPlan, storage_options: dict
         raise ValueError(f"bank: {url} is incomplete ({len(missing)} of {bank.n_shards} shards missing); "
                          "re-run the bank builder to finish it")
     return bank
+
+
+def _open_checked(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
+    try:
+        group = open_group(url, mode, storage_options)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        raise ValueError(f"url: no bank at {url}") from None
+    if kind_of(group) != "bank" or "format_version" not in group.attrs:
+        raise ValueError(f"url: {url} is not a (finished creating) lemmse_ray bank")
+    check_format(url, dict(group.attrs))
+    return group
+
+
+def _check_shard(group: zarr.Group, url: str, shard: int, start: int, stop: int, offsets: np.ndarray) -> str:
+    problems = []
+    for name in ARRAYS:
+        try:
+            data = read_shard(group, url, name, shard, start, stop)
+        except BankError as err:
+            problems.append(str(err))
+            continue
+        if name == "class_ids":
+            expected = np.searchsorted(offsets, np.arange(start, stop), side="right") - 1
+            if not np.array_equal(data, expected):
+                problems.append(f"bank {url}: array 'class_ids', shard {shard}: rows out of their class ranges")
+    return "; ".join(problems) or "ok"
+
+
+def verify_bank(url: str, storage_options: dict | None = None) -> list[dict]:
+    """Read and check every shard of every array of the bank at ``url``.
+
+    One row per shard: ``{"shard", "first_row", "last_row" (exclusive), "done" (bool), "status"}`` with status
+    ``"ok"``, ``"not built"`` (not flagged done: the builder will write it) or the problems found, each naming
+    the bank, the array and the shard.  ``ValueError`` if ``url`` holds no bank of this format.
+    """
+    group = _open_checked(url, "r", storage_options)
+    attrs = dict(group.attrs)
+    n_rows, shard_rows = attrs["n_rows"], attrs["shard_rows"]
+    offsets = np.asarray(attrs["class_offsets"])
+    try:
+        done = group["done"][...]
+    except Exception as err:
+        raise BankError(f"bank {url}: array 'done' is damaged ({type(err).__name__}: {err}); rebuild the "
+                        "bank") from err
+    rows = []
+    for shard in range(attrs["n_shards"]):
+        start, stop = shard * shard_rows, min(n_rows, (shard + 1) * shard_rows)
+        flagged = bool(done[shard])
+        status = _check_shard(group, url, shard, start, stop, offsets) if flagged else "not built"
+        rows.append({"shard": shard, "first_row": start, "last_row": stop, "done": flagged, "status": status})
+    return rows
+
+
+def clear_done(url: str, shards, storage_options: dict | None = None) -> None:
+    """Unflag ``shards`` of the bank at ``url``: the next ``build_bank`` with the same arguments rewrites them.
+
+    ``ValueError`` naming ``shards`` unless they are shard indices of this bank.
+    """
+    group = _open_checked(url, "r+", storage_options)
+    n_shards = group.attrs["n_shards"]
+    shards = list(shards)
+    bad = [s for s in shards if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < n_shards]
+    if bad:
+        raise ValueError(f"shards must be shard indices in [0, {n_shards}) of {url}, got {bad!r}")
+    for shard in shards:
+        group["done"][int(shard)] = 0

@@ -1,7 +1,7 @@
 r"""Training the baseline networks on Ray Train (data-parallel), with resumable per-epoch checkpoints.
 
 A network :math:`f_\theta` is trained on the risk that the LE-MMSE estimator minimises exactly
-(DESIGN §1.2), by stochastic gradient descent on
+(``docs/theory.md``), by stochastic gradient descent on
 
 .. math:: L(\theta) = \mathbb E_{i,\,e\,(,\,m)}\ \tfrac{1}{CHW}\,\lVert f_\theta(z) - x_i\rVert^2,
           \qquad z = B\big(A_m x_i + \sigma e\big),
@@ -34,9 +34,12 @@ another run; ``overwrite`` starts afresh in both of the last cases.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
+import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import Config, join
 from .networks import NETWORKS, build_network, network_config
@@ -93,11 +97,11 @@ def network_input(problem: Problem, z: torch.Tensor, mask: torch.Tensor | None) 
 
 
 def make_network(cfg: Config, name: str, channels: int, problem: Problem) -> nn.Module:
-    """The network ``name`` for images with ``channels`` channels: PatchMLP (``hidden``, receptive field
-    ``patch_size``), ResNet (``width``, receptive field ``patch_size``) or U-Net (``width``), ``padding``."""
+    """The network ``name`` for images with ``channels`` channels, with receptive field ``patch_size`` (the
+    LE-MMSE's) and boundary rule ``padding``: PatchMLP (``hidden``), ResNet or U-Net (``width``)."""
     kwargs = {"hidden": cfg.hidden} if name == "patchmlp" else {"width": cfg.width}
     return build_network(name, in_channels=channels + mask_channel(problem), out_channels=channels,
-                         patch_size=None if name == "unet" else cfg.patch_size, padding=cfg.padding, **kwargs)
+                         patch_size=cfg.patch_size, padding=cfg.padding, **kwargs)
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -117,20 +121,11 @@ def training_batch(images: torch.Tensor, problem: Problem, sigma: float, n: int,
 
 
 def check_training(cfg: Config, names: list[str]) -> None:
-    """Raise ValueError naming the first invalid training parameter."""
+    """Raise ValueError naming the first invalid training parameter (``cfg`` is validated again, in case it
+    was changed after it was built)."""
+    dataclasses.replace(cfg)
     for name in names:
         check_choice(name, NETWORKS, "networks")
-    if cfg.cpus_per_worker is not None and (isinstance(cfg.cpus_per_worker, bool)
-                                            or not isinstance(cfg.cpus_per_worker, int) or cfg.cpus_per_worker < 1):
-        raise ValueError(f"cpus_per_worker must be an integer >= 1 or None, got {cfg.cpus_per_worker!r}")
-    for field in ("epochs", "steps_per_epoch", "batch_size", "n_workers"):
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
-    if cfg.batch_size % cfg.n_workers:
-        raise ValueError(f"batch_size must be a multiple of n_workers={cfg.n_workers} (each worker draws "
-                         f"batch_size / n_workers images), got {cfg.batch_size}")
-    check_sigma(cfg.lr, "lr")
 
 
 # --- the training loop, run by every Ray Train worker -----------------------------------------------------
@@ -146,7 +141,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     identity, images, problem = config["identity"], ray.get(config["images"]), config["problem"]
     sigma, run = identity["sigma"], identity["config"]
     steps, total_steps = run["steps_per_epoch"], run["epochs"] * run["steps_per_epoch"]
-    folder, options = config["folder"], config["storage_options"]
+    folder, options, progress = config["folder"], config["storage_options"], config["progress"]
+    every = max(1, steps // 20)  # progress messages per epoch: about 20
 
     torch.manual_seed(run["seed"])
     net = build_network(**identity["network"])
@@ -176,6 +172,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             loss_sum += loss.item()
+            if rank == 0 and progress is not None and (step + 1) % every == 0:
+                progress.put_nowait((step + 1, loss_sum / (step + 1 - (epoch - 1) * steps)))
         loss_mean = torch.tensor(loss_sum / steps, device=device)
         if world > 1:  # equal per-worker batches: the global batch loss is the mean over workers
             torch.distributed.all_reduce(loss_mean)
@@ -200,7 +198,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 # --- driver -----------------------------------------------------------------------------------------------
 
-def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tensor, problem: Problem) -> str:
+def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tensor, problem: Problem,
+                  progress: bool = True) -> str:
     """Train (or resume, or skip if finished) the network ``name`` at noise level ``sigma`` on Ray Train.
 
     ``train_images``: (N, C, H, W) floats in [0, 1].  Returns the checkpoint path (or URL) once the run
@@ -210,6 +209,8 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty as QueueEmpty
+    from ray.util.queue import Queue
 
     check_training(cfg, [name])
     sigma = check_sigma(sigma)
@@ -232,17 +233,50 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
     if resume:
         log.info("%s: resuming after epoch %d of %d", path, existing["epoch"], cfg.epochs)
 
+    queue = Queue(actor_options={"num_cpus": 0}) if progress else None
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"identity": identity, "images": ray.put(train_images.to(torch.float32)),
                            "problem": problem, "folder": folder, "storage_options": cfg.storage_options,
-                           "resume": resume},
+                           "resume": resume, "progress": queue},
         scaling_config=ScalingConfig(num_workers=cfg.n_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": worker_cpus(cfg)}),
         run_config=RunConfig(name=f"{name}_sigma{sigma:g}-{time.strftime('%Y%m%d-%H%M%S')}"),
     )
-    trainer.fit()
+    if queue is None:
+        trainer.fit()
+        return path
+    total = cfg.epochs * cfg.steps_per_epoch
+    done = existing["step"] if resume else 0
+    with tqdm(total=total, initial=done, desc=f"train {name} σ={sigma:g}", unit="step") as bar:
+        stop = threading.Event()
+
+        def follow() -> None:  # the rank-0 worker sends (step, mean loss of the epoch so far)
+            while not stop.is_set():
+                try:
+                    step, loss = queue.get(timeout=0.5)
+                except (QueueEmpty, ray.exceptions.RayError):
+                    continue
+                bar.update(step - bar.n)
+                bar.set_postfix(loss=f"{loss:.3e}")
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        try:
+            trainer.fit()
+        finally:
+            stop.set()
+            thread.join()
+            queue.shutdown()
+        bar.update(total - bar.n)
     return path
+
+
+def unfinished_networks(cfg: Config) -> list[tuple[str, float]]:
+    """The (name, σ) of ``cfg``'s networks whose checkpoint is missing or has fewer than ``cfg.epochs`` epochs."""
+    return [key for key, path in trained_networks(cfg).items()
+            if (checkpoint := read_checkpoint(path, cfg.storage_options)) is None
+            or checkpoint["epoch"] < cfg.epochs]
 
 
 def worker_cpus(cfg: Config) -> int:
@@ -277,6 +311,35 @@ def load_network(path: str, storage_options: dict | None = None) -> tuple[nn.Mod
     checkpoint = read_checkpoint(path, storage_options)
     if checkpoint is None:
         raise ValueError(f"path: no network checkpoint at {path} (train it first)")
-    net = build_network(**checkpoint["network"])
-    net.load_state_dict(checkpoint["model"])
-    return net.eval(), checkpoint
+    return checked_network(checkpoint, path).eval(), checkpoint
+
+
+MAX_PARAMETERS = 1 << 28  # 256 M parameters (1 GiB of float32): far above any network of this project
+
+
+def checked_network(checkpoint: dict, path: str) -> nn.Module:
+    """The network a checkpoint declares, with its weights, built only once the declaration is checked.
+
+    The architecture is first built on the ``meta`` device (no memory): a declared size beyond
+    :data:`MAX_PARAMETERS`, or parameter shapes that differ from the stored weights, are refused before
+    any real allocation (a crafted config declaring a huge width cannot make this allocate it).
+    """
+    declared, weights = checkpoint.get("network"), checkpoint.get("model")
+    if not isinstance(declared, dict) or not isinstance(weights, dict):
+        raise ValueError(f"path: {path} is not a network checkpoint of this project (no network/model)")
+    try:
+        with torch.device("meta"):
+            skeleton = build_network(**declared)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"path: {path} declares an invalid network: {err}") from None
+    shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    size = sum(math.prod(shape) for shape in shapes.values())
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"path: {path} declares a network of {size:,} parameters (more than {MAX_PARAMETERS:,})")
+    stored = {name: tuple(t.shape) for name, t in weights.items() if isinstance(t, torch.Tensor)}
+    if stored != shapes:
+        raise ValueError(f"path: {path}: the stored weights do not match the declared network "
+                         f"{declared.get('name')!r}")
+    net = build_network(**declared)
+    net.load_state_dict(weights)
+    return net

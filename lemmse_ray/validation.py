@@ -6,6 +6,7 @@ researcher reading a traceback knows which argument to fix.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -15,14 +16,37 @@ PADDINGS = ("zeros", "circular")
 CANDIDATES = ("all", "interior")
 
 
+# Noise levels the kernel arithmetic represents without overflow: the query features scale as 1/σ² and the
+# log-normalisers as log σ², so σ² (and |features|·|keys|/σ² summed over a patch) must stay finite.
+SIGMA_RANGE = {torch.float32: (1e-12, 1e150), torch.float64: (1e-150, 1e150)}
+
+
 def check_sigma(sigma: Any, name: str = "sigma") -> float:
-    """Return ``sigma`` as a float, requiring a finite value > 0."""
+    """Return ``sigma`` as a float, requiring a finite value > 0 (a bool is not a number here)."""
+    if isinstance(sigma, bool):
+        raise ValueError(f"{name} must be a positive number, got {sigma!r}")
     try:
         value = float(sigma)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a positive number, got {sigma!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {sigma!r}")
+    return value
+
+
+def check_noise_level(sigma: Any, dtype: torch.dtype, name: str = "sigma") -> float:
+    """:func:`check_sigma`, plus the range in which ``dtype`` arithmetic stays finite (:data:`SIGMA_RANGE`).
+
+    Below it 1/σ² overflows (float32: the features of a query, ≈ |p|/σ², times keys summed over a patch, pass
+    3.4e38 and the logits become inf − inf = NaN); above it σ² overflows float64.  Refused with the range and
+    the remedy rather than computed as NaN.
+    """
+    value = check_sigma(sigma, name)
+    low, high = SIGMA_RANGE[dtype]
+    if not low <= value <= high:
+        hint = " (use dtype float64 for smaller σ)" if dtype == torch.float32 and value < low else ""
+        raise ValueError(f"{name}={value:g} is outside [{low:g}, {high:g}], the range where "
+                         f"{str(dtype).replace('torch.', '')} arithmetic stays finite{hint}")
     return value
 
 
@@ -45,8 +69,13 @@ def check_patch_size(patch_size: Any, height: int, width: int) -> int:
     return p
 
 
-def as_images(data: Any, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Convert numpy/torch data to a finite (N, C, H, W) tensor of ``dtype`` (on CPU)."""
+def as_images(data: Any, name: str, dtype: torch.dtype = torch.float64, check_range: bool = True) -> torch.Tensor:
+    """Convert numpy/torch data to a finite (N, C, H, W) tensor of ``dtype`` (on CPU).
+
+    Images are floating point with values in [0, 1] (the deepinv convention): integer arrays are refused (a
+    uint8 image divided by 255 is what is meant), and with ``check_range`` values far outside [0, 1] warn
+    (estimator inputs ``z`` are noisy and legitimately leave the range: they pass ``check_range=False``).
+    """
     if isinstance(data, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(data))
     elif isinstance(data, torch.Tensor):
@@ -57,11 +86,17 @@ def as_images(data: Any, name: str, dtype: torch.dtype = torch.float64) -> torch
         raise ValueError(f"{name} must have shape (N, C, H, W), got shape {tuple(tensor.shape)}")
     if tensor.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)})")
-    if tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in (torch.uint8, torch.int32, torch.int64)):
+    if tensor.dtype == torch.bool or not (tensor.is_floating_point() or tensor.is_complex()):
+        raise ValueError(f"{name} must hold floating-point images in [0, 1], got dtype {tensor.dtype} "
+                         "(for 8-bit images pass images / 255)")
+    if tensor.is_complex():
         raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
     tensor = tensor.to(dtype)
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{name} contains NaN or inf values")
+    if check_range and (float(tensor.min()) < -0.5 or float(tensor.max()) > 1.5):
+        warnings.warn(f"{name} has values in [{float(tensor.min()):g}, {float(tensor.max()):g}], far outside "
+                      "[0, 1]: images are expected as floats in [0, 1]", stacklevel=3)
     return tensor
 
 

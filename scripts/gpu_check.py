@@ -1,64 +1,70 @@
 #!/usr/bin/env python
-"""GPU check of the exact estimator (not run by CI).
+"""GPU check of the exact kernels: accuracy against CPU float64, and throughput (not run by CI on a GPU).
 
-1. Builds a patch bank (Ray tasks) and runs the Ray actor path with CUDA actors in float32 — one actor per
-   GPU of a local Ray started with the detected GPUs (or the cluster given by ``--address``).
-2. Compares its mean (and variance) with the in-memory API in float64 on the CPU and prints the largest
-   absolute differences; fails (exit 1) above ``--tol``.
-3. Prints the throughput of the actor path and of the kernel timed directly on the GPU for a larger bank,
-   as pairs/s, where pairs = query pixels × bank rows.  "Logits/s" counts the (query, row) pairs the kernel
-   actually evaluates (a query meets only the rows of its own class).
+Needs torch and Triton only (no Ray, no Zarr); about 5 minutes on one GPU.
 
-Without CUDA it stops with exit code 2 unless ``--allow-cpu`` (then everything runs on the CPU with smaller
-defaults, to test the script itself).
+(a) Accuracy.  On ``photos`` cases (32×32 RGB tiles; synthetic smooth images, announced, when scikit-image or
+    Pillow is missing) with P = 5 and 9, for the whitened (denoising) and the random-mask aware
+    (inpainting, keep-probability 0.7, adjoint input) logit forms: the torch kernel on the device, the Triton
+    kernel (``ieee``) and the Triton kernel with ``tf32x3`` products, all float32, against the torch kernel in
+    float64 on the CPU.  Per statistic (mean, variance, ess, max_weight, entropy, log_evidence) the error is
+    max |x − x_ref| / (|x_ref| + 1); a path fails above ``--tol`` (mean, variance) or ``--tol-log`` (the
+    others, which follow the log-weights: at σ = 0.1 the logits reach ~10³, so float32 rounding alone moves
+    them by ~10⁻⁴).  The error ratios fused/torch and tf32x3/ieee are reported (target ≤ 2).
+(b) Throughput.  Pairs/s (query pixels × bank rows per second) of each path on one class of random features
+    of the widths F of those cases, and the same run's float32 ``torch.mm`` throughput with TF32 off; each
+    path's fraction of it counts 2(F + C + 1) useful flops per pair (the logit, and the weighted sums of
+    [v, 1]).
+(c) Split-K.  (b) for 1, 16 and 1024 query pixels against ``--rows`` (default 2²⁰ ≈ 10⁶) bank rows.
 
-    python scripts/gpu_check.py                      # on a GPU machine
-    python scripts/gpu_check.py --allow-cpu          # smoke test anywhere
+It prints one summary table and exits 1 on any accuracy failure (or when Triton cannot run), 2 without CUDA
+unless ``--allow-cpu``: then everything runs on the CPU at tiny sizes with Triton's interpreter, to test the
+script itself (its figures mean nothing).
+
+    python scripts/gpu_check.py                 # on a GPU machine
+    python scripts/gpu_check.py --allow-cpu     # plumbing test anywhere
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray processes bind to 127.0.0.1
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without an install
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-# (GPU, CPU) defaults of the size arguments; None on the command line picks by device
-DEFAULTS = {"n_train": (200, 4), "n_queries": (8, 1), "shard_rows": (1 << 15, 2048), "large_n_train": (1609, 16)}
+NAMES = ("mean", "variance", "ess", "max_weight", "entropy", "log_evidence")
+STATS = ("variance", "ess", "entropy")  # finalize adds max_weight and log_evidence
+BENCH_STATS = ("variance", "ess")  # the estimator's default statistics
+PATHS = ("torch", "triton-ieee", "triton-tf32x3")
+TARGETS = "targets: fused ieee ≥ 50 % of GEMM and ≥ 3× torch; tf32x3 ≥ 2× ieee; 16 px ≥ 50 % of 1024 px"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU when CUDA is not available")
-    parser.add_argument("--dataset", default="photos", help="embedded dataset: photos | faces | digits")
-    parser.add_argument("--n-train", type=int, help="training images of the Ray bank (default: GPU 200, CPU 4)")
-    parser.add_argument("--n-queries", type=int, help="query images, test split (default: GPU 8, CPU 1)")
-    parser.add_argument("--patch-size", type=int, default=5, help="receptive field P")
-    parser.add_argument("--sigma", type=float, default=0.1, help="noise level of the denoising queries")
-    parser.add_argument("--shard-rows", type=int, help="bank rows per shard (default: GPU 32768, CPU 2048)")
-    parser.add_argument("--n-actors", type=int, help="actors (default: one per GPU, else one per CPU)")
-    parser.add_argument("--batch-images", type=int, default=4, help="query images per broadcast batch")
-    parser.add_argument("--large-n-train", type=int,
-                        help="training images of the bank timed directly (default: GPU 1609 = all photos, CPU 16)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of the direct kernel (best kept)")
-    parser.add_argument("--tol", type=float, default=1e-4, help="largest |float32 Ray − float64 CPU| accepted")
-    parser.add_argument("--address", help="existing Ray cluster (default: start a local one)")
-    parser.add_argument("--workdir", help="folder for the bank and outputs (default: a temporary folder)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="without CUDA, run on the CPU at tiny sizes with Triton's interpreter")
+    parser.add_argument("--sigma", type=float, default=0.1, help="noise level of the accuracy cases")
+    parser.add_argument("--n-train", type=int, help="training tiles of the accuracy banks (GPU 64, CPU 2)")
+    parser.add_argument("--rows", type=int, help="bank rows of the throughput runs (GPU 2^20, CPU 256)")
+    parser.add_argument("--queries", type=int, nargs="+", help="query pixels of the throughput runs "
+                        "(GPU 1 16 1024, CPU 1 16)")
+    parser.add_argument("--repeat", type=int, help="timed repetitions, best kept (GPU 3, CPU 1)")
+    parser.add_argument("--tol", type=float, default=1e-4, help="largest accepted error of mean and variance")
+    parser.add_argument("--tol-log", type=float, default=1e-3,
+                        help="largest accepted error of ess, max_weight, entropy, log_evidence")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    for name, (gpu, cpu) in DEFAULTS.items():
+    gpu = torch.cuda.is_available()
+    for name, on_gpu, on_cpu in (("n_train", 64, 2), ("rows", 1 << 20, 256), ("queries", [1, 16, 1024], [1, 16]),
+                                 ("repeat", 3, 1)):
         if getattr(args, name) is None:
-            setattr(args, name, gpu if torch.cuda.is_available() else cpu)
+            setattr(args, name, on_gpu if gpu else on_cpu)
     return args
 
 
@@ -67,121 +73,186 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def best_time(fn, device: torch.device, repeat: int) -> float:
+    fn()  # warm-up (compilation, caches)
+    best = math.inf
+    for _ in range(max(1, repeat)):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def images(n_train: int, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(train, test) float64 images: ``photos`` tiles, or smooth synthetic images if its packages are missing."""
+    try:
+        from lemmse_ray.datasets import load_dataset
+        return (load_dataset("photos", "train", n=n_train, size=size).double(),
+                load_dataset("photos", "test", n=1, size=size).double(), f"photos {size}×{size}")
+    except ImportError as err:
+        print(f"gpu_check: the photos dataset cannot load here ({err}); using synthetic smooth images")
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.rand((n_train + 1, 3, max(2, size // 4), max(2, size // 4)), generator=gen, dtype=torch.float64)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    smooth = smooth.clamp(0, 1)
+    return smooth[:n_train], smooth[n_train:], f"synthetic smooth {size}×{size}"
+
+
+def accuracy(args, device: torch.device, cpu: bool) -> tuple[list[dict], dict[str, int]]:
+    """(a): one row per (case, path) with the error of each statistic; and the feature widths of the cases."""
+    import lemmse_ray as lm
+    from lemmse_ray.bank import class_centers, memory_bank
+    from lemmse_ray.classes import plan_classes
+    from lemmse_ray.kernel import Partials, finalize, merge_into
+    from lemmse_ray.patches import PatchGeometry
+    from lemmse_ray.queries import key_features, keys_to, prepare_queries, queries_to, scan
+    from lemmse_ray.triton_kernel import triton_matmul_partials
+
+    def scan_tf32x3(keys, plan, queries):
+        """scan() with the Triton kernel in tf32x3 (scan's kernel="triton" is ieee)."""
+        first = next(iter(keys.values())).values
+        total = Partials.empty(queries.n, queries.channels, STATS, 0, first.dtype, first.device)
+        for c, ck in keys.items():
+            cq = queries.per_class[c]
+            if cq is not None:
+                merge_into(total, cq.index, triton_matmul_partials(cq.features, ck.features, ck.values,
+                                                                   cq.shift, STATS, precision="tf32x3"))
+        return total
+
+    size = 9 if cpu else 32  # circular random-mask inpainting needs P ≤ size
+    padding = "circular" if cpu else "zeros"  # one class per form on the CPU (fewer interpreted launches)
+    train, test, label = images(args.n_train, size)
+    print(f"(a) accuracy: {label}, {len(train)} training images, 1 query image, σ = {args.sigma}, {padding} padding")
+    rows, widths = [], {}
+    gen = torch.Generator().manual_seed(0)
+    for form, problem in (("whitened", lm.Denoising()), ("masked", lm.Inpainting(keep_prob=0.7, input="adjoint"))):
+        _, z, mask = problem.measure(test, args.sigma, gen)
+        for p in (5, 9):
+            plan = plan_classes(problem, PatchGeometry(tuple(train.shape[1:]), p, padding))
+            centers = class_centers(train, problem, plan)
+            arrays = memory_bank(train, problem, plan, centers)
+            keys64 = key_features(arrays, plan, centers)
+            widths[f"{form} P={p}"] = max(k.features.shape[1] for k in keys64.values())
+            ref = finalize(scan(keys64, plan, prepare_queries(z, mask, problem, plan, centers, args.sigma,
+                                                              torch.float64), STATS, 0, "torch"), len(arrays))
+            keys = keys_to(key_features(arrays.to(torch.float32), plan, centers), device)
+            queries = queries_to(prepare_queries(z, mask, problem, plan, centers, args.sigma, torch.float32), device)
+            runs = {"torch": lambda: scan(keys, plan, queries, STATS, 0, "torch"),
+                    "triton-ieee": lambda: scan(keys, plan, queries, STATS, 0, "triton"),
+                    "triton-tf32x3": lambda: scan_tf32x3(keys, plan, queries)}
+            for path, fn in runs.items():
+                out = finalize(fn().to(device="cpu"), len(arrays))
+                err = {n: float(((out[n].double() - ref[n]).abs() / (ref[n].abs() + 1)).max()) for n in NAMES}
+                ok = all(err[n] <= (args.tol if n in ("mean", "variance") else args.tol_log) for n in NAMES)
+                rows.append({"case": f"{form} P={p}", "path": path, "rows": len(arrays), **err, "ok": ok})
+    return rows, widths
+
+
+def throughput(args, device: torch.device, widths: dict[str, int], gemm_flops: float) -> list[dict]:
+    """(b), (c): pairs/s of each path for each feature width and query count against ``args.rows`` rows."""
+    from lemmse_ray.kernel import matmul_partials
+    from lemmse_ray.triton_kernel import triton_matmul_partials
+
+    channels = 3
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = []
+    for case, width in widths.items():
+        k = torch.randn((args.rows, width), generator=gen, device=device)
+        v = torch.rand((args.rows, channels), generator=gen, device=device)
+        for n in args.queries:
+            q = torch.randn((n, width), generator=gen, device=device) / math.sqrt(width)
+            shift = torch.zeros(n, device=device)
+            runs = {"torch": lambda: matmul_partials(q, k, v, shift, None, BENCH_STATS, 0),
+                    "triton-ieee": lambda: triton_matmul_partials(q, k, v, shift, BENCH_STATS, "ieee"),
+                    "triton-tf32x3": lambda: triton_matmul_partials(q, k, v, shift, BENCH_STATS, "tf32x3")}
+            for path, fn in runs.items():
+                seconds = best_time(fn, device, args.repeat)
+                pairs = n * args.rows / seconds
+                out.append({"case": case, "F": width, "queries": n, "path": path, "pairs_per_s": pairs,
+                            "gemm_fraction": pairs * 2 * (width + channels + 1) / gemm_flops})
+        del k, v
+    return out
+
+
+def gemm_throughput(device: torch.device, n: int, repeat: int) -> float:
+    """float32 torch.mm flop/s, TF32 off, n × n × n."""
+    a = torch.randn((n, n), device=device)
+    b = torch.randn((n, n), device=device)
+    return 2 * n ** 3 / best_time(lambda: torch.mm(a, b), device, repeat)
+
+
+def summary(acc: list[dict], speed: list[dict], gemm: float, tol: float, tol_log: float) -> None:
+    print("\n================ gpu_check summary ================")
+    print(f"(a) accuracy: max |x − x_ref| / (|x_ref| + 1) against CPU float64; tol {tol:g} (mean, variance), "
+          f"{tol_log:g} (others)")
+    print(f"{'case':<16}{'path':<15}" + "".join(f"{n:>13}" for n in NAMES) + "  verdict")
+    by = {(r["case"], r["path"]): r for r in acc}
+    for r in acc:
+        print(f"{r['case']:<16}{r['path']:<15}" + "".join(f"{r[n]:>13.2e}" for n in NAMES)
+              + ("  ok" if r["ok"] else "  FAIL"))
+    largest = lambda case, path: max(max(by[(case, path)][n] for n in NAMES), 1e-30)  # noqa: E731
+    for case in dict.fromkeys(r["case"] for r in acc):
+        print(f"{case:<16}largest error, ieee / torch: {largest(case, 'triton-ieee') / largest(case, 'torch'):.2f}, "
+              f"tf32x3 / ieee: {largest(case, 'triton-tf32x3') / largest(case, 'triton-ieee'):.2f} (target ≤ 2)")
+    print(f"\n(b, c) throughput, pairs/s; float32 torch.mm (TF32 off) in this run: {gemm / 1e12:.2f} TFLOP/s; "
+          "fraction = pairs/s · 2(F + C + 1) / GEMM flop/s")
+    print(f"{'case':<16}{'F':>5}{'queries':>9}" + "".join(f"{p:>26}" for p in PATHS) + "   fused/torch  x3/ieee")
+    cells = {(r["case"], r["queries"], r["path"]): r for r in speed}
+    for case, width in dict.fromkeys((r["case"], r["F"]) for r in speed):
+        for n in dict.fromkeys(r["queries"] for r in speed):
+            row = [cells[(case, n, p)] for p in PATHS]
+            text = "".join(f"{r['pairs_per_s']:>14.3g} ({100 * r['gemm_fraction']:5.1f} %)" for r in row)
+            print(f"{case:<16}{width:>5}{n:>9}{text}{row[1]['pairs_per_s'] / row[0]['pairs_per_s']:>13.2f}"
+                  f"{row[2]['pairs_per_s'] / row[1]['pairs_per_s']:>9.2f}")
+        counts = sorted({r["queries"] for r in speed})
+        if 16 in counts and counts[-1] > 16:
+            hi = counts[-1]
+            ratio = cells[(case, 16, "triton-ieee")]["pairs_per_s"] / cells[(case, hi, "triton-ieee")]["pairs_per_s"]
+            print(f"{case:<16}ieee at 16 px / at {hi} px: {ratio:.2f}")
+    print(TARGETS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if not torch.cuda.is_available() and not args.allow_cpu:
+    cpu = not torch.cuda.is_available()
+    if cpu and not args.allow_cpu:
         print("gpu_check: CUDA is not available to torch "
               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); nothing to check. "
               "Run it on a GPU machine, or pass --allow-cpu to test the script on the CPU.", file=sys.stderr)
         return 2
+    if cpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernel is decorated, i.e. imported below
+    try:
+        import triton
 
-    import ray
-
-    import lemmse_ray as lm
-    from lemmse_ray.bank import class_centers, memory_bank
-    from lemmse_ray.classes import plan_classes
-    from lemmse_ray.datasets import load_dataset
-    from lemmse_ray.distributed import build_bank, estimate_on_ray, exact_device, start_actors
-    from lemmse_ray.patches import PatchGeometry
-    from lemmse_ray.queries import key_features, keys_to, prepare_queries, queries_to, scan
-
-    device = exact_device()  # CUDA (TF32 off) or CPU
-    n_gpus = torch.cuda.device_count()
-    name = torch.cuda.get_device_name(0) if n_gpus else "CPU only (--allow-cpu)"
-    print(f"device: {device} ({name}); torch {torch.__version__}, ray {ray.__version__}, {n_gpus} GPU(s)")
-    figures: dict = {"device": str(device), "device_name": name}
-
-    train = load_dataset(args.dataset, "train", n=args.n_train).double()
-    x = load_dataset(args.dataset, "test", n=args.n_queries).double()
-    problem = lm.Denoising()
-    _, z, _ = problem.measure(x, args.sigma, torch.Generator().manual_seed(0))
-    shape = tuple(train.shape[1:])
-    query_pixels = z.shape[0] * shape[1] * shape[2]
-
-    if args.address:
-        ray.init(address=args.address)
-    else:
-        ray.init(address="local", num_gpus=n_gpus, num_cpus=min(os.cpu_count() or 1, 8), include_dashboard=False,
-                 _node_ip_address="127.0.0.1")
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        work = Path(args.workdir or tmp)
-        # 1. bank and actor path, float32
-        t0 = time.perf_counter()
-        bank = build_bank(str(work / "bank.zarr"), train, problem, patch_size=args.patch_size,
-                          shard_rows=args.shard_rows, dtype=torch.float32, overwrite=True, progress=False)
-        print(f"bank: {args.dataset} {args.n_train} images {shape}, P={args.patch_size}: {bank.n_rows} rows in "
-              f"{bank.n_shards} shards, built in {time.perf_counter() - t0:.1f} s "
-              f"({bank.build_stats['rows_per_s']:.0f} rows/s)")
-        actors = start_actors(bank, args.n_actors, "float32")
-        where = [ray.get(a.describe.remote()) for a in actors]
-        devices = sorted({w["device"] for w in where})
-        print(f"actors: {len(actors)} on {', '.join(devices)} ({', '.join(str(w['rows']) for w in where)} rows)")
-        if torch.cuda.is_available() and not all(d.startswith("cuda") for d in devices):
-            print("gpu_check: CUDA is available here but the actors run on the CPU", file=sys.stderr)
-            return 1
-        # warm-up (CUDA context, cuBLAS) on the first query image, then the timed run on all of them
-        estimate_on_ray(bank, z[:1], args.sigma, str(work / "warmup.zarr"), actors=actors, stats=("variance",),
-                        dtype=torch.float32, overwrite=True, progress=False)
-        t0 = time.perf_counter()
-        group = estimate_on_ray(bank, z, args.sigma, str(work / "out.zarr"), actors=actors, stats=("variance",),
-                                batch_images=args.batch_images, dtype=torch.float32, overwrite=True,
-                                progress=False)
-        seconds = time.perf_counter() - t0
-        pairs = query_pixels * bank.n_rows
-        print(f"ray path (float32, {len(actors)} actor(s)): {z.shape[0]} images = {query_pixels} query pixels × "
-              f"{bank.n_rows} rows = {pairs:.3g} pairs in {seconds:.2f} s: {pairs / seconds:.3g} pairs/s "
-              f"(driver's count, batches only: {group.attrs['history'][-1]['pairs_per_s']:.3g} pairs/s)")
-
-        # 2. accuracy against the in-memory float64 estimate on the CPU
-        t0 = time.perf_counter()
-        ref = lm.estimate(train, z, problem, args.sigma, patch_size=args.patch_size, stats=("variance",),
-                          dtype=torch.float64)
-        cpu_seconds = time.perf_counter() - t0
-        d_mean = float(np.abs(group["mean"][...] - ref.mean.numpy()).max())
-        d_var = float(np.abs(group["variance"][...] - ref.variance.numpy()).max())
-        print(f"accuracy: max |mean_ray,f32 − mean_cpu,f64| = {d_mean:.3g}, max |Δvariance| = {d_var:.3g} "
-              f"(tol {args.tol:g}); CPU float64 in-memory took {cpu_seconds:.2f} s = {pairs / cpu_seconds:.3g} "
-              "pairs/s")
-        figures.update(bank_rows=bank.n_rows, query_pixels=query_pixels, ray_seconds=seconds,
-                       ray_pairs_per_s=pairs / seconds, max_abs_diff_mean=d_mean, max_abs_diff_variance=d_var,
-                       cpu_f64_pairs_per_s=pairs / cpu_seconds, n_actors=len(actors), actor_devices=devices)
-    ray.shutdown()
-
-    # 3. the kernel alone on the device, larger bank (built in memory, keys moved to the device once)
-    large = load_dataset(args.dataset, "train", n=args.large_n_train).double()
-    plan = plan_classes(problem, PatchGeometry(shape, args.patch_size))
-    centers = class_centers(large, problem, plan)
-    arrays = memory_bank(large, problem, plan, centers).to(torch.float32)
-    n_rows = len(arrays)
-    keys = keys_to(key_features(arrays, plan, centers), device)
-    del arrays
-    queries = queries_to(prepare_queries(z, None, problem, plan, centers, args.sigma, torch.float32), device)
-    evaluated = sum(len(queries.per_class[c].index) * len(k.values) for c, k in keys.items()
-                    if queries.per_class[c] is not None)
-    for stats, label in (((), "mean only"), (("variance", "ess"), "mean, variance, ess")):
-        scan(keys, plan, queries, stats, 0)  # warm-up
-        best = float("inf")
-        for _ in range(max(1, args.repeat)):
-            sync(device)
-            t0 = time.perf_counter()
-            scan(keys, plan, queries, stats, 0)
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
-        pairs = query_pixels * n_rows
-        print(f"kernel ({device.type}, float32, {label}): {query_pixels} query pixels × {n_rows} rows = "
-              f"{pairs:.3g} pairs in {best:.3f} s: {pairs / best:.3g} pairs/s ({evaluated / best:.3g} logits/s)")
-        figures[f"kernel_pairs_per_s[{label}]"] = pairs / best
-        figures[f"kernel_logits_per_s[{label}]"] = evaluated / best
-    figures.update(kernel_bank_rows=n_rows)
-    if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-    if not d_mean <= args.tol:
-        print(f"gpu_check: FAILED: the float32 Ray estimate differs from the float64 reference by {d_mean:.3g} "
-              f"> {args.tol:g}", file=sys.stderr)
+        from lemmse_ray import triton_kernel  # noqa: F401
+    except ImportError as err:
+        print(f"gpu_check: FAILED: Triton cannot be imported ({err})", file=sys.stderr)
         return 1
-    print("gpu_check: OK")
+    device = torch.device("cpu" if cpu else "cuda")
+    if not cpu:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    name = "CPU, Triton interpreter (--allow-cpu: figures are meaningless)" if cpu else torch.cuda.get_device_name(0)
+    print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}")
+    t0 = time.perf_counter()
+    acc, widths = accuracy(args, device, cpu)
+    print(f"(a) done in {time.perf_counter() - t0:.1f} s")
+    gemm = gemm_throughput(device, 512 if cpu else 8192, args.repeat)
+    t1 = time.perf_counter()
+    speed = throughput(args, device, widths, gemm)
+    print(f"(b, c) done in {time.perf_counter() - t1:.1f} s")
+    summary(acc, speed, gemm, args.tol, args.tol_log)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "gemm_flops": gemm, "accuracy": acc,
+                                               "throughput": speed}, indent=2))
+    failed = [f"{r['case']} {r['path']}" for r in acc if not r["ok"]]
+    if failed:
+        print(f"gpu_check: FAILED: error above tolerance for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"gpu_check: OK ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures. One local Ray cluster per test session (started only if a test needs it).
+"""Shared fixtures and environment. One local Ray cluster per test session (started only if a test needs it).
 
 The session cluster is a ``ray.cluster_utils.Cluster`` head (2 CPUs, loopback only, fast node-failure
 detection) so that multi-node tests can add and remove nodes without starting a second Ray.
@@ -10,6 +10,10 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray process binds to 127.0.0.1
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Triton kernels run in Triton's interpreter on CPU tensors.  Triton reads this when a kernel is decorated
+# (``@triton.jit``, i.e. when lemmse_ray.triton_kernel is imported): conftest.py is imported before any test
+# module, so every import of the kernel in the session sees it.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 

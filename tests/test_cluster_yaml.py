@@ -114,3 +114,20 @@ def test_ray_accepts_prepared_config(config):
     prepared = util.prepare_config(copy.deepcopy(config))
     util.validate_config(prepared)
     assert prepared["head_node_type"] == config["head_node_type"]
+
+
+def test_dashboard_and_job_api_on_loopback_only(config):
+    """The job API runs submitted code: the head binds it to 127.0.0.1 (reached by port forwarding)."""
+    starts = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    assert starts
+    for command in starts:
+        hosts = re.findall(r"--dashboard-host[= ](\S+)", command)
+        assert hosts == ["127.0.0.1"], command
+
+
+def test_instance_profiles_are_named_not_ray_defaults(config):
+    """Every node names its own instance profile: Ray's default one has EC2 and S3 full access."""
+    for name, node_type in config["available_node_types"].items():
+        profile = node_type["node_config"].get("IamInstanceProfile", {})
+        assert profile.get("Name") or profile.get("Arn"), f"{name} names no instance profile"
+        assert "ray-autoscaler" not in str(profile), name

@@ -17,7 +17,7 @@ from PIL import Image
 
 from lemmse_ray import datasets as ds
 from lemmse_ray.datasets import DATASETS, fetch_file, load_dataset, read_idx, safe_load_cifar_pickle, take_subset
-from lemmse_ray.datasets import verify_checksum
+from lemmse_ray.datasets import photo_tile_sources, query_indices, subset_indices, verify_checksum
 
 RNG = np.random.default_rng(0)
 
@@ -363,7 +363,7 @@ def test_photos_options_and_exact_tiles():
     tiles = load_dataset("photos", "train", size=16)
     assert tiles.shape == (6436, 3, 16, 16)
     expected = torch.from_numpy(skimage.data.astronaut()[16:32, 32:48].astype(np.float32) / 255).permute(2, 0, 1)
-    assert torch.equal(tiles[32 + 2], expected)  # row 1, column 2 of the 32-column astronaut grid
+    assert torch.equal(tiles[photo_tile_sources("train", 16).index(("astronaut", 16, 32))], expected)
     gray = load_dataset("photos", "test", grayscale=True)
     rgb = load_dataset("photos", "test")
     assert gray.shape == (342, 1, 32, 32)
@@ -387,17 +387,84 @@ def test_take_subset_first_and_random():
     assert torch.equal(take_subset(images, 4), images[:4])
     a = take_subset(images, 10, "random", seed=1)
     values = a.flatten().tolist()
-    assert values == sorted(values) and len(set(values)) == 10
+    assert len(set(values)) == 10 and set(values) <= set(range(50)) and values != sorted(values)
     assert torch.equal(a, take_subset(images, 10, "random", seed=1))
     assert not torch.equal(a, take_subset(images, 10, "random", seed=2))
-    assert torch.equal(take_subset(images, 50, "random"), images)
+    assert sorted(take_subset(images, 50, "random").flatten().tolist()) == list(range(50))
+
+
+def test_random_subsets_are_nested_and_uniform():
+    for seed in (0, 1, 7):
+        largest = subset_indices(100, 100, "random", seed).tolist()
+        assert sorted(largest) == list(range(100))
+        for n in (1, 5, 17, 64, 99):
+            assert subset_indices(100, n, "random", seed).tolist() == largest[:n]
+    assert subset_indices(100, 10).tolist() == list(range(10))
+    # uniform without replacement: each of 20 indices is in a random 2-subset for about 10 % of the seeds
+    counts = torch.zeros(20)
+    for seed in range(2000):
+        counts[subset_indices(20, 2, "random", seed)] += 1
+    assert counts.sum() == 4000 and float((counts / 2000 - 0.1).abs().max()) < 0.03
+
+
+def test_query_indices_deterministic_nested_and_per_split():
+    a = query_indices(300, 8, split="test", seed=0)
+    assert torch.equal(a, query_indices(300, 8, split="test", seed=0))
+    assert len(set(a.tolist())) == 8 and 0 <= int(a.min()) and int(a.max()) < 300
+    assert query_indices(300, 20, split="test", seed=0)[:8].tolist() == a.tolist()
+    assert a.tolist() != query_indices(300, 8, split="train", seed=0).tolist()
+    assert a.tolist() != query_indices(300, 8, split="test", seed=1).tolist()
+    assert a.tolist() != subset_indices(300, 8, "random", 0).tolist()
+    assert a.tolist() != list(range(8))
+
+
+def test_queries_and_subsets_of_real_splits_are_disjoint():
+    """Train queries drawn from a random training subset are images of that subset; test queries are not
+    training images; everything is reproducible."""
+    train = load_dataset("photos", "train", n=200, subset="random", seed=3)
+    assert torch.equal(train, load_dataset("photos", "train", n=200, subset="random", seed=3))
+    assert torch.equal(train[:50], load_dataset("photos", "train", n=50, subset="random", seed=3))
+    test = load_dataset("photos", "test")
+    train_queries = train[query_indices(len(train), 8, split="train", seed=3)]
+    test_queries = test[query_indices(len(test), 8, split="test", seed=3)]
+    keys = {image.numpy().tobytes() for image in train}
+    full_train = {image.numpy().tobytes() for image in load_dataset("photos", "train")}
+    assert all(image.numpy().tobytes() in keys for image in train_queries)
+    assert not any(image.numpy().tobytes() in full_train for image in test_queries)
+
+
+def test_photos_tiles_are_shuffled_across_photographs():
+    """A small first subset spans the photographs (before: the first 256 training tiles were one photograph,
+    the 8 first test tiles neighbouring crops of one photograph); the order is fixed and each tile is the
+    crop its source names."""
+    import skimage.data
+
+    for split, photographs in ds.PHOTO_SPLITS.items():
+        sources = photo_tile_sources(split)
+        assert sources == photo_tile_sources(split)
+        first = {name for name, _, _ in sources[:64]}
+        assert first == set(photographs)
+        # a permutation of every non-overlapping tile of the split's photographs
+        expected = {(name, top, left) for name in photographs
+                    for top in range(0, getattr(skimage.data, name)().shape[0] - 31, 32)
+                    for left in range(0, getattr(skimage.data, name)().shape[1] - 31, 32)}
+        assert len(sources) == len(expected) and set(sources) == expected
+        tiles = load_dataset("photos", split)
+        for index in (0, 1, 2, 63, len(sources) - 1):
+            name, top, left = sources[index]
+            crop = getattr(skimage.data, name)()[top:top + 32, left:left + 32]
+            assert torch.equal(tiles[index], torch.from_numpy(crop.astype(np.float32) / 255).permute(2, 0, 1))
+        # neighbouring tiles in the order are not neighbouring crops of one photograph
+        adjacent = sum(a[0] == b[0] and abs(a[1] - b[1]) + abs(a[2] - b[2]) == 32
+                       for a, b in zip(sources, sources[1:]))
+        assert adjacent < len(sources) // 10
 
 
 def test_load_dataset_subset():
     full = load_dataset("digits", "test")
     assert torch.equal(load_dataset("digits", "test", n=7), full[:7])
     picked = load_dataset("digits", "test", n=7, subset="random", seed=3)
-    assert torch.equal(picked, take_subset(full, 7, "random", seed=3))
+    assert torch.equal(picked, full[subset_indices(len(full), 7, "random", 3)])
 
 
 # ------------------------------------------------------------------------------------------ bad arguments
@@ -414,6 +481,10 @@ def named(parameter: str) -> str:
     ({"name": "digits", "n": -2}, "n"),
     ({"name": "digits", "split": "test", "n": 361}, "n"),
     ({"name": "digits", "size": 0}, "size"),
+    ({"name": "digits", "n": 2.5}, "n"),
+    ({"name": "digits", "n": True}, "n"),
+    ({"name": "digits", "n": 3, "subset": "random", "seed": -1}, "seed"),
+    ({"name": "digits", "seed": "0"}, "seed"),
     ({"name": "photos", "size": 10_000}, "size"),
     ({"name": "faces", "root": "/data"}, "root"),
     ({"name": "cifar10"}, "root"),
@@ -433,6 +504,26 @@ def test_take_subset_bad_arguments():
             take_subset(images, n)
     with pytest.raises(ValueError, match="subset mode"):
         take_subset(images, 1, "sequential")
+
+
+@pytest.mark.parametrize("call, parameter", [
+    (lambda: subset_indices(10, 0), "n"),
+    (lambda: subset_indices(10, 11, "random"), "n"),
+    (lambda: subset_indices(10, 2.0), "n"),
+    (lambda: subset_indices(-1, 1), "total"),
+    (lambda: subset_indices(10, 2, "random", seed=-3), "seed"),
+    (lambda: subset_indices(10, 2, "shuffled"), "subset mode"),
+    (lambda: query_indices(10, 0, split="test"), "n"),
+    (lambda: query_indices(10, 11, split="test"), "n"),
+    (lambda: query_indices(10, 2, split="val"), "split"),
+    (lambda: query_indices(10, 2, split="train", seed=True), "seed"),
+    (lambda: query_indices(10.0, 2, split="train"), "total"),
+    (lambda: photo_tile_sources("validation"), "split"),
+    (lambda: photo_tile_sources("train", 0), "size"),
+])
+def test_sampling_bad_arguments(call, parameter):
+    with pytest.raises(ValueError, match=named(parameter)):
+        call()
 
 
 def test_registry_lists_every_dataset():
