@@ -7,9 +7,9 @@ are written first and its flag last, so a half-written batch is never taken as f
 recomputed (the numbers are deterministic).  The batch layout (``batch_images``) is part of the output: a
 resumed run keeps the stored one.  Chunks are checksummed (CRC-32C) and unwritten floats read as NaN, never
 as plausible zeros.  Only a missing path, an empty folder or an estimate output of this project is written to
-(:mod:`lemmse_ray.ownership`), and nothing secret is stored (:mod:`lemmse_ray.redact`).  Attributes hold the configuration (bank fingerprint and class
-hash, σ, statistics, dtype, a hash of the inputs), provenance metadata, and a ``history`` of which batches each
-run computed.
+(:mod:`lemmse_ray.ownership`), and nothing secret is stored (:mod:`lemmse_ray.redact`).  Attributes hold the
+configuration (bank fingerprint and class hash, σ, statistics, dtype, a hash of the inputs), provenance
+metadata, and a ``history`` of which batches each run computed.
 """
 from __future__ import annotations
 

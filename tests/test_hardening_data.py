@@ -104,6 +104,11 @@ def test_user_files_survive_bank_and_estimate(tmp_path, data, pristine):
     rebuilt = build_bank(str(tmp_path / "empty"), train[:3], problem, patch_size=3, shard_rows=SHARD_ROWS,
                          overwrite=True, progress=False)
     assert rebuilt.n_rows == 3 * 64
+    # an interrupted creation (the marker is written first, the attributes last) is recognisably ours
+    zarr.open_group(str(tmp_path / "interrupted"), mode="w", attributes={"lemmse_ray": "bank"})
+    (tmp_path / "interrupted" / "keys").mkdir()
+    assert build_bank(str(tmp_path / "interrupted"), train[:2], problem, patch_size=3, shard_rows=SHARD_ROWS,
+                      progress=False).n_rows == 2 * 64
 
 
 def test_estimate_into_the_bank_is_refused(tmp_path, data, pristine):
