@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(command: str, cfg: Config, args: argparse.Namespace) -> int:
     """Run the steps of ``command``; timings go to ``<out>/timings.json`` (kept from the run that computed)."""
     from .distributed import ensure_ray
+    from .ownership import claim_output_folder
     from .pipeline import (bank_step, check_run, estimate_step, load_data, make_problem, record_timing,
                            report_step, summarize, verify_step, write_report)
 
@@ -78,6 +79,7 @@ def run(command: str, cfg: Config, args: argparse.Namespace) -> int:
     train, queries = load_data(cfg)
     problem = make_problem(cfg, tuple(train.shape[1:]))
     check_run(cfg, train, problem)
+    claim_output_folder(cfg.out, cfg.storage_options)
     print(f"{cfg.dataset}: {train.shape[0]} training images of {tuple(train.shape[1:])}; problem {problem}",
           flush=True)
     if set(steps) & {"bank", "estimate", "train", "verify"}:

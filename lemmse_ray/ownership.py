@@ -109,3 +109,35 @@ def check_apart(out_url: str, bank_url: str) -> None:
     else:
         return
     raise ValueError(f"out: {out_url} {where} {bank_url}; write the estimate outside the bank")
+
+
+OUTPUT_MARKER = "lemmse_ray.json"
+# What the run commands write directly under an output folder (folders last): a folder holding only these
+# names was written by this project (before the marker file existed).
+OUTPUT_ENTRIES = (OUTPUT_MARKER, "report.md", "psnr.parquet", "evaluation.parquet", "summary.parquet",
+                  "timings.json", "bank.zarr", "estimates", "networks", "figures")
+
+
+def check_output_folder(url: str, storage_options: dict | None = None) -> None:
+    """``ValueError`` unless the output folder ``url`` is missing, empty, or this project's.
+
+    Ours: it holds the marker file :data:`OUTPUT_MARKER` (written by :func:`claim_output_folder`), or only
+    names that the run commands write.  Nothing in a folder of someone else's is overwritten.
+    """
+    entries = _entries(url, storage_options)
+    if not entries or OUTPUT_MARKER in entries:
+        return
+    foreign = [e for e in entries if e not in OUTPUT_ENTRIES]
+    if foreign:
+        raise ValueError(f"out: {url} is a folder that lemmse_ray did not write (it holds {_found(foreign)}); it "
+                         "is left untouched, choose a new or empty folder")
+
+
+def claim_output_folder(url: str, storage_options: dict | None = None) -> None:
+    """:func:`check_output_folder`, then write the marker file that makes the folder this project's."""
+    check_output_folder(url, storage_options)
+    fs, path = fsspec.core.url_to_fs(url, **_options(url, storage_options))
+    marker = f"{path.rstrip('/')}/{OUTPUT_MARKER}"
+    if not fs.exists(marker):
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(marker, b'{"written_by": "lemmse_ray"}\n')

@@ -20,6 +20,9 @@ from .metrics import psnr
 from .patches import PatchGeometry
 from .problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
 from .report import group_means, image_grid, read_bytes, save_parquet, save_png, save_text, write_bytes
+from .ownership import check_apart, check_output_folder, owned_group
+from .results import MEMBERS as RESULT_MEMBERS
+from .store import MEMBERS as BANK_MEMBERS
 from .store import Bank, open_group
 
 log = logging.getLogger("lemmse_ray")
@@ -50,10 +53,20 @@ def load_data(cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
-    """The checks that need the images' shape (patch size, problem, classes), before Ray starts."""
+    """The checks that need the data or the file system, before Ray starts or anything is written: the
+    patch size, problem and classes for the images' shape, and that the output folder, the bank and every
+    estimate output are missing, empty or this project's (and no estimate output is, holds or lies in the
+    bank)."""
     shape = tuple(train.shape[1:])
     problem.check_shape(shape)
     plan_classes(problem, PatchGeometry(shape, cfg.patch_size, cfg.padding, cfg.candidates))
+    check_output_folder(cfg.out, cfg.storage_options)
+    owned_group(cfg.bank_url, "bank", BANK_MEMBERS, cfg.storage_options)
+    for split in SPLITS:
+        for sigma in cfg.sigmas:
+            url = estimate_url(cfg, split, sigma)
+            check_apart(url, cfg.bank_url)
+            owned_group(url, "estimate", RESULT_MEMBERS, cfg.storage_options)
 
 
 def make_problem(cfg: Config, shape: tuple[int, int, int]) -> Problem:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 
 import lemmse_ray as lm
 import lemmse_ray.cli as cli
@@ -316,3 +317,44 @@ def test_capped_reader_stops_at_the_cap():
     assert read_capped(io.BytesIO(b"abc"), 3, "x") == b"abc"
     with pytest.raises(ValueError, match="^bomb: decompresses to more than 1,000 bytes"):
         read_capped(_Zeros(10 ** 12), 1000, "bomb")
+
+
+@pytest.mark.parametrize("where", ["out", "bank", "estimate-in-bank"])
+def test_cli_refuses_folders_it_does_not_own_before_ray(tmp_path, monkeypatch, capsys, where):
+    """A user's folder as --out or --bank, or a bank inside an output, is refused before Ray starts; the
+    user's file is intact and nothing is written."""
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the paths were checked")
+
+    monkeypatch.setattr("lemmse_ray.distributed.ensure_ray", no_ray)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.txt").write_text("precious")
+    out = tmp_path / "out"
+    argv = {"out": ["--out", str(user)],
+            "bank": ["--out", str(out), "--bank", str(user)],
+            "estimate-in-bank": ["--out", str(out), "--bank", str(out / "estimates" / "test_sigma0.1.zarr")]}[where]
+    assert cli.main(["estimate", "--dataset", "digits", "--n-train", "20", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lemmse: error:") and err.count("\n") == 1, err
+    assert ("mine" in err and "thesis.txt" in err) or "is the bank" in err, err
+    assert sorted(p.name for p in user.iterdir()) == ["thesis.txt"] and (user / "thesis.txt").read_text() == "precious"
+    assert not out.exists()
+
+
+def test_verify_bank_command_reports_and_repairs(tmp_path, capsys, ray_cluster):
+    """`lemmse verify-bank` prints the damaged shard and exits 1; `--repair` rebuilds it to the same numbers."""
+    argv = ["--dataset", "digits", "--n-train", "30", "--patch-size", "3", "--shard-rows", "512",
+            "--out", str(tmp_path / "run")]
+    assert cli.main(["build-bank", *argv]) == 0
+    keys = tmp_path / "run" / "bank.zarr" / "keys"
+    reference = np.asarray(zarr.open_array(str(keys))[...])
+    chunk = next(p for p in sorted(keys.rglob("*")) if p.is_file() and p.name != "zarr.json" and "c/1" in str(p))
+    chunk.write_bytes(chunk.read_bytes()[:-7])            # a truncated chunk in shard 1
+    capsys.readouterr()
+    assert cli.main(["verify-bank", *argv]) == 1
+    text = capsys.readouterr().out
+    assert "keys" in text and "shard 1" in text and "--repair" in text
+    assert cli.main(["verify-bank", "--repair", *argv]) == 0
+    assert "repaired 1 of 1 shards" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(keys))[...]), reference)
