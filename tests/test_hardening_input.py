@@ -7,6 +7,7 @@ floats, σ stays in the range where the arithmetic is finite, checkpoints and ar
 from __future__ import annotations
 
 import gzip
+import os
 import io
 import json
 import subprocess
@@ -358,3 +359,25 @@ def test_verify_bank_command_reports_and_repairs(tmp_path, capsys, ray_cluster):
     assert cli.main(["verify-bank", "--repair", *argv]) == 0
     assert "repaired 1 of 1 shards" in capsys.readouterr().out
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(keys))[...]), reference)
+
+
+def test_run_output_is_quiet_with_progress_and_names_the_report(tmp_path, ray_cluster):
+    """`lemmse run` against a cluster prints its own lines only: no Ray log lines (unless --verbose), a
+    progress bar per training run, and a last line naming report.md and the figures folder."""
+    out = tmp_path / "run"
+    argv = ["run", "--dataset", "digits", "--n-train", "20", "--n-queries", "2", "--patch-size", "3",
+            "--networks", "patchmlp", "--hidden", "8", "--epochs", "1", "--steps-per-epoch", "4",
+            "--batch-size", "4", "--out", str(out)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    run = subprocess.run([sys.executable, "-m", "lemmse_ray.cli", *argv], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = (run.stdout + run.stderr).splitlines()
+    ray_noise = ("(pid=", "INFO ", "WARNING", "Traceback", "PlacementGroup", "PreemptionWatcher",
+                 "Reporting training result", "ray.", "Ray ")
+    noisy = [line for line in lines if any(token in line for token in ray_noise)]
+    assert not noisy, noisy[:5]
+    assert "train patchmlp σ=0.1" in run.stderr  # the training run's progress bar
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"report: {out / 'report.md'}; figures: {out / 'figures'}"), last
+    assert (out / "report.md").is_file() and any((out / "figures").glob("*.png"))
