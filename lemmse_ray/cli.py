@@ -27,7 +27,14 @@ COMMANDS = {
     "estimate": ("estimate train and test queries against the bank (built or finished first)", ("bank", "estimate")),
     "train": ("train the networks (one per name and σ) on Ray Train", ("train",)),
     "evaluate": ("evaluate the trained networks against the stored LE-MMSE estimates", ("evaluate",)),
+    "study": ("run a study: a preset or a YAML spec of many cells sharing their work; tables, figures, report.md",
+              ("study",)),
+    "report": ("re-render report.md and figures of a study folder from its Parquet files (no computing)",
+               ("report",)),
 }
+STUDY_EPILOG = """SPEC is a built-in preset (agreement, concentration, aware-vs-agnostic, dataset-size, patch-size, density,
+paper) or a YAML file: base (configuration fields), grid (field: list of values, all combinations), zip
+(fields varying together), figures; see README 'Studies'."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,15 +49,42 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser,
                                 title="commands")
     for name, (help_text, _) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text,
+                                 epilog=STUDY_EPILOG if name == "study" else None,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_argument("--verbose", action="store_true", help="show Ray's own log lines and library logs")
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
         if name == "verify-bank":
             command.add_argument("--repair", action="store_true",
                                  help="clear the done flag of the bad shards and rebuild them")
-        add_arguments(command)
+        if name == "study":
+            add_study_arguments(command)
+        elif name == "report":
+            command.add_argument("out", metavar="OUT", help="a study folder (or URL)")
+        else:
+            add_arguments(command)
     args = parser.parse_args(argv)
-    return args, from_args(args)
+    return args, (from_args(args) if args.command not in ("study", "report") else None)
+
+
+def add_study_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("spec", metavar="SPEC", help="a preset name or a YAML spec file")
+    command.add_argument("--size", choices=("quick", "full"), default="quick",
+                         help="preset size: quick (embedded data, minutes on 2 CPU cores) or full (the paper's "
+                              "datasets, for a cluster); ignored for a YAML spec (default: quick)")
+    command.add_argument("--out", metavar="URL", help="output folder or URL (default: results/study-<name>)")
+    command.add_argument("--work", metavar="URL",
+                         help="folder of the shared work (banks, estimates, networks; default: <out>/work); "
+                              "studies given one --work reuse each other's finished work")
+    command.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                         help="set a configuration field in every cell (YAML value; replaces it in the grid), "
+                              "e.g. --set n_train=200; repeatable")
+    command.add_argument("--root", action="append", default=[], metavar="DATASET=PATH",
+                         help="folder of a dataset's files (fashion-mnist, cifar10, ffhq32, folder), for the "
+                              "cells of that dataset; repeatable")
+    command.add_argument("--dry-run", action="store_true", help="list the cells and the work, compute nothing")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace the tables and report of another study in --out (its work is kept)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def run(command: str, cfg: Config, args: argparse.Namespace) -> int:
+def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
     """Run the steps of ``command``; timings go to ``<out>/timings.json`` (kept from the run that computed)."""
+    if command == "study":
+        from .study_cli import study_command
+        return study_command(args)
+    if command == "report":
+        from .study_report import render
+        render(args.out)
+        print(f"report: {join(args.out, 'report.md')}; figures: {join(args.out, 'figures')}", flush=True)
+        return 0
     from .distributed import ensure_ray
     from .ownership import claim_output_folder
     from .pipeline import (bank_step, check_run, estimate_step, load_data, make_problem, record_timing,

@@ -128,16 +128,15 @@ def check_training(cfg: Config, names: list[str]) -> None:
         check_choice(name, NETWORKS, "networks")
 
 
-# --- the training loop, run by every Ray Train worker -----------------------------------------------------
+# --- the training loop, shared by the Ray Train workers and the plain-task path ---------------------------
 
-def _train_loop(config: dict[str, Any]) -> None:
+def _fit(config: dict[str, Any], rank: int, world: int, device: torch.device,
+         wrap: Any = None, report: Any = None) -> None:
+    """The training loop of one worker ``rank`` of ``world``: ``wrap(net)`` prepares the model (DDP under
+    Ray Train; identity otherwise), ``report(row)`` is called once per epoch on every worker (a barrier
+    under Ray Train)."""
     import ray
-    import ray.train
-    import ray.train.torch
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
     identity, images, problem = config["identity"], ray.get(config["images"]), config["problem"]
     sigma, run = identity["sigma"], identity["config"]
     steps, total_steps = run["steps_per_epoch"], run["epochs"] * run["steps_per_epoch"]
@@ -149,7 +148,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     checkpoint = read_checkpoint(join(folder, CHECKPOINT), options) if config["resume"] else None
     if checkpoint is not None:
         net.load_state_dict(checkpoint["model"])
-    model = ray.train.torch.prepare_model(net)  # to the device; DDP when world > 1 (net stays the module)
+    model = wrap(net) if wrap is not None else net.to(device)  # net stays the module
     optimizer = torch.optim.Adam(net.parameters(), lr=run["lr"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=0.0)
     first_epoch, history = 1, []
@@ -193,18 +192,36 @@ def _train_loop(config: dict[str, Any]) -> None:
             sys.stdout.write(f"{row['network']} sigma={sigma:g} epoch {epoch}/{run['epochs']} step {row['step']}: "
                              f"train_loss {row['train_loss']:.4e} lr {lr:.2e} ({row['seconds']:.1f} s)\n")
             sys.stdout.flush()
-        ray.train.report(row)  # every worker reports (a barrier); once per epoch
+        if report is not None:
+            report(row)
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """The loop of one Ray Train worker (rank, world size and device from its context)."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    _fit(config, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+         wrap=ray.train.torch.prepare_model, report=ray.train.report)
+
+
+def _plain_task(config: dict[str, Any], use_gpu: bool) -> None:
+    """The same loop as one plain Ray task (one worker, no Ray Train): no per-run setup cost."""
+    _fit(config, 0, 1, torch.device("cuda" if use_gpu else "cpu"))
 
 
 # --- driver -----------------------------------------------------------------------------------------------
 
 def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tensor, problem: Problem,
-                  progress: bool = True) -> str:
+                  progress: bool = True, plain: bool = False) -> str:
     """Train (or resume, or skip if finished) the network ``name`` at noise level ``sigma`` on Ray Train.
 
     ``train_images``: (N, C, H, W) floats in [0, 1].  Returns the checkpoint path (or URL) once the run
     has all ``cfg.epochs`` epochs.  Raises ValueError for invalid parameters, and for an existing
-    checkpoint of another run unless ``cfg.overwrite``.
+    checkpoint of another run unless ``cfg.overwrite``.  ``plain`` (``n_workers`` must be 1) runs the same
+    loop as one plain Ray task instead of a Ray Train run: the same checkpoints and numbers, without Ray
+    Train's fixed cost per run (tens of seconds), for studies that train many small networks.
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -233,12 +250,18 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
     if resume:
         log.info("%s: resuming after epoch %d of %d", path, existing["epoch"], cfg.epochs)
 
-    queue = Queue(actor_options={"num_cpus": 0}) if progress else None
+    if plain and cfg.n_workers != 1:
+        raise ValueError(f"n_workers must be 1 for plain (single-task) training, got {cfg.n_workers}")
+    queue = Queue(actor_options={"num_cpus": 0}) if progress and not plain else None
+    loop_config = {"identity": identity, "images": ray.put(train_images.to(torch.float32)), "problem": problem,
+                   "folder": folder, "storage_options": cfg.storage_options, "resume": resume, "progress": queue}
+    if plain:
+        task = ray.remote(_plain_task).options(num_cpus=worker_cpus(cfg), num_gpus=1 if cfg.use_gpu else 0)
+        ray.get(task.remote(loop_config, cfg.use_gpu))
+        return path
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"identity": identity, "images": ray.put(train_images.to(torch.float32)),
-                           "problem": problem, "folder": folder, "storage_options": cfg.storage_options,
-                           "resume": resume, "progress": queue},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.n_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": worker_cpus(cfg)}),
         run_config=RunConfig(name=f"{name}_sigma{sigma:g}-{time.strftime('%Y%m%d-%H%M%S')}"),
