@@ -82,7 +82,7 @@ def add_study_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--root", action="append", default=[], metavar="DATASET=PATH",
                          help="folder of a dataset's files (fashion-mnist, cifar10, ffhq32, folder), for the "
                               "cells of that dataset; repeatable")
-    command.add_argument("--dry-run", action="store_true", help="list the cells and the work, compute nothing")
+    command.add_argument("--dry-run", action="store_true", help="list the cells (validated), compute and write nothing")
     command.add_argument("--overwrite", action="store_true",
                          help="replace the tables and report of another study in --out (its work is kept)")
 

@@ -62,8 +62,9 @@ class Part:
 
     @property
     def varying(self) -> list[str]:
-        """Fields that vary over the part's cells (``sigma`` when several noise levels are used)."""
-        names = [n for n in (*self.grid, *self.zip) if n != "sigmas"]
+        """Scalar fields that vary over the part's cells, and ``sigma`` when several noise levels are used
+        (a varying ``networks`` shows in each row's network)."""
+        names = [n for n in (*self.grid, *self.zip) if not is_list_field(n)]
         if "sigmas" in self.grid or "sigmas" in self.zip or len(self.base.get("sigmas", [])) > 1:
             names.append("sigma")
         return names
@@ -211,7 +212,8 @@ def expand(parts: list[Part], out: str = "<study>", roots: Mapping[str, str] | N
                     cfg = Config(**fields)
                 except ConfigError as err:
                     shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items()) or "base"
-                    raise SpecError(f"{err} (in the cell {shown} of {part.name})") from None
+                    hint = f"; pass --root {fields['dataset']}=PATH" if err.name == "root" and fields.get("root") is None else ""
+                    raise SpecError(f"{err} (in the cell {shown} of {part.name}{hint})") from None
                 for sigma in cfg.sigmas:
                     shown = {k: v for k, v in values.items() if k != "sigmas"}
                     cells.append(Cell(len(cells), part.name, dataclasses.replace(cfg, sigmas=[sigma]), shown))
