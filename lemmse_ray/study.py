@@ -315,6 +315,30 @@ def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_opti
     return cells, images, density
 
 
+def example_figures(out: str, part: str, cell: Cell, work: Work, storage_options: dict | None = None) -> None:
+    """``figures/<part>_examples.png`` (test queries: input z, LE-MMSE, each network, ground truth, PSNR
+    under each tile) and ``figures/<part>_ess.png`` (their per-pixel ESS) of one representative cell."""
+    from .evaluation import run_network
+    from .figures import ess_map_figure, image_grid_figure
+    from .store import open_group
+    from .training import load_network
+
+    cfg, keys = cell.cfg, work.cell_keys[cell.index]
+    est = EstimateArrays.from_group(open_group(work.estimate_url(keys["estimates"]["test"]), "r", storage_options))
+    z = torch.from_numpy(est.z).float()
+    shown = {"input z": est.z, "LE-MMSE": est.mean}
+    for name, net_key in keys["networks"].items():
+        net, checkpoint = load_network(checkpoint_path(work, cfg, name, net_key), storage_options)
+        inputs = torch.cat([z, torch.from_numpy(est.mask).float()], dim=1) if checkpoint["mask_channel"] else z
+        shown[name] = run_network(net, inputs).double().numpy()
+    what = f"{cfg.dataset}, {cfg.problem} ({cfg.input}), σ = {cell.sigma:g}, P = {cfg.patch_size}"
+    image_grid_figure(shown, est.x, join(out, "figures", f"{part}_examples.png"), f"Test queries: {what}",
+                      storage_options=storage_options)
+    if est.ess is not None:
+        ess_map_figure(est.z, est.ess, join(out, "figures", f"{part}_ess.png"),
+                       f"Effective number of training patches per pixel: {what}", storage_options=storage_options)
+
+
 def uniform(rows: list[dict]) -> list[dict]:
     """Rows with every column of any row (missing ones None): Parquet takes its schema from all of them."""
     columns = list(dict.fromkeys(c for row in rows for c in row))
@@ -361,6 +385,9 @@ def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_di
     for table, filename in zip(rows, ("cells.parquet", "images.parquet", "density.parquet")):
         save_parquet(uniform(table), join(out, filename), storage_options)
     seconds = time.perf_counter() - t0
+    for part in parts:  # one representative cell per part: the first with the most networks
+        members = [c for c in cells if c.part == part.name]
+        example_figures(out, part.name, max(members, key=lambda c: len(c.cfg.networks)), work, storage_options)
     record_history(out, counters, seconds, storage_options)
     render(out, storage_options)
     print(f"study {name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items())

@@ -36,6 +36,12 @@ TABLE_METRICS = (("psnr_z_x", "PSNR(z,x)"), ("psnr_lemmse_x", "PSNR(LE,x)"), ("p
                  ("train_loss", "train loss"))
 
 
+EXAMPLES = (("examples", "Test queries of one cell of this part: input, LE-MMSE, each network and the ground truth, "
+                         "with the PSNR against the ground truth under each tile (drawn by the run)."),
+            ("ess", "Per-pixel effective number of training patches of the same queries, log scale (drawn by the "
+                    "run)."))
+
+
 def read_rows(path: str, storage_options: dict | None = None) -> list[dict]:
     raw = read_bytes(path, storage_options)
     if raw is None:
@@ -188,6 +194,10 @@ def render(out: str, storage_options: dict | None = None) -> str:
             if draw(figure, rows, [d for d in density if d["part"] == part["name"]],
                     join(out, "figures", name), storage_options):
                 lines += [f"![{figure['title']}](figures/{name})", "", f"*{figure.get('caption', figure['title'])}*", ""]
+        for suffix, caption in EXAMPLES:
+            name = f"{part['name']}_{suffix}.png"
+            if read_bytes(join(out, "figures", name), storage_options) is not None:
+                lines += [f"![{part['name']} {suffix}](figures/{name})", "", f"*{caption}*", ""]
         lines += [table(rows, part.get("varying", [])), ""]
     if history:
         lines += ["## Run history", "", "| time | seconds | " + " | ".join(k for k in history[0] if k not in
