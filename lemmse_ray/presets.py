@@ -25,7 +25,7 @@ AWARE_AGNOSTIC = {"problem": ["inpainting", "inpainting", "deblurring", "deblurr
                   "input": ["direct", "adjoint", "direct", "tikhonov"]}
 
 QUICK_BASE = {"dataset": "digits", "n_train": 1000, "n_queries": 8, "patch_size": 5, "sigmas": [0.1],
-              "networks": [], "hidden": 128, "width": 32, "epochs": 4, "steps_per_epoch": 250, "batch_size": 32,
+              "networks": [], "hidden": 96, "width": 24, "epochs": 2, "steps_per_epoch": 200, "batch_size": 32,
               "lr": 3e-3, "batch_images": 8, "shard_rows": 1 << 15}
 FULL_BASE = {"n_train": None, "n_queries": 64, "patch_size": 5, "sigmas": [0.1], "networks": [], "hidden": 256,
              "width": 64, "epochs": 20, "steps_per_epoch": 1000, "batch_size": 64, "lr": 1e-3,
