@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from matplotlib.colors import LogNorm
+from matplotlib.ticker import NullFormatter
 from matplotlib.figure import Figure
 
 from .metrics import psnr
@@ -220,6 +221,10 @@ def line_figure(rows: Sequence[Mapping], x: str, y: str, path: str, title: str, 
                             color=colours[hi_], alpha=0.15, linewidth=0)
     if logx:
         ax.set_xscale("log")
+        ticks = sorted(set(xs))
+        if len(ticks) <= 12:  # label the sampled values themselves (σ, N), not crowded minor ticks
+            ax.set_xticks(ticks, [f"{v:g}" for v in ticks], fontsize=8)
+            ax.xaxis.set_minor_formatter(NullFormatter())
     if logy:
         ax.set_yscale("log")
     if len(groups) > 1 or hues or styles:
