@@ -41,6 +41,7 @@ from .networks import build_network
 
 SPEC_KEYS = ("name", "description", "base", "grid", "zip", "figures", "parts")
 RESERVED = ("out", "bank", "overwrite")  # set by the study
+FIGURE_KEYS = {"line": ("x", "y", "xlabel", "ylabel"), "bar": ("category", "value", "ylabel"), "binned": ()}
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 _HINTS = typing.get_type_hints(Config)
 
@@ -151,6 +152,15 @@ def parse_part(raw: Any, where: str, shared: dict | None = None) -> Part:
     figures = raw.get("figures") or []
     if not isinstance(figures, list) or not all(isinstance(f, dict) for f in figures):
         raise SpecError(f"{prefix}figures must be a list of mappings")
+    for i, figure in enumerate(figures):
+        kind = figure.get("kind")
+        if kind not in FIGURE_KEYS:
+            raise SpecError(f"{prefix}figures[{i}].kind must be one of {', '.join(FIGURE_KEYS)}, got {kind!r}")
+        for name in ("file", "title", *FIGURE_KEYS[kind]):
+            if not isinstance(figure.get(name), str) or not figure[name]:
+                raise SpecError(f"{prefix}figures[{i}].{name} is required (a string) for a {kind} figure")
+        if not figure["file"].replace("-", "").replace("_", "").isalnum():
+            raise SpecError(f"{prefix}figures[{i}].file must be letters, digits, - and _, got {figure['file']!r}")
     name = raw.get("name") or where or "study"
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise SpecError(f"{prefix}name must be letters, digits, - and _, got {name!r}")

@@ -152,6 +152,9 @@ BAD = [
     ({"grid": {"patch_size": [3, 4]}}, "patch_size must be odd, got 4 (in the cell patch_size=4 of bad)"),
     ({"base": {"out": "x"}}, "base.out is set by the study"),
     ({"grid": {"dataset": ["cifar10"]}}, "root is required for dataset 'cifar10'"),
+    ({"figures": [{"kind": "line", "file": "f", "title": "t", "x": "sigma", "xlabel": "σ", "ylabel": "dB"}]},
+     "figures[0].y is required"),
+    ({"figures": [{"kind": "pie", "file": "f", "title": "t"}]}, "figures[0].kind must be one of"),
 ]
 
 
@@ -159,7 +162,7 @@ BAD = [
 def test_bad_specs_fail_on_one_line_before_any_work(tmp_path, capsys, changes, message):
     spec = {"name": "bad", "base": {"dataset": "digits", "networks": []}, "grid": {"sigmas": [0.1]}}
     for key, value in changes.items():
-        spec[key] = {**spec.get(key, {}), **value} if key == "base" else value
+        spec[key] = {**spec[key], **value} if key == "base" else value
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["study", str(path), "--out", str(tmp_path / "out")]) == 2
@@ -193,3 +196,16 @@ def test_presets_expand_to_valid_cells():
     assert len(sigmas) >= 8 and sigmas[0] <= 0.01 and sigmas[-1] >= 1.0
     _, _, cells = load_study("patch-size")
     assert sorted({c.cfg.patch_size for c in cells}) == [3, 5, 7, 9, 11]
+
+
+def test_readme_example_spec_is_valid(tmp_path):
+    from lemmse_ray.spec import parse_spec
+    from lemmse_ray.study_cli import load_study
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    name, parts = parse_spec(yaml.safe_load(block))
+    path = tmp_path / "example.yaml"
+    path.write_text(block)
+    _, _, cells = load_study(str(path))
+    assert name == "my-study" and len(cells) == 3 * 3 * 2 and parts[0].figures
