@@ -136,7 +136,8 @@ def _dataset_size(size: str) -> dict:
 def _patch_size(size: str) -> dict:
     grid = {"patch_size": [3, 5, 7, 9, 11]}
     base = {"dataset": "faces", "n_train": 80, "n_queries": 4, "problem": "denoising", "sigmas": [0.1],
-            "networks": ["patchmlp", "resnet", "unet"], "batch_images": 4, "steps_per_epoch": 100}
+            "networks": ["patchmlp", "resnet", "unet"], "batch_images": 4, "steps_per_epoch": 100,
+            "batch_size": 16}
     if size == "full":
         grid = {"patch_size": [3, 5, 7, 9, 11, 15], "dataset": FULL_DATASETS}
         base = {"problem": "denoising", "sigmas": [0.1], "networks": NETWORKS}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,13 +289,6 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def canonical(value: Any) -> str:
-    """Canonical JSON (sorted keys, no spaces; floats by repr): the text that identity hashes are of."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, float) and math.isfinite(v) and v == int(v) and abs(v) < 2 ** 53:
-            return float(v)
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-    return json.dumps(plain(value), sort_keys=True, separators=(",", ":"))
+    """Canonical JSON (sorted keys, no spaces): the text that identity hashes are of.  Values come from a
+    validated :class:`Config` (floats stay floats, integers integers), so equal identities give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

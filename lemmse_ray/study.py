@@ -22,10 +22,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -38,8 +37,6 @@ from .pipeline import SPLITS, check_run, load_data, make_problem, simulate
 from .problems import Problem
 from .report import read_bytes, save_parquet, write_bytes
 from .spec import Cell, Part, canonical
-
-log = logging.getLogger("lemmse_ray")
 
 STUDY = "study.json"
 WORK = "work.json"
@@ -315,20 +312,24 @@ def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_opti
     return cells, images, density
 
 
-def example_figures(out: str, part: str, cell: Cell, work: Work, storage_options: dict | None = None) -> None:
+def example_figures(out: str, part: str, cells: list[Cell], work: Work, storage_options: dict | None = None) -> None:
     """``figures/<part>_examples.png`` (test queries: input z, LE-MMSE, each network, ground truth, PSNR
-    under each tile) and ``figures/<part>_ess.png`` (their per-pixel ESS) of one representative cell."""
+    under each tile) and ``figures/<part>_ess.png`` (their per-pixel ESS) of the part's first cell, with the
+    networks of every cell of the part that shares its test estimates."""
     from .evaluation import run_network
     from .figures import ess_map_figure, image_grid_figure
     from .store import open_group
     from .training import load_network
 
-    cfg, keys = cell.cfg, work.cell_keys[cell.index]
-    est = EstimateArrays.from_group(open_group(work.estimate_url(keys["estimates"]["test"]), "r", storage_options))
+    cell = cells[0]
+    cfg, test_key = cell.cfg, work.cell_keys[cell.index]["estimates"]["test"]
+    est = EstimateArrays.from_group(open_group(work.estimate_url(test_key), "r", storage_options))
     z = torch.from_numpy(est.z).float()
     shown = {"input z": est.z, "LE-MMSE": est.mean}
-    for name, net_key in keys["networks"].items():
-        net, checkpoint = load_network(checkpoint_path(work, cfg, name, net_key), storage_options)
+    peers = [c for c in cells if work.cell_keys[c.index]["estimates"]["test"] == test_key]
+    networks = {name: (c.cfg, k) for c in peers for name, k in work.cell_keys[c.index]["networks"].items()}
+    for name, (net_cfg, net_key) in networks.items():
+        net, checkpoint = load_network(checkpoint_path(work, net_cfg, name, net_key), storage_options)
         inputs = torch.cat([z, torch.from_numpy(est.mask).float()], dim=1) if checkpoint["mask_channel"] else z
         shown[name] = run_network(net, inputs).double().numpy()
     what = f"{cfg.dataset}, {cfg.problem} ({cfg.input}), σ = {cell.sigma:g}, P = {cfg.patch_size}"
@@ -385,9 +386,8 @@ def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_di
     for table, filename in zip(rows, ("cells.parquet", "images.parquet", "density.parquet")):
         save_parquet(uniform(table), join(out, filename), storage_options)
     seconds = time.perf_counter() - t0
-    for part in parts:  # one representative cell per part: the first with the most networks
-        members = [c for c in cells if c.part == part.name]
-        example_figures(out, part.name, max(members, key=lambda c: len(c.cfg.networks)), work, storage_options)
+    for part in parts:
+        example_figures(out, part.name, [c for c in cells if c.part == part.name], work, storage_options)
     record_history(out, counters, seconds, storage_options)
     render(out, storage_options)
     print(f"study {name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items())
