@@ -176,7 +176,7 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
     import ray
 
     from .distributed import DTYPES, build_bank, estimate_on_ray
-    from .training import CHECKPOINT, network_dir, read_checkpoint, train_network
+    from .training import read_checkpoint, train_network
 
     counters = dict.fromkeys(COUNTERS, 0)
     by_bank: dict[str, list[Cell]] = {}
@@ -220,7 +220,7 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
                 continue
             trained.add(net_key)
             cfg = dataclasses.replace(cell.cfg, out=work.network_out(net_key))
-            checkpoint = read_checkpoint(join(network_dir(cfg, name, cfg.sigmas[0]), CHECKPOINT), storage_options)
+            checkpoint = read_checkpoint(checkpoint_path(work, cell.cfg, name, net_key), storage_options)
             if checkpoint is None or checkpoint["epoch"] < cfg.epochs:
                 counters["networks_trained"] += 1
                 print(f"training {name} for {cell.label()}", flush=True)
@@ -230,9 +230,19 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
 
 
 def checkpoint_path(work: Work, cfg: Config, name: str, net_key: str) -> str:
+    """The checkpoint of network ``name`` (work item ``net_key``) of a cell configuration ``cfg``."""
     from .training import CHECKPOINT, network_dir
     return join(network_dir(dataclasses.replace(cfg, out=work.network_out(net_key)), name, cfg.sigmas[0]),
                 CHECKPOINT)
+
+
+def network_output(net: torch.nn.Module, checkpoint: dict, est: EstimateArrays) -> np.ndarray:
+    """The network's output (float64) on the stored inputs ``z`` (and masks, when it was trained with them)."""
+    from .evaluation import run_network
+
+    z = torch.from_numpy(est.z).float()
+    inputs = torch.cat([z, torch.from_numpy(est.mask).float()], dim=1) if checkpoint["mask_channel"] else z
+    return run_network(net, inputs).double().numpy()
 
 
 def _mean(rows: list[dict], column: str) -> float:
@@ -250,7 +260,6 @@ def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_opti
               planted: Mapping[str, Planted] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """(cells rows, image rows, density rows) of one cell: one cells row per split × network (``"none"``:
     the LE-MMSE's own metrics, concentration and copying), from the stored estimates and networks."""
-    from .evaluation import run_network
     from .store import open_group
     from .training import load_network
 
@@ -268,10 +277,8 @@ def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_opti
     for split in SPLITS:
         est = EstimateArrays.from_group(open_group(work.estimate_url(keys["estimates"][split]), "r", storage_options))
         outputs, losses, fields = {}, {}, {}
-        z = torch.from_numpy(est.z).float()
         for name, (net, checkpoint) in nets.items():
-            inputs = torch.cat([z, torch.from_numpy(est.mask).float()], dim=1) if checkpoint["mask_channel"] else z
-            outputs[name] = run_network(net, inputs).double().numpy()
+            outputs[name] = network_output(net, checkpoint, est)
             losses[name] = final_train_loss(checkpoint)
             fields[name] = {"receptive_field": net.receptive_field, "network_key": keys["networks"][name],
                             "epochs_done": checkpoint["epoch"]}
@@ -300,7 +307,7 @@ def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_opti
                         for c in FLOOR_COLUMNS})
             bins = [r for r in metrics["density"] if (r["network"] or "none") == name]
             if bins:
-                low = next(r for r in bins if r["pixels"]) ["mean"]
+                low = next(r for r in bins if r["pixels"])["mean"]
                 high = next(r for r in reversed(bins) if r["pixels"])["mean"]
                 row.update({"density_metric": bins[0]["metric"], "density_low": low, "density_high": high})
             cells.append(row)
@@ -316,7 +323,6 @@ def example_figures(out: str, part: str, cells: list[Cell], work: Work, storage_
     """``figures/<part>_examples.png`` (test queries: input z, LE-MMSE, each network, ground truth, PSNR
     under each tile) and ``figures/<part>_ess.png`` (their per-pixel ESS) of the part's first cell, with the
     networks of every cell of the part that shares its test estimates."""
-    from .evaluation import run_network
     from .figures import ess_map_figure, image_grid_figure
     from .store import open_group
     from .training import load_network
@@ -324,14 +330,12 @@ def example_figures(out: str, part: str, cells: list[Cell], work: Work, storage_
     cell = cells[0]
     cfg, test_key = cell.cfg, work.cell_keys[cell.index]["estimates"]["test"]
     est = EstimateArrays.from_group(open_group(work.estimate_url(test_key), "r", storage_options))
-    z = torch.from_numpy(est.z).float()
     shown = {"input z": est.z, "LE-MMSE": est.mean}
     peers = [c for c in cells if work.cell_keys[c.index]["estimates"]["test"] == test_key]
     networks = {name: (c.cfg, k) for c in peers for name, k in work.cell_keys[c.index]["networks"].items()}
     for name, (net_cfg, net_key) in networks.items():
-        net, checkpoint = load_network(checkpoint_path(work, net_cfg, name, net_key), storage_options)
-        inputs = torch.cat([z, torch.from_numpy(est.mask).float()], dim=1) if checkpoint["mask_channel"] else z
-        shown[name] = run_network(net, inputs).double().numpy()
+        shown[name] = network_output(*load_network(checkpoint_path(work, net_cfg, name, net_key), storage_options),
+                                     est)
     what = f"{cfg.dataset}, {cfg.problem} ({cfg.input}), σ = {cell.sigma:g}, P = {cfg.patch_size}"
     image_grid_figure(shown, est.x, join(out, "figures", f"{part}_examples.png"), f"Test queries: {what}",
                       storage_options=storage_options)
