@@ -230,6 +230,8 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
     from ray.util.queue import Queue
 
     check_training(cfg, [name])
+    if plain and cfg.n_workers != 1:
+        raise ValueError(f"n_workers must be 1 for plain (single-task) training, got {cfg.n_workers}")
     sigma = check_sigma(sigma)
     net = make_network(cfg, name, train_images.shape[1], problem)
     folder = network_dir(cfg, name, sigma)
@@ -250,8 +252,6 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
     if resume:
         log.info("%s: resuming after epoch %d of %d", path, existing["epoch"], cfg.epochs)
 
-    if plain and cfg.n_workers != 1:
-        raise ValueError(f"n_workers must be 1 for plain (single-task) training, got {cfg.n_workers}")
     queue = Queue(actor_options={"num_cpus": 0}) if progress and not plain else None
     loop_config = {"identity": identity, "images": ray.put(train_images.to(torch.float32)), "problem": problem,
                    "folder": folder, "storage_options": cfg.storage_options, "resume": resume, "progress": queue}

@@ -141,6 +141,22 @@ def test_report_rerenders_without_ray(study):
     assert "![tiny examples](figures/tiny_examples.png)" in text and "![tiny ess](figures/tiny_ess.png)" in text
 
 
+def test_another_spec_or_foreign_folder_is_refused(study, tmp_path, capsys):
+    other = {**SPEC, "grid": {"sigmas": [0.2], "problem": ["denoising"]}}
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other))
+    before = (study["out"] / "cells.parquet").read_bytes()
+    assert main(["study", str(path), "--out", str(study["out"])]) == 2
+    assert "holds the study 'tiny' of another spec" in capsys.readouterr().err
+    assert (study["out"] / "cells.parquet").read_bytes() == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not ours")
+    assert main(["study", str(path), "--out", str(foreign)]) == 2
+    assert "is not a study folder" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
 BAD = [
     ({"grid": {"sigmaz": [0.1]}}, "grid.sigmaz is not a configuration field"),
     ({"grid": {"sigmas": []}}, "grid.sigmas must not be empty"),

@@ -195,3 +195,19 @@ def test_invalid_parameters_are_named(tmp_path, changes, parameter):
 def test_invalid_sigma_is_named(tmp_path):
     with pytest.raises(ValueError, match="^sigma"):
         train_network(small_config(tmp_path), "patchmlp", -1.0, images(), Denoising())
+
+
+def test_plain_task_path_trains_the_same_network_as_ray_train(runs, tmp_path):
+    """``plain=True`` (one Ray task, no Ray Train) runs the same loop: the same weights and epoch losses as
+    the uninterrupted Ray Train run B, bit for bit (same seeds, one CPU worker)."""
+    cfg = dataclasses.replace(runs["cfg_b"], out=str(tmp_path))
+    path = train_network(cfg, "patchmlp", SIGMA, runs["train"], Denoising(), progress=False, plain=True)
+    plain = torch.load(path, weights_only=True)
+    reference = torch.load(runs["path_b"], weights_only=True)
+    assert plain["epoch"] == reference["epoch"] == 2
+    for name, weight in reference["model"].items():
+        assert torch.equal(plain["model"][name], weight), name
+    assert [m["train_loss"] for m in plain["metrics"]] == [m["train_loss"] for m in reference["metrics"]]
+    with pytest.raises(ValueError, match="n_workers must be 1"):
+        train_network(dataclasses.replace(cfg, n_workers=2, batch_size=4), "patchmlp", SIGMA, runs["train"],
+                      Denoising(), plain=True)
