@@ -131,13 +131,14 @@ def _values(raw: dict, where: str, equal_length: bool) -> dict[str, list]:
     return out
 
 
-def parse_part(raw: Any, where: str, shared: dict | None = None) -> Part:
+def parse_part(raw: Any, where: str, shared: dict | None = None, default_name: str = "study") -> Part:
     """A :class:`Part` from a spec mapping (``where`` prefixes the names in errors)."""
     if not isinstance(raw, dict):
         raise SpecError(f"{where} must be a mapping with base, grid, zip, figures")
-    unknown = sorted(set(raw) - set(SPEC_KEYS) - {"parts"}, key=str)
+    keys = [k for k in SPEC_KEYS if k != "parts"]
+    unknown = sorted(set(raw) - set(keys), key=str)
     if unknown:
-        raise SpecError(f"{where}{'.' if where else ''}{unknown[0]} is not a spec key (keys: {', '.join(SPEC_KEYS)})")
+        raise SpecError(f"{where}{'.' if where else ''}{unknown[0]} is not a spec key (keys: {', '.join(keys)})")
     prefix = f"{where}." if where else ""
     base = {**(shared or {}), **_mapping(raw.get("base"), prefix + "base")}
     _check_fields(base, prefix + "base")
@@ -160,7 +161,7 @@ def parse_part(raw: Any, where: str, shared: dict | None = None) -> Part:
                 raise SpecError(f"{prefix}figures[{i}].{name} is required (a string) for a {kind} figure")
         if not figure["file"].replace("-", "").replace("_", "").isalnum():
             raise SpecError(f"{prefix}figures[{i}].file must be letters, digits, - and _, got {figure['file']!r}")
-    name = raw.get("name") or where or "study"
+    name = raw.get("name") or default_name
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise SpecError(f"{prefix}name must be letters, digits, - and _, got {name!r}")
     return Part(name=name, base=base, grid=grid, zip=zipped, figures=[dict(f) for f in figures],
@@ -181,9 +182,7 @@ def parse_spec(raw: Any) -> tuple[str, list[Part]]:
     _check_fields(shared, "base")
     if not isinstance(raw["parts"], list) or not raw["parts"]:
         raise SpecError("parts must be a non-empty list of specs")
-    parts = [parse_part(p, f"parts[{i}]", shared) for i, p in enumerate(raw["parts"])]
-    parts = [dataclasses.replace(p, name=p.name if not p.name.startswith("parts[") else f"part{i}")
-             for i, p in enumerate(parts)]
+    parts = [parse_part(p, f"parts[{i}]", shared, default_name=f"part{i}") for i, p in enumerate(raw["parts"])]
     names = [p.name for p in parts]
     if len(set(names)) != len(names):
         raise SpecError(f"parts: names must be unique, got {', '.join(names)}")
