@@ -72,7 +72,8 @@ def add_study_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--size", choices=("quick", "full"), default="quick",
                          help="preset size: quick (embedded data, minutes on 2 CPU cores) or full (the paper's "
                               "datasets, for a cluster); ignored for a YAML spec (default: quick)")
-    command.add_argument("--out", metavar="URL", help="output folder or URL (default: results/study-<name>)")
+    command.add_argument("--out", metavar="URL", help="output folder or URL (default: results/study-<name>-<size> "
+                                                      "for a preset, results/study-<name> for a file)")
     command.add_argument("--work", metavar="URL",
                          help="folder of the shared work (banks, estimates, networks; default: <out>/work); "
                               "studies given one --work reuse each other's finished work")
