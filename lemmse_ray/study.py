@@ -125,15 +125,15 @@ def spec_record(name: str, size: str | None, parts: list[Part], work_dir: str) -
                        "zip": p.zip, "figures": p.figures, "varying": p.varying} for p in parts]}
 
 
-def check_out(out: str, record: dict, overwrite: bool, storage_options: dict | None = None) -> None:
-    """Refuse an ``out`` holding something else than a study, or another study unless ``overwrite``."""
+def check_out(out: str, work_dir: str, record: dict, overwrite: bool, storage_options: dict | None = None) -> None:
+    """Refuse an ``out`` or work folder that this project did not write (:mod:`lemmse_ray.ownership`), and an
+    ``out`` holding another study unless ``overwrite`` (which replaces only its tables and report)."""
+    from .ownership import check_output_folder
+
+    check_output_folder(out, storage_options)
+    check_output_folder(work_dir, storage_options)
     raw = read_bytes(join(out, STUDY), storage_options)
     if raw is None:
-        if "://" not in out:
-            from pathlib import Path
-            path = Path(out)
-            if path.exists() and (not path.is_dir() or any(path.iterdir())):
-                raise ValueError(f"out: {out} exists and is not a study folder; choose another --out")
         return
     existing = json.loads(raw)
     if canonical(existing["parts"]) != canonical(record["parts"]) and not overwrite:
@@ -369,14 +369,17 @@ def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_di
     {"counters", "cells", "seconds"}.
     """
     from .distributed import ensure_ray
+    from .ownership import claim_output_folder
     from .study_report import render
 
     t0 = time.perf_counter()
     work_dir = work_dir or join(out, "work")
     record = spec_record(name, size, parts, work_dir)
-    check_out(out, record, overwrite, storage_options)
+    check_out(out, work_dir, record, overwrite, storage_options)
     data, problems = prepare(cells)  # every check that needs the images, before anything is written
     work = plan_work(cells, problems, work_dir)
+    claim_output_folder(out, storage_options)
+    claim_output_folder(work_dir, storage_options)
     write_bytes(join(out, STUDY), json.dumps(record, indent=1, default=str).encode(), storage_options)
     write_bytes(join(out, WORK), json.dumps(work.index(), indent=1, default=str).encode(), storage_options)
     print(f"study {name}: {len(cells)} cells, {len(work.banks)} banks, {len(work.estimates)} estimate groups, "

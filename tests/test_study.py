@@ -153,7 +153,7 @@ def test_another_spec_or_foreign_folder_is_refused(study, tmp_path, capsys):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not ours")
     assert main(["study", str(path), "--out", str(foreign)]) == 2
-    assert "is not a study folder" in capsys.readouterr().err
+    assert "is a folder that lemmse_ray did not write" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
 
