@@ -62,6 +62,9 @@ def ensure_ray(verbose: bool = True, **init_kwargs: Any) -> None:
     if not ray.is_initialized():
         if not verbose:
             init_kwargs = {"logging_level": logging.ERROR, "log_to_driver": False, **init_kwargs}
+        # without RAY_ADDRESS, ray.init() would attach to whichever cluster was last started on this machine
+        # (another user's, or a stale one): start a local Ray as documented instead
+        init_kwargs.setdefault("address", os.environ.get("RAY_ADDRESS") or "local")
         ray.init(**init_kwargs)
 
 
