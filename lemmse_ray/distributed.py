@@ -37,8 +37,9 @@ from .estimate import Result, check_stats, to_result
 from .kernel import Partials, finalize, merge
 from .ownership import check_apart, open_group
 from .patches import PatchGeometry
+from .plan import key_bytes, stored_row_bytes
 from .problems import Problem
-from .queries import kernel_kind, key_features, keys_to, met_pairs, prepare_queries, queries_to, scan
+from .queries import key_features, keys_to, met_pairs, prepare_queries, queries_to, scan
 from .redact import public
 from .results import GRID_STATS, inputs_hash, open_results, pending_batches, record_run, write_batch, write_inputs
 from .store import (Bank, BankLayout, bank_attributes, create_bank_group, fingerprint, open_bank, shard_images,
@@ -216,19 +217,6 @@ class ShardActor:
                 "resident_bytes": self.resident_bytes, "read_s": self.read_s, "read_bytes": self.read_bytes}
 
 
-def key_bytes(plan: ClassPlan, rows: int, dtype: torch.dtype) -> int:
-    """Bytes of the key features, values and row ids of ``rows`` bank rows held for scanning (an upper bound:
-    the widest class's features)."""
-    itemsize = torch.finfo(dtype).bits // 8
-    return rows * ((kernel_kind(plan).feature_width(plan) + plan.geometry.shape[0]) * itemsize + 8)
-
-
-def stored_row_bytes(plan: ClassPlan, dtype: torch.dtype) -> int:
-    """Bytes of one bank row as stored (uncompressed): keys, ½‖k‖², values, class id, source."""
-    itemsize = torch.finfo(dtype).bits // 8
-    return (plan.width + 1 + plan.geometry.shape[0]) * itemsize + 4 + 16
-
-
 def default_actor_memory(device: torch.device) -> int:
     """Memory an actor may hold its shards in when none is given: 80 % of the free memory of its GPU, or half of
     the host's available memory shared among its CPUs (one CPU actor per CPU)."""
@@ -281,14 +269,19 @@ def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32"
     check_actor_memory(actor_memory)
     options = _actor_options()
     if n_actors is None:
-        resources = ray.cluster_resources()
-        n_actors = int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
+        n_actors = default_n_actors()
     if isinstance(n_actors, bool) or not isinstance(n_actors, int) or n_actors < 1:
         raise ValueError(f"n_actors must be a positive integer, got {n_actors!r}")
     geometry = bank.plan.geometry.spec()
     return [ShardActor.options(**options, max_restarts=max_restarts, max_task_retries=max_task_retries).remote(
                 bank.url, bank.storage_options, bank.problem, geometry, first, last, dtype, kernel, actor_memory)
             for first, last in actor_shards(bank.n_shards, n_actors)]
+
+
+def default_n_actors() -> int:
+    """One actor per GPU of the cluster, else one per CPU."""
+    resources = ray.cluster_resources()
+    return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
 
 
 def check_actor_memory(actor_memory) -> None:
