@@ -31,6 +31,7 @@ from .queries import QuerySet, kernel_kind, key_features, keys_to, met_pairs, pr
 from .store import BankLayout
 
 CALIBRATION_ROWS = 1 << 14
+CALIBRATION_SECONDS = 2.0
 
 
 @dataclass
@@ -57,9 +58,10 @@ class Plan:
                  f"({'streaming from the store' if self.streaming else 'resident'})"]
         if self.calibration:
             c = self.calibration
-            lines.append(f"      calibration: {c['pairs_per_s']:.3g} pairs/s per actor, store read "
-                         f"{c['read_mb_s']:.3g} MB/s, {c['batch_overhead_s'] * 1e3:.0f} ms per batch; "
-                         f"predicted estimate time {self.predicted_s:.1f} s")
+            read = "unknown (no bank yet)" if c["read_mb_s"] is None else f"{c['read_mb_s']:.3g} MB/s"
+            lines.append(f"      calibration: {c['pairs_per_s']:.3g} pairs/s per actor, store read {read}, "
+                         f"{c['batch_overhead_s'] * 1e3:.0f} ms per batch; predicted estimate time "
+                         f"{self.predicted_s:.1f} s")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -103,8 +105,7 @@ def count(problem: Problem, plan: ClassPlan, n_images: int, inputs: list[tuple[t
                 outputs=len(inputs), pairs_per_batch=per_batch)
 
 
-@ray.remote
-def _calibrate(problem: Problem, geometry: dict, queries: QuerySet, dtype: str, kernel: str, bank_url: str | None,
+def calibration_scan(problem: Problem, geometry: dict, queries: QuerySet, dtype: str, kernel: str, bank_url: str | None,
                storage_options: dict | None) -> dict:
     """Where an actor runs: the kernel's pairs/s on random rows of the widest class met by ``queries``, and the
     read rate of the bank's first shard (when the bank exists)."""
@@ -129,12 +130,14 @@ def _calibrate(problem: Problem, geometry: dict, queries: QuerySet, dtype: str, 
                     [cq if k == c else None for k, cq in enumerate(queries.per_class)])
     only = queries_to(only, device)
     scan(feats, plan, only, (), 0, kernel)  # warm-up
-    t0 = time.perf_counter()
-    scan(feats, plan, only, (), 0, kernel)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    t0, scans = time.perf_counter(), 0
+    while scans < 2 or time.perf_counter() - t0 < CALIBRATION_SECONDS:
+        scan(feats, plan, only, (), 0, kernel)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        scans += 1
     seconds = time.perf_counter() - t0
-    out = {"pairs_per_s": len(only.per_class[c].index) * n / seconds, "read_mb_s": None}
+    out = {"pairs_per_s": scans * len(only.per_class[c].index) * n / seconds, "read_mb_s": None}
     if bank_url is not None:
         try:
             bank = Bank(bank_url, open_group(bank_url, "r", storage_options), plan, problem, storage_options)
@@ -149,6 +152,11 @@ def _calibrate(problem: Problem, geometry: dict, queries: QuerySet, dtype: str, 
     return out
 
 
+# remote versions of module functions, so that Ray pickles them by reference (cloudpickle would pickle a
+# decorated function by value, with every ``torch`` submodule whose name its code mentions)
+_calibrate = ray.remote(calibration_scan)
+
+
 @ray.remote
 def _echo(queries: QuerySet) -> int:
     return queries.n
@@ -156,20 +164,26 @@ def _echo(queries: QuerySet) -> int:
 
 def calibrate(problem: Problem, plan: ClassPlan, centers: np.ndarray, z: torch.Tensor, mask: torch.Tensor | None,
               sigma: float, batch_images: int, dtype: torch.dtype = torch.float32, kernel: str = "auto",
-              bank_url: str | None = None, storage_options: dict | None = None) -> dict:
-    """Measure pairs/s per actor and the store's read rate where actors run, and the driver's per-batch
-    overhead on one batch of ``z`` (see the module docstring).  Needs Ray."""
+              bank_url: str | None = None, storage_options: dict | None = None, n_actors: int = 1) -> dict:
+    """Measure pairs/s per actor (the median of ``n_actors`` concurrent scans) and the store's read rate where
+    actors run, and the driver's per-batch overhead on one batch of ``z`` (see the module docstring).  Needs
+    Ray."""
     from .distributed import _actor_options
 
+    args = (None if mask is None else mask[:batch_images], problem, plan, centers, sigma, dtype)
+    ray.get(_echo.remote(ray.put(prepare_queries(z[:batch_images], *args))))  # starts a worker: not timed
     t0 = time.perf_counter()
-    queries = prepare_queries(z[:batch_images], None if mask is None else mask[:batch_images], problem, plan,
-                              centers, sigma, dtype)
+    queries = prepare_queries(z[:batch_images], *args)
     ray.get(_echo.remote(ray.put(queries)))
     overhead = time.perf_counter() - t0
     dname = str(dtype).replace("torch.", "")
-    measured = ray.get(_calibrate.options(**_actor_options()).remote(
-        problem, plan.geometry.spec(), queries, dname, kernel, bank_url, storage_options))
-    return {**measured, "batch_overhead_s": overhead}
+    # as many concurrent scans as actors (what they share on a node: cores, memory bandwidth, a GPU's host)
+    measured = ray.get([_calibrate.options(**_actor_options()).remote(
+        problem, plan.geometry.spec(), queries, dname, kernel, bank_url if i == 0 else None, storage_options)
+        for i in range(n_actors)])
+    rates = sorted(m["pairs_per_s"] for m in measured)
+    return {"pairs_per_s": rates[len(rates) // 2], "read_mb_s": measured[0]["read_mb_s"],
+            "batch_overhead_s": overhead}
 
 
 def predict(plan: Plan, calibration: dict) -> float:
@@ -198,6 +212,6 @@ def make_plan(problem: Problem, geometry: PatchGeometry, n_images: int, centers:
     if calibrated and inputs:
         z, mask, sigma = inputs[0]
         out.calibration = calibrate(problem, plan, centers, z, mask, sigma, batch_images, dtype, kernel, bank_url,
-                                    storage_options)
+                                    storage_options, out.actors)
         out.predicted_s = predict(out, out.calibration)
     return out

@@ -166,3 +166,17 @@ def test_scaling_study_writes_parquet_and_figures(tmp_path, ray_cluster):
         assert r["efficiency"] == pytest.approx(r["pairs_per_s"] / (r["actors"] * one["pairs_per_s"]))
     assert (tmp_path / "scaling" / "throughput.png").stat().st_size > 0
     assert (tmp_path / "scaling" / "efficiency.png").stat().st_size > 0
+
+
+def test_plan_command_prints_counts_and_a_calibrated_prediction(tmp_path, ray_cluster, capsys):
+    from lemmse_ray.cli import main
+
+    argv = ["plan", "--dataset", "digits", "--n-train", "8", "--n-queries", "1", "--patch-size", "3",
+            "--n-actors", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    height, width = 8, 8  # digits
+    assert f"plan: {8 * height * width:,} bank rows" in out
+    assert "2 actors" in out and "resident" in out
+    assert "pairs/s per actor" in out and "predicted estimate time" in out
+    assert not (tmp_path / "bank.zarr").exists()  # planning writes nothing
