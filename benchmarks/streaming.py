@@ -1,6 +1,6 @@
 """Throughput of shard actors streaming their shards from the store (memory budget 0) against resident ones.
 
-    python benchmarks/streaming.py [--images 256] [--queries 8] [--batch-images 8] [--actors 1] [--repeat 3]
+    python benchmarks/streaming.py [--images 256] [--queries 8] [--batch-images 4] [--actors 1] [--repeat 3]
 
 The bank is on local disk (a temporary folder); denoising, photos tiles (RGB 32×32), P = 5, σ = 0.1, float32,
 mean only.  Actors are started and wait until they hold (resident) or have opened (streaming) their shards;
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256, help="training images in the bank (1024 rows each)")
     parser.add_argument("--queries", type=int, default=8, help="query images (1024 query pixels each)")
-    parser.add_argument("--batch-images", type=int, default=8, help="query images per batch")
+    parser.add_argument("--batch-images", type=int, default=4, help="query images per batch")
     parser.add_argument("--actors", type=int, default=1, help="actors of each kind (1 CPU each)")
     parser.add_argument("--shard-rows", type=int, default=1 << 15, help="bank rows per shard")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each mode (best is kept)")
@@ -42,7 +42,7 @@ def main() -> None:
     problem, sigma = lm.Denoising(), 0.1
     _, z, _ = problem.measure(x, sigma, torch.Generator().manual_seed(0))
 
-    ray.init(num_cpus=2 * args.actors, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2 * args.actors, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         bank = build_bank(f"{tmp}/bank.zarr", train, problem, 5, shard_rows=args.shard_rows, progress=False)
         print(f"bank: {bank.n_rows:,} rows in {bank.n_shards} shards on local disk ({tmp})")

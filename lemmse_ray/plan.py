@@ -48,6 +48,7 @@ class Plan:
     batches: int
     outputs: int
     pairs_per_batch: list[int] = field(default_factory=list)
+    max_batch_images: int | None = None  # streaming: the largest query batch that fits beside two shards
     calibration: dict = field(default_factory=dict)
     predicted_s: float | None = None
 
@@ -56,6 +57,9 @@ class Plan:
                  f"(query pixels x rows met) in {self.batches} batches over {self.outputs} outputs",
                  f"      {self.actors} actors, {self.actor_bytes / 1e6:,.1f} MB of key features each "
                  f"({'streaming from the store' if self.streaming else 'resident'})"]
+        if self.streaming:
+            lines.append(f"      streaming: every batch re-reads each actor's shards; batches of up to "
+                         f"{self.max_batch_images} query images fit beside two shards in the budget")
         if self.calibration:
             c = self.calibration
             read = "unknown (no bank yet)" if c["read_mb_s"] is None else f"{c['read_mb_s']:.3g} MB/s"
@@ -99,10 +103,18 @@ def count(problem: Problem, plan: ClassPlan, n_images: int, inputs: list[tuple[t
     ranges = actor_shards(layout.n_shards, n_actors)
     largest = max(layout.shard_range(b - 1)[1] - layout.shard_range(a)[0] for a, b in ranges)
     actor_bytes = key_bytes(plan, largest, dtype)
+    streaming = actor_memory is not None and actor_bytes > actor_memory
+    max_batch = None
+    if streaming:  # a query image: its query features (widest class) and partials (m, l, o, o2, l2, ls) per pixel
+        itemsize = torch.finfo(dtype).bits // 8
+        channels = plan.geometry.shape[0]
+        per_image = plan.geometry.n_positions * (kernel_kind(plan).feature_width(plan) + 2 * channels + 5) * itemsize
+        free = actor_memory - 2 * key_bytes(plan, shard_rows, dtype)
+        max_batch = max(0, free // per_image)
     return Plan(rows=layout.n_rows, pairs=sum(per_batch), bank_bytes=layout.n_rows * stored_row_bytes(plan, dtype),
                 actors=len(ranges), actor_bytes=actor_bytes, actor_memory=actor_memory,
-                streaming=actor_memory is not None and actor_bytes > actor_memory, batches=len(per_batch),
-                outputs=len(inputs), pairs_per_batch=per_batch)
+                streaming=streaming, batches=len(per_batch), outputs=len(inputs), pairs_per_batch=per_batch,
+                max_batch_images=max_batch)
 
 
 def calibration_scan(problem: Problem, geometry: dict, queries: QuerySet, dtype: str, kernel: str, bank_url: str | None,

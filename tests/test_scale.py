@@ -172,11 +172,11 @@ def test_plan_command_prints_counts_and_a_calibrated_prediction(tmp_path, ray_cl
     from lemmse_ray.cli import main
 
     argv = ["plan", "--dataset", "digits", "--n-train", "8", "--n-queries", "1", "--patch-size", "3",
-            "--n-actors", "2", "--out", str(tmp_path)]
+            "--n-actors", "2", "--shard-rows", "128", "--out", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     height, width = 8, 8  # digits
     assert f"plan: {8 * height * width:,} bank rows" in out
-    assert "2 actors" in out and "resident" in out
+    assert "2 actors, 0.0 MB of key features each (resident)" in out  # 4 shards of 128 rows
     assert "pairs/s per actor" in out and "predicted estimate time" in out
     assert not (tmp_path / "bank.zarr").exists()  # planning writes nothing
