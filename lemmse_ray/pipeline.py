@@ -120,7 +120,7 @@ def plan_step(cfg: Config, train: torch.Tensor, problem: Problem, queries: dict[
     centers = class_centers(train, problem, plan_classes(problem, geometry)) if calibrated else None
     return make_plan(problem, geometry, train.shape[0], centers, inputs, n_actors, cfg.batch_images, cfg.shard_rows,
                      DTYPES[cfg.dtype], actor_memory(cfg), bank_url=cfg.bank_url,
-                     storage_options=cfg.storage_options, calibrated=calibrated)
+                     storage_options=cfg.storage_options, calibrated=calibrated, stats=tuple(cfg.stats), topk=cfg.topk)
 
 
 @dataclasses.dataclass

@@ -6,8 +6,9 @@ the rows of its own border pattern, not the whole bank), so pairs :math:`=\sum_q
 the bank's stored bytes (uncompressed); and the memory each actor holds its shards' key features in.
 
 Time (a model with measured inputs): a short calibration on the current cluster measures, where the actors
-run, the kernel's pairs/s on one actor (a scan of real query features against :data:`CALIBRATION_ROWS`
-random rows of the bank's widest class), the store's read rate (MB/s, bank bytes as stored, key features
+run, the kernel's pairs/s per actor (as many concurrent scans as actors, each of real query features against
+:data:`CALIBRATION_ROWS` random rows of the most-queried class, with the run's statistics and top-k, for at
+least :data:`CALIBRATION_SECONDS`), the store's read rate (MB/s, bank bytes as stored, key features
 included; the bank's first shard, once it exists) and, on the driver, the per-batch overhead (preparing a
 batch's query features and one Ray round trip).  With :math:`A` actors, batch :math:`b` of :math:`p_b` pairs
 takes :math:`\max(p_b / (A\,r_\text{pairs}) + s_b,\ o)` (the driver's overhead :math:`o` overlaps the
@@ -117,8 +118,9 @@ def count(problem: Problem, plan: ClassPlan, n_images: int, inputs: list[tuple[t
                 max_batch_images=max_batch)
 
 
-def calibration_scan(problem: Problem, geometry: dict, queries: QuerySet, dtype: str, kernel: str, bank_url: str | None,
-               storage_options: dict | None) -> dict:
+def calibration_scan(problem: Problem, geometry: dict, queries: QuerySet, dtype: str, kernel: str,
+                     bank_url: str | None, storage_options: dict | None, stats: tuple[str, ...] = (),
+                     topk: int = 0) -> dict:
     """Where an actor runs: the kernel's pairs/s on random rows of the widest class met by ``queries``, and the
     read rate of the bank's first shard (when the bank exists)."""
     from .distributed import DTYPES, exact_device
@@ -141,10 +143,10 @@ def calibration_scan(problem: Problem, geometry: dict, queries: QuerySet, dtype:
     only = QuerySet(queries.n, queries.channels, queries.sigma,
                     [cq if k == c else None for k, cq in enumerate(queries.per_class)])
     only = queries_to(only, device)
-    scan(feats, plan, only, (), 0, kernel)  # warm-up
+    scan(feats, plan, only, stats, topk, kernel)  # warm-up
     t0, scans = time.perf_counter(), 0
     while scans < 2 or time.perf_counter() - t0 < CALIBRATION_SECONDS:
-        scan(feats, plan, only, (), 0, kernel)
+        scan(feats, plan, only, stats, topk, kernel)
         if device.type == "cuda":
             torch.cuda.synchronize()
         scans += 1
@@ -176,7 +178,8 @@ def _echo(queries: QuerySet) -> int:
 
 def calibrate(problem: Problem, plan: ClassPlan, centers: np.ndarray, z: torch.Tensor, mask: torch.Tensor | None,
               sigma: float, batch_images: int, dtype: torch.dtype = torch.float32, kernel: str = "auto",
-              bank_url: str | None = None, storage_options: dict | None = None, n_actors: int = 1) -> dict:
+              bank_url: str | None = None, storage_options: dict | None = None, n_actors: int = 1,
+              stats: tuple[str, ...] = (), topk: int = 0) -> dict:
     """Measure pairs/s per actor (the median of ``n_actors`` concurrent scans) and the store's read rate where
     actors run, and the driver's per-batch overhead on one batch of ``z`` (see the module docstring).  Needs
     Ray."""
@@ -191,7 +194,8 @@ def calibrate(problem: Problem, plan: ClassPlan, centers: np.ndarray, z: torch.T
     dname = str(dtype).replace("torch.", "")
     # as many concurrent scans as actors (what they share on a node: cores, memory bandwidth, a GPU's host)
     measured = ray.get([_calibrate.options(**_actor_options()).remote(
-        problem, plan.geometry.spec(), queries, dname, kernel, bank_url if i == 0 else None, storage_options)
+        problem, plan.geometry.spec(), queries, dname, kernel, bank_url if i == 0 else None, storage_options,
+        stats, topk)
         for i in range(n_actors)])
     rates = sorted(m["pairs_per_s"] for m in measured)
     return {"pairs_per_s": rates[len(rates) // 2], "read_mb_s": measured[0]["read_mb_s"],
@@ -215,7 +219,7 @@ def make_plan(problem: Problem, geometry: PatchGeometry, n_images: int, centers:
               inputs: list[tuple[torch.Tensor, torch.Tensor | None, float]], n_actors: int, batch_images: int,
               shard_rows: int, dtype: torch.dtype = torch.float32, actor_memory: int | None = None,
               kernel: str = "auto", bank_url: str | None = None, storage_options: dict | None = None,
-              calibrated: bool = True) -> Plan:
+              calibrated: bool = True, stats: tuple[str, ...] = (), topk: int = 0) -> Plan:
     """:func:`count` of estimating every ``(z, mask, σ)`` of ``inputs``, then (``calibrated``) the predicted
     wall time from :func:`calibrate` on the first input."""
     plan = plan_classes(problem, geometry)
@@ -224,6 +228,6 @@ def make_plan(problem: Problem, geometry: PatchGeometry, n_images: int, centers:
     if calibrated and inputs:
         z, mask, sigma = inputs[0]
         out.calibration = calibrate(problem, plan, centers, z, mask, sigma, batch_images, dtype, kernel, bank_url,
-                                    storage_options, out.actors)
+                                    storage_options, out.actors, stats, topk)
         out.predicted_s = predict(out, out.calibration)
     return out
