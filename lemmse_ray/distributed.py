@@ -2,12 +2,14 @@ r"""Bank building and exact estimation on Ray (DESIGN §2.3).
 
 * :func:`build_bank` — Ray tasks, one per missing shard, each computing its rows from the training images
   it needs and writing the whole shard (idempotent: re-running completes the missing shards only).
-* :class:`ShardActor` — holds a contiguous range of shards in (GPU) memory, σ-free; for a broadcast query
-  batch it returns one merged :class:`~lemmse_ray.kernel.Partials` over its rows.
-* :func:`estimate_on_ray` — the driver: prepares query features per batch, broadcasts them through the
-  object store, merges the actors' partials in a fixed order (so results do not depend on timing), finalises,
-  and writes each batch to the output Zarr group before flagging it done; finished batches are skipped on
-  restart.  Actors are restartable (``max_restarts``, default 3) and their calls retried
+* :class:`ShardActor` — holds a contiguous range of shards in (GPU) memory, σ-free, or streams them from the
+  store past a memory budget; for a broadcast query batch it returns one merged
+  :class:`~lemmse_ray.kernel.Partials` over its rows and the seconds it computed.
+* :func:`estimate_on_ray` — validation (:func:`check_estimate`), then the driver loop (:func:`drive`): it
+  prepares query features per batch, broadcasts them through the object store with up to ``max_in_flight``
+  batches submitted at once, merges the actors' partials in a fixed order (so results do not depend on
+  timing), formats them as the in-memory API does (:func:`lemmse_ray.estimate.to_result`) and writes each
+  batch to the output Zarr group before flagging it done; finished batches are skipped on restart.  Actors are restartable (``max_restarts``, default 3) and their calls retried
   (``max_task_retries``, default 3), so a killed actor, or one lost with its node, is recreated elsewhere and
   its partial recomputed; each batch takes exactly one partial per actor, so nothing is merged twice.  An
   error raised by the code (a damaged bank, a missing array) is not retried: the driver raises
