@@ -16,8 +16,11 @@ log-densities:
 * mixture (random-mask agnostic): the query's non-padded pixels; shift
   :math:`\sum_a[\log(1-q) - \lVert p_a\rVert^2/2\sigma^2] - \tfrac{C A}{2}\log 2\pi\sigma^2`.
 
-:func:`scan` evaluates a contiguous range of bank rows (a whole bank, or one shard) against a query set and
-returns one :class:`~lemmse_ray.kernel.Partials` over all queries.
+Each form is one :class:`KernelKind` object (:class:`Whitened`, :class:`Masked`, :class:`Mixture`; chosen by
+:func:`kernel_kind` from ``plan.kind``) that owns which queries meet a class, their features, the key features
+and the partials function.  :func:`scan` evaluates a contiguous range of bank rows (a whole bank, or one
+shard) against a query set and returns one :class:`~lemmse_ray.kernel.Partials` over all queries; block sizes
+are passed through it.
 """
 from __future__ import annotations
 
@@ -85,6 +88,7 @@ class KernelKind(ABC):
 
     def batch(self, z: torch.Tensor, mask: torch.Tensor | None, problem: Problem, plan: ClassPlan,
               sigma: float) -> QueryBatch:
+        """The patches (and mask patches) of estimator inputs ``z`` that query features are computed from."""
         geometry = plan.geometry
         batch, channels = z.shape[:2]
         patches = geometry.extract(z.to(torch.float64)).reshape(batch * geometry.n_positions, geometry.dim)
@@ -214,12 +218,6 @@ KINDS: dict[str, KernelKind] = {k.name: k for k in (Whitened(), Masked(), Mixtur
 def kernel_kind(plan: ClassPlan) -> KernelKind:
     """The kernel-kind object of ``plan`` (``plan.kind``: ``"whitened"``, ``"masked"`` or ``"mixture"``)."""
     return KINDS[plan.kind]
-
-
-def query_batch(z: torch.Tensor, mask: torch.Tensor | None, problem: Problem, plan: ClassPlan,
-                sigma: float) -> QueryBatch:
-    """The patches (and mask patches) of estimator inputs ``z`` that query features are computed from."""
-    return kernel_kind(plan).batch(z, mask, problem, plan, sigma)
 
 
 def prepare_queries(z: torch.Tensor, mask: torch.Tensor | None, problem: Problem, plan: ClassPlan,
