@@ -6,6 +6,7 @@ first starts a local ``ray.cluster_utils.Cluster`` of N nodes sharing this machi
     ray job submit --working-dir . -- python jobs/scaling.py --dataset photos --out s3://bucket/run
     python jobs/scaling.py --simulate-nodes 2 --n-train 64 --n-queries 2 --out results/scaling
 """
+import atexit
 import sys
 
 import _path  # noqa: F401
@@ -23,4 +24,6 @@ if "--simulate-nodes" in argv:
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    atexit.register(cluster.shutdown)
+    atexit.register(ray.shutdown)  # runs first
 sys.exit(main(["scaling", *argv]))
