@@ -47,7 +47,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lemmse_ray as lm  # noqa: E402
 from lemmse_ray import kernel  # noqa: E402
-from lemmse_ray import queries as queries_module  # noqa: E402
 from lemmse_ray.bank import class_centers, memory_bank  # noqa: E402
 from lemmse_ray.classes import plan_classes  # noqa: E402
 from lemmse_ray.datasets import load_dataset  # noqa: E402
@@ -208,8 +207,8 @@ def main(argv=None) -> int:
     print(f"    kernel's values-block GEMM ({bq}x{br}) @ ({br}x{channels + 1}): {g_values:7.1f} GFLOP/s (cache-warm operands)")
 
     # ---- (a) kernel scan
-    def run_scan(stats=()):
-        return scan(keys, plan, qset, stats)
+    def run_scan(stats=(), **blocks):
+        return scan(keys, plan, qset, stats, **blocks)
 
     run_scan()  # warm-up (allocations, thread pool)
     times, part = [], None
@@ -241,13 +240,9 @@ def main(argv=None) -> int:
     # ---- optional block-size sweep
     for spec in filter(None, (s.strip() for s in args.blocks.split(","))):
         sq, sr = (int(v) for v in spec.lower().split("x"))
-        original = queries_module.matmul_partials
-        queries_module.matmul_partials = functools.partial(kernel.matmul_partials, block_q=sq, block_r=sr)
-        try:
-            run_scan()
-            b, ts, _ = best_of(run_scan, args.repeat)
-        finally:
-            queries_module.matmul_partials = original
+        sweep = functools.partial(run_scan, block_q=sq, block_r=sr)
+        sweep()
+        b, ts, _ = best_of(sweep, args.repeat)
         r = pairs / b
         print(f"    blocks {sq:>5}x{sr:<6} ({sq * sr * 4 / 2 ** 20:6.1f} MiB logits): best {b:.3f} s, "
               f"pairs/s = {r:.3e}, {100 * r * useful / (peak * 1e9):.1f} % of the bound "

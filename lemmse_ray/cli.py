@@ -25,6 +25,10 @@ COMMANDS = {
     "verify-bank": ("check every shard of the bank against its checksums; --repair rebuilds the bad ones",
                     ("verify",)),
     "estimate": ("estimate train and test queries against the bank (built or finished first)", ("bank", "estimate")),
+    "plan": ("print the estimate step's counts (bank rows, pairs, bytes, memory per actor) and its wall time "
+             "predicted from a short calibration on the current cluster", ("plan",)),
+    "scaling": ("strong and weak scaling of the estimate step on the current cluster: Parquet and a figure in "
+                "<out>/scaling", ("scaling",)),
     "train": ("train the networks (one per name and σ) on Ray Train", ("train",)),
     "evaluate": ("evaluate the trained networks against the stored LE-MMSE estimates", ("evaluate",)),
     "study": ("run a study: a preset or a YAML spec of many cells sharing their work; tables, figures, report.md",
@@ -54,6 +58,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_argument("--verbose", action="store_true", help="show Ray's own log lines and library logs")
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        if name == "scaling":
+            command.add_argument("--max-actors", type=int, default=None, metavar="K",
+                                 help="scale from 1 to K actors (default: one per GPU, else one per CPU)")
         if name == "verify-bank":
             command.add_argument("--repair", action="store_true",
                                  help="clear the done flag of the bad shards and rebuild them")
@@ -114,7 +121,7 @@ def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
         return 0
     from .distributed import ensure_ray
     from .ownership import claim_output_folder
-    from .pipeline import (bank_step, check_run, estimate_step, load_data, make_problem, record_timing,
+    from .pipeline import (bank_step, check_run, estimate_step, load_data, make_problem, plan_step, record_timing,
                            report_step, summarize, verify_step, write_report)
 
     steps = COMMANDS[command][1]
@@ -125,11 +132,18 @@ def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
     claim_output_folder(cfg.out, cfg.storage_options)
     print(f"{cfg.dataset}: {train.shape[0]} training images of {tuple(train.shape[1:])}; problem {problem}",
           flush=True)
-    if set(steps) & {"bank", "estimate", "train", "verify"}:
+    if set(steps) & {"bank", "estimate", "train", "verify", "plan", "scaling"}:
         ensure_ray(verbose=args.verbose)
     tables: dict[str, str] = {}
     if "verify" in steps:
         return verify_step(cfg, train, problem, repair=args.repair)
+    if "plan" in steps:
+        print(plan_step(cfg, train, problem, queries).text(), flush=True)
+        return 0
+    if "scaling" in steps:
+        from .scaling import scaling_study
+        scaling_study(cfg, train, problem, queries, args.max_actors)
+        return 0
     if "bank" in steps:
         t = time.perf_counter()
         bank = bank_step(cfg, train, problem)
@@ -138,9 +152,18 @@ def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
               f"({bank.build_stats['shards_written']} written this run)", flush=True)
     if "estimate" in steps:
         t = time.perf_counter()
-        urls, computed = estimate_step(cfg, bank, problem, queries)
+        plan = plan_step(cfg, train, problem, queries)
+        print(plan.text(), flush=True)
+        urls, done = estimate_step(cfg, bank, problem, queries)
+        if done.computed:
+            tables["plan"] = (f"{plan.text()}\nmeasured: {done.seconds:.1f} s for {done.computed} batches "
+                              f"(predicted {plan.predicted_s:.1f} s, measured/predicted "
+                              f"{done.seconds / plan.predicted_s:.2f}); actors scanning "
+                              f"{100 * done.busy_fraction:.0f} % of it, scanning or loading shards "
+                              f"{100 * done.working_fraction:.0f} %")
+            print(tables["plan"].splitlines()[-1], flush=True)
         psnr_rows = report_step(cfg, urls)
-        record_timing(cfg, "estimate", time.perf_counter() - t, computed > 0)
+        record_timing(cfg, "estimate", time.perf_counter() - t, done.computed > 0)
         tables["estimate"] = summarize(psnr_rows)
         print(tables["estimate"], flush=True)
     if "train" in steps:

@@ -92,6 +92,10 @@ class Config:
     shard_rows: int = _field(1 << 16, "bank rows per Zarr shard (the unit of work)", min=1)
     n_actors: int | None = _field(None, "estimation actors (unset: one per GPU, else one per CPU)", min=1)
     batch_images: int = _field(4, "query images per batch", min=1)
+    actor_memory_mb: int | None = _field(None, "MB of key features an estimation actor keeps in memory; past it "
+                                               "the actor streams its shards from the store for every query batch "
+                                               "(unset: 80 percent of its GPU's free memory, or half the host's "
+                                               "available memory per CPU)", min=0)
     seed: int = _field(0, "seed of the training subset, the test queries and the noise and mask draws", min=0)
     out: str = _field("results/quickstart", "output folder or URL", metavar="URL")
     bank: str | None = _field(None, "bank URL (unset: <out>/bank.zarr)", metavar="URL")

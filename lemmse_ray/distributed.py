@@ -2,12 +2,14 @@ r"""Bank building and exact estimation on Ray (DESIGN §2.3).
 
 * :func:`build_bank` — Ray tasks, one per missing shard, each computing its rows from the training images
   it needs and writing the whole shard (idempotent: re-running completes the missing shards only).
-* :class:`ShardActor` — holds a contiguous range of shards in (GPU) memory, σ-free; for a broadcast query
-  batch it returns one merged :class:`~lemmse_ray.kernel.Partials` over its rows.
-* :func:`estimate_on_ray` — the driver: prepares query features per batch, broadcasts them through the
-  object store, merges the actors' partials in a fixed order (so results do not depend on timing), finalises,
-  and writes each batch to the output Zarr group before flagging it done; finished batches are skipped on
-  restart.  Actors are restartable (``max_restarts``, default 3) and their calls retried
+* :class:`ShardActor` — holds a contiguous range of shards in (GPU) memory, σ-free, or streams them from the
+  store past a memory budget; for a broadcast query batch it returns one merged
+  :class:`~lemmse_ray.kernel.Partials` over its rows and the seconds it computed.
+* :func:`estimate_on_ray` — validation (:func:`check_estimate`), then the driver loop (:func:`drive`): it
+  prepares query features per batch, broadcasts them through the object store with up to ``max_in_flight``
+  batches submitted at once, merges the actors' partials in a fixed order (so results do not depend on
+  timing), formats them as the in-memory API does (:func:`lemmse_ray.estimate.to_result`) and writes each
+  batch to the output Zarr group before flagging it done; finished batches are skipped on restart.  Actors are restartable (``max_restarts``, default 3) and their calls retried
   (``max_task_retries``, default 3), so a killed actor, or one lost with its node, is recreated elsewhere and
   its partial recomputed; each batch takes exactly one partial per actor, so nothing is merged twice.  An
   error raised by the code (a damaged bank, a missing array) is not retried: the driver raises
@@ -20,6 +22,9 @@ import os
 import platform
 import re
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,17 +35,18 @@ from tqdm.auto import tqdm
 from .backends import check_kernel
 from .bank import class_centers
 from .classes import ClassPlan, plan_classes
-from .estimate import check_inputs, check_stats, to_result
+from .estimate import Result, check_stats, to_result
 from .kernel import Partials, finalize, merge
 from .ownership import check_apart, open_group
 from .patches import PatchGeometry
+from .plan import key_bytes, stored_row_bytes
 from .problems import Problem
-from .queries import key_features, keys_to, prepare_queries, queries_to, scan
+from .queries import key_features, keys_to, met_pairs, prepare_queries, queries_to, scan
 from .redact import public
 from .results import GRID_STATS, inputs_hash, open_results, pending_batches, record_run, write_batch, write_inputs
 from .store import (Bank, BankLayout, bank_attributes, create_bank_group, fingerprint, open_bank, shard_images,
                     shard_rows_for, write_shard)
-from .validation import as_images, check_noise_level
+from .validation import as_images, check_noise_level, check_query_mask
 
 log = logging.getLogger("lemmse_ray")
 
@@ -124,7 +130,15 @@ def build_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: 
 
 @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
 class ShardActor:
-    """Holds shards ``[first, last)`` of a bank in device memory and scans query batches against them.
+    """Scans query batches against shards ``[first, last)`` of a bank.
+
+    *Resident* (when the shards' key features fit in ``memory`` bytes): they are read once and kept in device
+    memory, and a batch is one scan of the whole range.  *Streaming* (past it): every query batch reads the
+    shards from the store again, the next one in a background thread while the current one is scanned (at most
+    two shards held), and merges the shards' partials in shard order.  The two modes agree within float
+    rounding, not bit for bit: the kernel's online reduction restarts at each shard boundary when streaming,
+    so the same sums are associated differently (and, among rows with exactly equal logits, the top-k may
+    keep other ones).  ``memory=None``: see :func:`default_actor_memory`.
 
     ``kernel`` (``"auto"``, ``"torch"``, ``"triton"``, :mod:`lemmse_ray.backends`): with ``"auto"`` a CUDA actor
     with Triton installed scans float32 banks with the fused Triton kernel.  Whether ``"triton"`` can run is
@@ -132,29 +146,89 @@ class ShardActor:
     """
 
     def __init__(self, url: str, storage_options: dict | None, problem: Problem, geometry: dict, first: int,
-                 last: int, dtype: str, kernel: str = "auto"):
+                 last: int, dtype: str, kernel: str = "auto", memory: int | None = None):
         self.device = exact_device()
         # the plan is recomputed here (not passed by reference) so that a restarted actor needs nothing from
         # the driver's object store
         plan = plan_classes(problem, PatchGeometry(tuple(geometry["shape"]), geometry["patch_size"],
                                                    geometry["padding"], geometry["candidates"]))
-        bank = Bank(url, open_group(url, "r", storage_options), plan, problem, storage_options)
-        start, stop = bank.layout.shard_range(first)[0], bank.layout.shard_range(last - 1)[1]
-        arrays = bank.read_rows(start, stop).to(DTYPES[dtype])
-        self.keys = keys_to(key_features(arrays, plan, bank.centers), self.device)
-        self.plan = plan
-        self.kernel = kernel
+        self.bank = Bank(url, open_group(url, "r", storage_options), plan, problem, storage_options)
+        self.plan, self.kernel, self.dtype = plan, kernel, DTYPES[dtype]
+        self.shards = list(range(first, last))
+        start, stop = self.bank.layout.shard_range(first)[0], self.bank.layout.shard_range(last - 1)[1]
         self.rows = stop - start
+        self.memory = default_actor_memory(self.device) if memory is None else memory
+        self.resident_bytes = key_bytes(plan, self.rows, self.dtype)
+        self.streaming = self.resident_bytes > self.memory
         self.calls = 0
+        self.read_s, self.read_bytes = 0.0, 0
+        self.keys = None if self.streaming else self._load(start, stop)
 
-    def partials(self, queries, stats: tuple[str, ...], topk: int) -> Partials:
+    def _load_shard(self, shard: int) -> dict:
+        return self._load(*self.bank.layout.shard_range(shard))
+
+    def _load(self, start: int, stop: int) -> dict:
+        """Key features of rows ``[start, stop)`` on this actor's device."""
+        t0 = time.perf_counter()
+        arrays = self.bank.read_rows(start, stop).to(self.dtype)
+        keys = keys_to(key_features(arrays, self.plan, self.bank.centers), self.device)
+        self.read_s += time.perf_counter() - t0
+        self.read_bytes += stored_row_bytes(self.plan, self.bank.dtype) * len(arrays)
+        return keys
+
+    def _shard_keys(self):
+        """Key features of each shard in order (streaming: read ahead one shard in a background thread)."""
+        if not self.streaming:
+            yield self.keys
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = pool.submit(self._load_shard, self.shards[0])
+            for i in range(len(self.shards)):
+                keys = ahead.result()
+                if i + 1 < len(self.shards):
+                    ahead = pool.submit(self._load_shard, self.shards[i + 1])
+                yield keys
+                del keys
+
+    def partials(self, queries, stats: tuple[str, ...], topk: int) -> tuple[Partials, float]:
+        """(merged partial of the query batch over this actor's rows, seconds this call computed)."""
+        t0 = time.perf_counter()
         self.calls += 1
-        part = scan(self.keys, self.plan, queries_to(queries, self.device), stats, topk, self.kernel)
-        return part.to(device="cpu")
+        queries = queries_to(queries, self.device)
+        total = None
+        for keys in self._shard_keys():
+            part = scan(keys, self.plan, queries, stats, topk, self.kernel)
+            total = part if total is None else merge(total, part)
+        return total.to(device="cpu"), time.perf_counter() - t0
+
+    def calibrate(self, queries) -> dict:
+        """Timings on this actor's first shard: its read from the store (seconds, stored bytes) and one scan of
+        ``queries`` against it (seconds, pairs), for :mod:`lemmse_ray.plan`."""
+        read_s, read_bytes = self.read_s, self.read_bytes
+        keys = self._load_shard(self.shards[0])
+        read = {"read_s": self.read_s - read_s, "read_bytes": self.read_bytes - read_bytes}
+        self.read_s, self.read_bytes = read_s, read_bytes
+        queries = queries_to(queries, self.device)
+        scan(keys, self.plan, queries, (), 0, self.kernel)  # warm-up
+        t0 = time.perf_counter()
+        scan(keys, self.plan, queries, (), 0, self.kernel)
+        pairs = sum(len(cq.index) * len(keys[c].row_ids) for c, cq in enumerate(queries.per_class)
+                    if cq is not None and c in keys)
+        return {**read, "scan_s": time.perf_counter() - t0, "pairs": pairs}
 
     def describe(self) -> dict:
         return {"node": ray.get_runtime_context().get_node_id(), "device": str(self.device), "rows": self.rows,
-                "pid": os.getpid(), "calls": self.calls}
+                "pid": os.getpid(), "calls": self.calls, "streaming": self.streaming, "memory": self.memory,
+                "resident_bytes": self.resident_bytes, "read_s": self.read_s, "read_bytes": self.read_bytes}
+
+
+def default_actor_memory(device: torch.device) -> int:
+    """Memory an actor may hold its shards in when none is given: 80 % of the free memory of its GPU, or half of
+    the host's available memory shared among its CPUs (one CPU actor per CPU)."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[0])
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(0.5 * available / max(1, os.cpu_count() or 1))
 
 
 def exact_device() -> torch.device:
@@ -182,28 +256,43 @@ def _check_limit(name: str, value) -> None:
 
 
 def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32", kernel: str = "auto",
-                 max_restarts: int = MAX_RESTARTS, max_task_retries: int = MAX_TASK_RETRIES) -> list:
+                 max_restarts: int = MAX_RESTARTS, max_task_retries: int = MAX_TASK_RETRIES,
+                 actor_memory: int | None = None) -> list:
     """One actor per contiguous range of shards (default: one per GPU, else one per CPU, at most one per shard).
 
-    ``kernel``: the actors' kernel (see :class:`ShardActor`).  A dead actor (killed, lost with its node) is
-    restarted at most ``max_restarts`` times, and a call to it resubmitted at most ``max_task_retries`` times;
-    errors raised by the actor's code are never retried.
+    ``kernel``: the actors' kernel (see :class:`ShardActor`).  ``actor_memory``: bytes each actor may hold its
+    shards' key features in; past it the actor streams them from the store for every query batch (``None``:
+    :func:`default_actor_memory`).  A dead actor (killed, lost with its node) is restarted at most
+    ``max_restarts`` times, and a call to it resubmitted at most ``max_task_retries`` times; errors raised by
+    the actor's code are never retried.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     check_kernel(kernel, DTYPES[dtype])
     _check_limit("max_restarts", max_restarts)
     _check_limit("max_task_retries", max_task_retries)
+    check_actor_memory(actor_memory)
     options = _actor_options()
     if n_actors is None:
-        resources = ray.cluster_resources()
-        n_actors = int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
+        n_actors = default_n_actors()
     if isinstance(n_actors, bool) or not isinstance(n_actors, int) or n_actors < 1:
         raise ValueError(f"n_actors must be a positive integer, got {n_actors!r}")
     geometry = bank.plan.geometry.spec()
     return [ShardActor.options(**options, max_restarts=max_restarts, max_task_retries=max_task_retries).remote(
-                bank.url, bank.storage_options, bank.problem, geometry, first, last, dtype, kernel)
+                bank.url, bank.storage_options, bank.problem, geometry, first, last, dtype, kernel, actor_memory)
             for first, last in actor_shards(bank.n_shards, n_actors)]
+
+
+def default_n_actors() -> int:
+    """One actor per GPU of the cluster, else one per CPU."""
+    resources = ray.cluster_resources()
+    return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
+
+
+def check_actor_memory(actor_memory) -> None:
+    if actor_memory is not None and (isinstance(actor_memory, bool) or not isinstance(actor_memory, int)
+                                     or actor_memory < 0):
+        raise ValueError(f"actor_memory must be a non-negative number of bytes or None, got {actor_memory!r}")
 
 
 def original_error(err: Exception) -> str:
@@ -218,8 +307,9 @@ def original_error(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def gather_partials(refs: list, bank: Bank) -> list[Partials]:
-    """The actors' partials, in order; :class:`ActorFailed` naming the shards of the first actor that failed."""
+def gather_partials(refs: list, bank: Bank) -> list[tuple[Partials, float]]:
+    """The actors' (partial, busy seconds), in order; :class:`ActorFailed` naming the shards of the first actor
+    that failed."""
     parts = []
     for ref, (first, last) in zip(refs, actor_shards(bank.n_shards, len(refs))):
         try:
@@ -230,12 +320,150 @@ def gather_partials(refs: list, bank: Bank) -> list[Partials]:
     return parts
 
 
+@dataclass
+class EstimateJob:
+    """Validated inputs of :func:`estimate_on_ray`."""
+
+    z: torch.Tensor
+    mask: torch.Tensor | None
+    x: torch.Tensor | None
+    sigma: float
+    stats: tuple[str, ...]
+    topk: int
+    dtype: torch.dtype
+    batch_images: int
+
+    @property
+    def dname(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def batch(self, b: int) -> tuple[int, int]:
+        """Images ``[lo, hi)`` of batch ``b``."""
+        return b * self.batch_images, min(self.z.shape[0], (b + 1) * self.batch_images)
+
+    def config(self, bank: Bank) -> dict:
+        """What an output's numbers depend on (a resumed output must have the same)."""
+        return {"bank_fingerprint": bank.attrs["fingerprint"], "bank_plan": bank.attrs["plan_hash"],
+                "problem": bank.problem.spec(), "geometry": bank.plan.geometry.spec(), "sigma": self.sigma,
+                "stats": list(self.stats), "topk": self.topk, "dtype": self.dname,
+                "inputs": inputs_hash(self.z, self.mask), "n_rows": bank.n_rows}
+
+
+def check_estimate(bank: Bank, z, sigma: float, out_url: str, mask=None, x=None, batch_images: int = 8,
+                   stats=("variance", "ess"), topk: int = 5, dtype: torch.dtype = torch.float32,
+                   kernel: str = "auto", max_restarts: int = MAX_RESTARTS, max_task_retries: int = MAX_TASK_RETRIES,
+                   max_in_flight: int = 2, actor_memory: int | None = None) -> EstimateJob:
+    """Validate the arguments of :func:`estimate_on_ray` against ``bank`` (``ValueError`` naming the bad one)."""
+    check_apart(out_url, bank.url)
+    stats = check_stats(stats, topk)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    sigma = check_noise_level(sigma, dtype)
+    check_kernel(kernel, dtype)
+    for name, value in (("batch_images", batch_images), ("max_in_flight", max_in_flight)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check_limit("max_restarts", max_restarts)
+    _check_limit("max_task_retries", max_task_retries)
+    check_actor_memory(actor_memory)
+    z = as_images(z, "z", check_range=False)
+    shape = bank.plan.geometry.shape
+    if tuple(z.shape[1:]) != tuple(shape):
+        raise ValueError(f"z must hold images of the bank's shape {tuple(shape)}, got {tuple(z.shape[1:])}")
+    mask = check_query_mask(mask, bank.problem, z)
+    if x is not None:
+        x = as_images(x, "x")
+        if x.shape != z.shape:
+            raise ValueError(f"x must have the shape of z {tuple(z.shape)}, got {tuple(x.shape)}")
+    return EstimateJob(z, mask, x, sigma, stats, topk, dtype, batch_images)
+
+
+class BankSources:
+    """(training image, position) of bank rows, read from the bank's ``source`` array: indexed by a tensor of
+    row ids like the in-memory table, for :func:`lemmse_ray.estimate.to_result`."""
+
+    def __init__(self, bank: Bank):
+        self.bank = bank
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.bank.source(rows.cpu().numpy()))
+
+
+OUTPUTS = ("mean", "variance", *GRID_STATS, "topk_image", "topk_position", "topk_logits")
+
+
+def result_arrays(res: Result) -> dict[str, np.ndarray]:
+    """The stored outputs of a result (the statistics it holds)."""
+    return {name: getattr(res, name).numpy() for name in OUTPUTS if getattr(res, name) is not None}
+
+
+@dataclass
+class DriverStats:
+    """What one driver loop did: batches computed, its wall time and each actor's busy seconds."""
+
+    computed: list[int]
+    seconds: float
+    busy: list[float]
+
+    @property
+    def busy_fraction(self) -> float:
+        """Mean over actors of (busy seconds / wall seconds)."""
+        if not self.busy or self.seconds <= 0:
+            return 0.0
+        return sum(self.busy) / (len(self.busy) * self.seconds)
+
+
+def drive(bank: Bank, job: EstimateJob, group, actors: list, todo: list[int], max_in_flight: int = 2,
+          progress: bool = True) -> DriverStats:
+    """Compute and write batches ``todo`` with ``actors``, keeping up to ``max_in_flight`` batches submitted.
+
+    While the actors scan batch b (each actor runs its calls in submission order), the driver prepares and
+    submits batch b+1 and merges and writes batch b−1.  The actors' partials of a batch are merged in actor
+    order whatever order they arrive in, so every ``max_in_flight`` gives the same bits.
+    """
+    plan, centers, sources = bank.plan, bank.centers, BankSources(bank)
+    busy = [0.0] * len(actors)
+    in_flight: deque = deque()
+    computed: list[int] = []
+
+    def submit(b: int) -> tuple[int, list]:
+        lo, hi = job.batch(b)
+        queries = prepare_queries(job.z[lo:hi], None if job.mask is None else job.mask[lo:hi], bank.problem, plan,
+                                  centers, job.sigma, job.dtype)
+        ref = ray.put(queries)
+        return b, [a.partials.remote(ref, job.stats, job.topk) for a in actors]
+
+    def finish(b: int, refs: list) -> None:
+        lo, hi = job.batch(b)
+        parts = gather_partials(refs, bank)
+        total = parts[0][0]
+        for i, (part, seconds) in enumerate(parts):
+            busy[i] += seconds
+            if i:
+                total = merge(total, part)
+        res = to_result(finalize(total, bank.n_rows), sources, (hi - lo, *job.z.shape[1:]), job.stats)
+        write_batch(group, b, lo, result_arrays(res))
+        computed.append(b)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    with tqdm(total=len(todo), desc="query batches", unit="batch", disable=not progress) as bar:
+        for b in todo:
+            in_flight.append(submit(b))
+            if len(in_flight) >= max_in_flight:
+                finish(*in_flight.popleft())
+        while in_flight:
+            finish(*in_flight.popleft())
+    return DriverStats(computed, time.perf_counter() - t0, busy)
+
+
 def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=None, batch_images: int = 8,
                     actors: list | None = None, n_actors: int | None = None, stats=("variance", "ess"),
                     topk: int = 5, dtype: torch.dtype = torch.float32, storage_options: dict | None = None,
                     metadata: dict | None = None, overwrite: bool = False, progress: bool = True,
                     kernel: str = "auto", max_restarts: int = MAX_RESTARTS,
-                    max_task_retries: int = MAX_TASK_RETRIES):
+                    max_task_retries: int = MAX_TASK_RETRIES, max_in_flight: int = 2,
+                    actor_memory: int | None = None):
     """Estimate every pixel of ``z`` against ``bank`` with Ray actors; write and return the output group.
 
     Same numbers as :func:`lemmse_ray.estimate` on the bank's training images (up to float rounding of the
@@ -243,38 +471,20 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     ``actors``: running actors of this bank to use; an empty list is filled with the actors started here
     (only if some batch is left to compute), so that a caller can share them over several outputs.
     ``kernel``: kernel of the actors started here (``"auto"``, ``"torch"``, ``"triton"``; see :class:`ShardActor`);
-    actors passed in keep their own.  ``max_restarts``, ``max_task_retries``: limits of the actors started here
-    (see :func:`start_actors`).  ``out_url`` may not be the bank, nor be inside it or hold it.  Nothing secret
-    of ``metadata`` is stored (:func:`lemmse_ray.redact.public`).  A resumed output keeps the ``batch_images``
-    it was created with.
+    actors passed in keep their own.  ``max_restarts``, ``max_task_retries``, ``actor_memory``: settings of the
+    actors started here (see :func:`start_actors`).  ``max_in_flight``: query batches submitted to the actors
+    at once (:func:`drive`; the results do not depend on it).  ``out_url`` may not be the bank, nor be inside it
+    or hold it.  Nothing secret of ``metadata`` is stored (:func:`lemmse_ray.redact.public`).  A resumed output
+    keeps the ``batch_images`` it was created with.  The run's entry in the output's ``history`` holds the
+    batches computed, the wall time, pairs/s and each actor's busy seconds.
     """
-    check_apart(out_url, bank.url)
-    stats = check_stats(stats, topk)
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    sigma = check_noise_level(sigma, dtype)
-    check_kernel(kernel, dtype)
-    if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 1:
-        raise ValueError(f"batch_images must be a positive integer, got {batch_images!r}")
-    geometry = bank.plan.geometry
-    dummy = torch.zeros((1, *geometry.shape), dtype=torch.float64)
-    _, z, mask, _ = check_inputs(dummy, z, bank.problem, mask, geometry.patch_size, geometry.padding,
-                                 geometry.candidates)
-    if x is not None:
-        x = as_images(x, "x")
-        if x.shape != z.shape:
-            raise ValueError(f"x must have the shape of z {tuple(z.shape)}, got {tuple(x.shape)}")
-    dname = str(dtype).replace("torch.", "")
-    config = {"bank_fingerprint": bank.attrs["fingerprint"], "bank_plan": bank.attrs["plan_hash"],
-              "problem": bank.problem.spec(), "geometry": geometry.spec(), "sigma": sigma, "stats": list(stats),
-              "topk": topk, "dtype": dname, "inputs": inputs_hash(z, mask), "n_rows": bank.n_rows}
-    _check_limit("max_restarts", max_restarts)
-    _check_limit("max_task_retries", max_task_retries)
-    group = open_results(out_url, config, tuple(z.shape), batch_images, stats, topk, dname, storage_options,
-                         overwrite)
-    batch_images = group.attrs["batch_images"]  # a resumed output keeps its layout
-    write_inputs(group, z.to(torch.float32), None if mask is None else mask.to(torch.float32),
-                 None if x is None else x.to(torch.float32))
+    job = check_estimate(bank, z, sigma, out_url, mask, x, batch_images, stats, topk, dtype, kernel, max_restarts,
+                         max_task_retries, max_in_flight, actor_memory)
+    group = open_results(out_url, job.config(bank), tuple(job.z.shape), batch_images, job.stats, job.topk,
+                         job.dname, storage_options, overwrite)
+    job.batch_images = group.attrs["batch_images"]  # a resumed output keeps its layout
+    write_inputs(group, job.z.to(torch.float32), None if job.mask is None else job.mask.to(torch.float32),
+                 None if job.x is None else job.x.to(torch.float32))
     group.attrs["metadata"] = public({**(metadata or {}), "versions": versions()})
     todo = pending_batches(group)
     n_batches = group.attrs["n_batches"]
@@ -282,49 +492,26 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
              n_batches - len(todo))
     if todo and not actors:  # a finished output starts no actor (they would load their shards for nothing)
         ensure_ray()
-        started = start_actors(bank, n_actors, dname, kernel, max_restarts, max_task_retries)
+        started = start_actors(bank, n_actors, job.dname, kernel, max_restarts, max_task_retries, actor_memory)
         if actors is None:
             actors = started
         else:
             actors.extend(started)  # the caller's (empty) list: it reuses them for its next outputs
-    t0 = time.perf_counter()
-    computed = []
-    plan, centers = bank.plan, bank.centers
-    for b in tqdm(todo, desc="query batches", unit="batch", disable=not progress):
-        lo, hi = b * batch_images, min(z.shape[0], (b + 1) * batch_images)
-        queries = prepare_queries(z[lo:hi], None if mask is None else mask[lo:hi], bank.problem, plan, centers,
-                                  sigma, dtype)
-        ref = ray.put(queries)
-        parts = gather_partials([a.partials.remote(ref, stats, topk) for a in actors], bank)
-        total = parts[0]
-        for part in parts[1:]:
-            total = merge(total, part)
-        out = finalize(total, bank.n_rows)
-        res = to_result(out, torch.zeros((0, 2), dtype=torch.int64), (hi - lo, *z.shape[1:]),
-                        tuple(s for s in stats if s != "topk"))
-        values = {"mean": res.mean.numpy()}
-        if "variance" in stats:
-            values["variance"] = res.variance.numpy()
-        for name in GRID_STATS:
-            if name in stats:
-                values[name] = getattr(res, name).numpy()
-        if "topk" in stats:
-            grid = (hi - lo, *z.shape[2:], topk)
-            rows = out["topk_rows"].numpy()
-            src = bank.source(rows)
-            found = rows >= 0
-            values["topk_image"] = np.where(found, src[..., 0], -1).reshape(grid)
-            values["topk_position"] = np.where(found, src[..., 1], -1).reshape(grid)
-            values["topk_logits"] = out["topk_logits"].numpy().reshape(grid)
-        write_batch(group, b, lo, values)
-        computed.append(b)
-    seconds = time.perf_counter() - t0
-    pairs = sum(min(z.shape[0], (b + 1) * batch_images) - b * batch_images for b in computed) \
-        * geometry.n_positions * bank.n_rows
-    record_run(group, {"computed_batches": computed, "seconds": seconds, "n_actors": len(actors or []),
-                       "pairs_per_s": pairs / seconds if seconds > 0 and computed else 0.0})
-    log.info("%s: computed %d batches in %.1f s", public(out_url), len(computed), seconds)
+    run = drive(bank, job, group, actors or [], todo, max_in_flight, progress)
+    pairs = sum(met_pairs(job.z[lo:hi], None if job.mask is None else job.mask[lo:hi], bank.problem, bank.plan,
+                          class_rows(bank)) for lo, hi in map(job.batch, run.computed))
+    record_run(group, {"computed_batches": run.computed, "seconds": run.seconds, "n_actors": len(actors or []),
+                       "pairs": pairs, "pairs_per_s": pairs / run.seconds if run.seconds > 0 and pairs else 0.0,
+                       "max_in_flight": max_in_flight, "actor_busy_s": run.busy,
+                       "busy_fraction": run.busy_fraction})
+    log.info("%s: computed %d batches in %.1f s (actors busy %.0f %% of it)", public(out_url), len(run.computed),
+             run.seconds, 100 * run.busy_fraction)
     return group
+
+
+def class_rows(bank: Bank) -> np.ndarray:
+    """(n_classes,) rows of each class in ``bank``."""
+    return np.diff(bank.layout.offsets)
 
 
 def versions() -> dict[str, str]:

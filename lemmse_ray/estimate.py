@@ -21,7 +21,7 @@ from .kernel import STATS, Partials, finalize
 from .patches import PatchGeometry
 from .problems import Problem
 from .queries import key_features, prepare_queries, scan
-from .validation import as_images, as_mask, check_noise_level
+from .validation import as_images, check_noise_level, check_query_mask
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -70,15 +70,7 @@ def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str
     shape = tuple(train.shape[1:])
     problem.check_shape(shape)
     geometry = PatchGeometry(shape, patch_size, padding, candidates)
-    if problem.random_mask:
-        if mask is None:
-            raise ValueError("mask is required for random-mask inpainting (the per-image masks of z)")
-        mask = as_mask(mask, z.shape[0], shape[1], shape[2])
-        if problem.keep_prob == 1 and not bool((mask == 1).all()):
-            raise ValueError("mask has zeros but keep_prob = 1")
-    elif mask is not None:
-        raise ValueError("mask is only used by random-mask inpainting (a fixed mask belongs to the problem)")
-    return train, z, mask, geometry
+    return train, z, check_query_mask(mask, problem, z), geometry
 
 
 def scan_in_memory(train: torch.Tensor, z: torch.Tensor, mask, problem: Problem, plan: ClassPlan, sigma: float,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 
 import torch
 
@@ -18,6 +19,7 @@ from .datasets import load_dataset, query_indices, subset_indices
 from .distributed import DTYPES, build_bank, estimate_on_ray
 from .metrics import psnr
 from .patches import PatchGeometry
+from .plan import Plan, make_plan
 from .problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
 from .report import group_means, image_grid, read_bytes, save_parquet, save_png, save_text, write_bytes
 from .ownership import check_apart, check_output_folder, owned_group
@@ -107,28 +109,83 @@ def bank_step(cfg: Config, train: torch.Tensor, problem: Problem) -> Bank:
                       DTYPES[cfg.dtype], cfg.storage_options, cfg.overwrite)
 
 
-def estimate_step(cfg: Config, bank: Bank, problem: Problem,
-                  queries: dict[str, torch.Tensor]) -> tuple[dict, int]:
-    """Estimate every split × σ through the Ray actors (started at most once).
-
-    Returns ({(split, σ): url}, number of batches computed by this call)."""
-    actors: list = []  # started by the first output with work left, then shared
-    urls = {}
-    computed = 0
+def estimate_inputs(cfg: Config, problem: Problem, queries: dict[str, torch.Tensor]):
+    """``(split, σ index, σ, clean images, z, mask or None)`` of every output of the estimate step."""
     for split, images in queries.items():
         for index, sigma in enumerate(cfg.sigmas):
             _, z, mask = simulate(cfg, problem, images, split, index)
-            url = estimate_url(cfg, split, sigma)
-            group = estimate_on_ray(bank, z, sigma, url, mask=mask if problem.random_mask else None, x=images,
-                            batch_images=cfg.batch_images, actors=actors, n_actors=cfg.n_actors,
-                            stats=tuple(cfg.stats), topk=cfg.topk, dtype=DTYPES[cfg.dtype],
-                            storage_options=cfg.storage_options,
-                            metadata={"split": split, "seed": query_seed(cfg, split, index),
-                                      "dataset": cfg.dataset, "config": dataclasses.asdict(cfg)},
-                            overwrite=cfg.overwrite)
-            urls[(split, sigma)] = url
-            computed += len(group.attrs["history"][-1]["computed_batches"])
-    return urls, computed
+            yield split, index, sigma, images, z, mask if problem.random_mask else None
+
+
+def actor_memory(cfg: Config) -> int | None:
+    return None if cfg.actor_memory_mb is None else cfg.actor_memory_mb * 10**6
+
+
+def plan_step(cfg: Config, train: torch.Tensor, problem: Problem, queries: dict[str, torch.Tensor],
+              calibrated: bool = True) -> Plan:
+    """Counts of the estimate step and (``calibrated``, needs Ray) its predicted wall time on this cluster."""
+    from .bank import class_centers
+    from .distributed import default_n_actors
+
+    geometry = PatchGeometry(tuple(train.shape[1:]), cfg.patch_size, cfg.padding, cfg.candidates)
+    n_actors = cfg.n_actors or (default_n_actors() if calibrated else 1)
+    inputs = [(z, mask, sigma) for _, _, sigma, _, z, mask in estimate_inputs(cfg, problem, queries)]
+    centers = class_centers(train, problem, plan_classes(problem, geometry)) if calibrated else None
+    return make_plan(problem, geometry, train.shape[0], centers, inputs, n_actors, cfg.batch_images, cfg.shard_rows,
+                     DTYPES[cfg.dtype], actor_memory(cfg), bank_url=cfg.bank_url,
+                     storage_options=cfg.storage_options, calibrated=calibrated, stats=tuple(cfg.stats), topk=cfg.topk)
+
+
+@dataclasses.dataclass
+class EstimateStats:
+    """What the estimate step did: batches computed, wall time, and the actors' busy seconds."""
+
+    computed: int = 0
+    seconds: float = 0.0
+    busy_s: float = 0.0
+    load_s: float = 0.0
+    n_actors: int = 0
+
+    @property
+    def busy_fraction(self) -> float:
+        """Actors' scanning time over (actors × the step's wall time, actors' start included)."""
+        return self.busy_s / (self.n_actors * self.seconds) if self.n_actors and self.seconds > 0 else 0.0
+
+    @property
+    def working_fraction(self) -> float:
+        """Actors' scanning and shard-loading time over (actors × the step's wall time)."""
+        return (self.busy_s + self.load_s) / (self.n_actors * self.seconds) if self.n_actors and self.seconds > 0 \
+            else 0.0
+
+
+def estimate_step(cfg: Config, bank: Bank, problem: Problem,
+                  queries: dict[str, torch.Tensor]) -> tuple[dict, EstimateStats]:
+    """Estimate every split × σ through the Ray actors (started at most once).
+
+    Returns ({(split, σ): url}, what this call computed)."""
+    t0 = time.perf_counter()
+    actors: list = []  # started by the first output with work left, then shared
+    urls = {}
+    stats = EstimateStats()
+    for split, index, sigma, images, z, mask in estimate_inputs(cfg, problem, queries):
+        url = estimate_url(cfg, split, sigma)
+        group = estimate_on_ray(bank, z, sigma, url, mask=mask, x=images, batch_images=cfg.batch_images,
+                                actors=actors, n_actors=cfg.n_actors, stats=tuple(cfg.stats), topk=cfg.topk,
+                                dtype=DTYPES[cfg.dtype], storage_options=cfg.storage_options,
+                                metadata={"split": split, "seed": query_seed(cfg, split, index),
+                                          "dataset": cfg.dataset, "config": dataclasses.asdict(cfg)},
+                                overwrite=cfg.overwrite, actor_memory=actor_memory(cfg))
+        urls[(split, sigma)] = url
+        entry = group.attrs["history"][-1]
+        stats.computed += len(entry["computed_batches"])
+        stats.busy_s += sum(entry.get("actor_busy_s", []))
+    stats.seconds = time.perf_counter() - t0
+    stats.n_actors = len(actors)
+    if actors:
+        import ray
+        stats.load_s = sum(d["read_s"] for d in ray.get([a.describe.remote() for a in actors])
+                           if not d["streaming"])  # a streaming actor reads while it scans
+    return urls, stats
 
 
 def verify_step(cfg: Config, train: torch.Tensor, problem: Problem, repair: bool = False) -> int:
@@ -225,6 +282,8 @@ def write_report(cfg: Config, tables: dict[str, str]) -> str:
         "## Networks against the LE-MMSE and the ground truth (dB, mean over query images)", "",
         "```", tables.get("evaluate", "(not run)"), "```", "",
         f"Wall time of each step when it was computed: {timing_text(cfg)}.", "",
+        *(["## Estimate step: plan, predicted and measured", "", "```", tables["plan"], "```", ""]
+          if "plan" in tables else []),
         "Files: `estimates/*.zarr` (inputs, LE-MMSE mean and statistics), `psnr.parquet`, "
         "`evaluation.parquet`, `summary.parquet`, `networks/*/checkpoint.pt`, `figures/*.png`.", ""])
     save_text(text, join(cfg.out, "report.md"), cfg.storage_options)

@@ -321,6 +321,11 @@ class LinearInverseProblem(Problem):
         self.probe_batch = probe_batch
         self._cov_cache: dict[tuple, DenseCovariance] = {}
 
+    def __getstate__(self) -> dict:
+        """Pickled without the probed covariances (dense (C·H·W)² matrices): a copy sent to a Ray task or
+        actor re-probes them when it needs them."""
+        return {**self.__dict__, "_cov_cache": {}}
+
     def forward(self, x, mask=None):
         return self._forward(x)
 

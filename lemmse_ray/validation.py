@@ -115,3 +115,18 @@ def as_mask(mask: Any, batch: int, height: int, width: int, name: str = "mask") 
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must contain only 0 and 1 (1 = keep)")
     return mask
+
+
+def check_query_mask(mask: Any, problem: Any, z: torch.Tensor) -> torch.Tensor | None:
+    """The per-image masks of estimator inputs ``z`` (B, C, H, W) for ``problem``: required (B, 1, H, W) for
+    random-mask inpainting, refused (``None`` expected) otherwise."""
+    if problem.random_mask:
+        if mask is None:
+            raise ValueError("mask is required for random-mask inpainting (the per-image masks of z)")
+        mask = as_mask(mask, z.shape[0], z.shape[2], z.shape[3])
+        if problem.keep_prob == 1 and not bool((mask == 1).all()):
+            raise ValueError("mask has zeros but keep_prob = 1")
+        return mask
+    if mask is not None:
+        raise ValueError("mask is only used by random-mask inpainting (a fixed mask belongs to the problem)")
+    return None
