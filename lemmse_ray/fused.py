@@ -11,7 +11,8 @@ parallel region, row by row while the row is in L1 cache: for query :math:`i` wi
           o_{2,c} \leftarrow \alpha o_{2,c} + \sum_j e_j v_{jc}^2,\quad
           l_2 \leftarrow \alpha^2 l_2 + \sum_j e_j^2,\quad l_s \leftarrow \alpha l_s + \sum_j e_j s_{ij}
 
-(the last three only when requested).  :math:`2^x` for :math:`x\le 0` is evaluated as :math:`2^n\,p(f)`,
+(the last three only when requested; a term with :math:`e_j = 0` adds nothing to :math:`l_s`, even for
+:math:`s_{ij} = -\infty`).  :math:`2^x` for :math:`x\le 0` is evaluated as :math:`2^n\,p(f)`,
 :math:`x=n+f`, :math:`|f|\le\tfrac12`, with the degree-7 Taylor polynomial of :math:`2^f` (truncation
 error below :math:`6\cdot10^{-9}` relative, i.e. rounding-limited, about 1 ulp); terms below
 :math:`2^{-126}` of the row's largest term (float32's normal range) are dropped, each changing :math:`l\ge1`
@@ -91,7 +92,7 @@ void lemmse_epilogue_f32(int64_t rows, int64_t cols, const float *s, int64_t lds
             }
             if (ls) {
                 #pragma omp simd reduction(+:sum_ls)
-                for (int64_t j = 0; j < cols; ++j) sum_ls += e[j] * (row[j] - ref);
+                for (int64_t j = 0; j < cols; ++j) sum_ls += e[j] > 0.0f ? e[j] * (row[j] - ref) : 0.0f;
                 ls[i] = alpha * ls[i] + (sum_ls + ref * sum_l);
             }
             float *out = acc + i * ldacc;
