@@ -140,17 +140,20 @@ def plan_classes(problem: Problem, geometry: PatchGeometry, rtol: float = RTOL) 
     diag = np.einsum("nii->ni", s_all)
     scale = max(float(diag.max()), np.finfo(float).tiny)
     deterministic = diag <= ZERO_ROW_TOL * scale
-    rounded = np.round(s_all / scale, 9) + 0.0
     keys: dict[bytes, int] = {}
+    exact: dict[bytes, int] = {}  # positions with bit-identical S_j share the rounding work
     classes: list[PatchClass] = []
     position_class = np.empty(geometry.n_positions, dtype=np.int64)
     for j in range(geometry.n_positions):
         pattern = deterministic[j]
-        key = pattern.tobytes() + rounded[j].tobytes()
-        if key not in keys:
-            random = np.flatnonzero(~pattern)
-            whitening, log_pdet = _whitening(s_all[j][np.ix_(random, random)], rtol)
-            keys[key] = len(classes)
-            classes.append(PatchClass(pattern, padded[j], random, whitening, log_pdet))
-        position_class[j] = keys[key]
+        raw = pattern.tobytes() + s_all[j].tobytes()
+        if raw not in exact:
+            key = pattern.tobytes() + (np.round(s_all[j] / scale, 9) + 0.0).tobytes()
+            if key not in keys:
+                random = np.flatnonzero(~pattern)
+                whitening, log_pdet = _whitening(s_all[j][np.ix_(random, random)], rtol)
+                keys[key] = len(classes)
+                classes.append(PatchClass(pattern, padded[j], random, whitening, log_pdet))
+            exact[raw] = keys[key]
+        position_class[j] = exact[raw]
     return ClassPlan(geometry, "whitened", tuple(classes), position_class)
