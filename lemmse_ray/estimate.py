@@ -216,6 +216,9 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
              dtype: torch.dtype = torch.float32) -> Result:
     """Exact LE-MMSE estimate of the clean images behind estimator inputs ``z``.
 
+    Builds a :class:`PatchBank` of ``train`` and calls :meth:`PatchBank.estimate`; to estimate several
+    batches or noise levels with the same training images, build the bank once and reuse it.
+
     Args:
         train: (N, C, H, W) training images (numpy or torch), values in [0, 1]; the prior is uniform on them.
         z: (B, C, H, W) estimator inputs, e.g. ``problem.measure(x, sigma, generator)[1]``.
