@@ -55,8 +55,10 @@ def class_keys(inputs: torch.Tensor, plan: ClassPlan, index: int) -> torch.Tenso
     if whitening.size and np.all(np.count_nonzero(whitening, axis=1) == 1):  # a scaled selection of coordinates (diagonal S)
         column = np.argmax(whitening != 0, axis=1)
         scale = whitening[np.arange(len(column)), column]
-        columns = torch.from_numpy(cls.random[column])
-        return patches[:, columns] if np.all(scale == 1) else patches[:, columns] * torch.from_numpy(scale)
+        columns = cls.random[column]
+        if not np.array_equal(columns, np.arange(patches.shape[1])):
+            patches = patches[:, torch.from_numpy(columns)]
+        return patches if np.all(scale == 1) else patches * torch.from_numpy(scale)
     if len(cls.random) < plan.geometry.dim:
         patches = patches[:, torch.from_numpy(cls.random)]
     return patches @ torch.from_numpy(whitening).T
