@@ -8,11 +8,11 @@ In memory::
     res = lm.estimate(train, z, problem, sigma=0.1, patch_size=5)
     res.mean  # (B, C, H, W)
 """
-from .estimate import Result, estimate
+from .estimate import PatchBank, Result, estimate
 from .kernel import Partials, finalize, merge
 from .problems import (Deblurring, Denoising, Inpainting, LinearInverseProblem, Problem, from_physics,
                        gaussian_kernel)
 
-__all__ = ["Deblurring", "Denoising", "Inpainting", "LinearInverseProblem", "Partials", "Problem", "Result",
+__all__ = ["Deblurring", "Denoising", "Inpainting", "LinearInverseProblem", "Partials", "PatchBank", "Problem", "Result",
            "estimate", "finalize", "from_physics", "gaussian_kernel", "merge"]
 __version__ = "0.1.0"

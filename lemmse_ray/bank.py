@@ -44,43 +44,70 @@ class BankArrays:
                             ("keys", "half_sqnorm", "values", "class_ids", "source")), start=parts[0].start)
 
 
-def raw_keys(images: torch.Tensor, problem: Problem, plan: ClassPlan, index: int) -> torch.Tensor:
-    """Uncentred keys of class ``index`` for ``images`` (n, C, H, W) → (n · positions, rank), float64."""
+def class_keys(inputs: torch.Tensor, plan: ClassPlan, index: int) -> torch.Tensor:
+    """Uncentred keys of class ``index`` from noiseless inputs :math:`BAx` (n, C, H, W) float64 →
+    (n · positions, rank) float64."""
     cls = plan.classes[index]
-    positions = plan.positions(index)
-    inputs = problem.noiseless_input(images.to(torch.float64))
-    patches = plan.geometry.extract(inputs, positions).reshape(-1, plan.geometry.dim)
+    patches = plan.geometry.extract(inputs, plan.positions(index)).reshape(-1, plan.geometry.dim)
     if cls.whitening is None:
         return patches
-    return patches[:, torch.tensor(cls.random)] @ torch.tensor(cls.whitening).T
+    whitening = cls.whitening
+    if whitening.size and np.all(np.count_nonzero(whitening, axis=1) == 1):  # a scaled selection of coordinates (diagonal S)
+        column = np.argmax(whitening != 0, axis=1)
+        scale = whitening[np.arange(len(column)), column]
+        columns = cls.random[column]
+        if not np.array_equal(columns, np.arange(patches.shape[1])):
+            patches = patches[:, torch.from_numpy(columns)]
+        return patches if np.all(scale == 1) else patches * torch.from_numpy(scale)
+    if len(cls.random) < plan.geometry.dim:
+        patches = patches[:, torch.from_numpy(cls.random)]
+    return patches @ torch.from_numpy(whitening).T
 
 
-def class_centers(images: torch.Tensor, problem: Problem, plan: ClassPlan) -> np.ndarray:
-    """(n_classes, width) centres: mean keys of each class over the first ``CENTER_IMAGES`` images."""
-    first = images[:CENTER_IMAGES]
+def centers_from_inputs(inputs: torch.Tensor, plan: ClassPlan) -> np.ndarray:
+    r"""(n_classes, width) centres from the noiseless inputs of the first ``CENTER_IMAGES`` images.
+
+    Keys are linear in the patches, so the mean key of a class is the key of the mean patch: the patches
+    of the mean input image, averaged over the class's positions (one patch extraction per class).
+    """
+    mean = inputs[:CENTER_IMAGES].mean(dim=0, keepdim=True)
     centers = np.zeros((plan.n_classes, plan.width))
     for index in range(plan.n_classes):
         if len(plan.positions(index)):
-            keys = raw_keys(first, problem, plan, index)
+            keys = class_keys(mean, plan, index)
             centers[index, : keys.shape[1]] = keys.mean(dim=0).numpy()
     return centers
 
 
+def class_centers(images: torch.Tensor, problem: Problem, plan: ClassPlan) -> np.ndarray:
+    """(n_classes, width) centres: mean keys of each class over the first ``CENTER_IMAGES`` images."""
+    return centers_from_inputs(problem.noiseless_input(images[:CENTER_IMAGES].to(torch.float64)), plan)
+
+
 def class_rows(images: torch.Tensor, image_offset: int, problem: Problem, plan: ClassPlan, centers: np.ndarray,
-               index: int, start: int = 0) -> BankArrays:
-    """Rows of class ``index`` for ``images`` (global image ids from ``image_offset``), float64."""
+               index: int, start: int = 0, inputs: torch.Tensor | None = None) -> BankArrays:
+    """Rows of class ``index`` for ``images`` (global image ids from ``image_offset``), float64.
+
+    ``inputs``: the noiseless inputs :math:`BAx` of ``images`` when already computed."""
     positions = plan.positions(index)
     n = images.shape[0] * len(positions)
-    keys = torch.zeros((n, plan.width), dtype=torch.float64)
-    raw = raw_keys(images, problem, plan, index)
-    keys[:, : raw.shape[1]] = raw - torch.tensor(centers[index, : raw.shape[1]])
-    flat = images.to(torch.float64).flatten(2)  # (n_img, C, H·W)
-    values = flat[:, :, torch.tensor(positions)].permute(0, 2, 1).reshape(n, -1)
-    image_ids = torch.arange(image_offset, image_offset + images.shape[0]).repeat_interleave(len(positions))
-    position_ids = torch.tensor(positions).repeat(images.shape[0])
-    return BankArrays(keys, 0.5 * (keys * keys).sum(dim=1), values,
-                      torch.full((n,), index, dtype=torch.int64), torch.stack([image_ids, position_ids], dim=1),
-                      start)
+    if inputs is None:
+        inputs = problem.noiseless_input(images.to(torch.float64))
+    raw = class_keys(inputs, plan, index)
+    keys = raw - torch.from_numpy(centers[index, : raw.shape[1]])
+    if raw.shape[1] < plan.width:
+        keys = torch.cat([keys, torch.zeros((n, plan.width - raw.shape[1]), dtype=torch.float64)], dim=1)
+    values = images.to(torch.float64).flatten(2)[:, :, torch.from_numpy(positions)].permute(0, 2, 1).reshape(n, -1)
+    return BankArrays(keys, 0.5 * (keys * keys).sum(dim=1), values, torch.full((n,), index, dtype=torch.int64),
+                      class_source(plan, index, image_offset, images.shape[0]), start)
+
+
+def class_source(plan: ClassPlan, index: int, image_offset: int, n_images: int) -> torch.Tensor:
+    """(n_images · positions, 2) int64 (image, position) of the rows of class ``index`` for images
+    ``image_offset …``."""
+    positions = torch.from_numpy(plan.positions(index))
+    image_ids = torch.arange(image_offset, image_offset + n_images).repeat_interleave(len(positions))
+    return torch.stack([image_ids, positions.repeat(n_images)], dim=1)
 
 
 def class_offsets(plan: ClassPlan, n_images: int) -> np.ndarray:
@@ -90,6 +117,7 @@ def class_offsets(plan: ClassPlan, n_images: int) -> np.ndarray:
 
 def memory_bank(images: torch.Tensor, problem: Problem, plan: ClassPlan, centers: np.ndarray) -> BankArrays:
     """The whole bank in memory (float64)."""
-    parts = [class_rows(images, 0, problem, plan, centers, index) for index in range(plan.n_classes)
+    inputs = problem.noiseless_input(images.to(torch.float64))
+    parts = [class_rows(images, 0, problem, plan, centers, index, inputs=inputs) for index in range(plan.n_classes)
              if len(plan.positions(index))]
     return BankArrays.concat(parts)

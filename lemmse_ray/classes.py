@@ -110,7 +110,10 @@ class ClassPlan:
 def _whitening(cov: np.ndarray, rtol: float) -> tuple[np.ndarray, float]:
     if cov.shape[0] == 0:  # every coordinate deterministic: the point mass, density 1 on a 0-dim support
         return np.zeros((0, 0)), 0.0
-    eigval, eigvec = np.linalg.eigh(cov)
+    if not np.any(cov - np.diag(np.diag(cov))):  # diagonal: the eigenvectors are the coordinate axes
+        eigval, eigvec = np.diag(cov).copy(), np.eye(cov.shape[0])
+    else:
+        eigval, eigvec = np.linalg.eigh(cov)
     keep = eigval > rtol * max(eigval.max(initial=0.0), 0.0)
     if not keep.any():
         raise ValueError("a patch class has a zero noise covariance on its random coordinates")
@@ -138,16 +141,19 @@ def plan_classes(problem: Problem, geometry: PatchGeometry, rtol: float = RTOL) 
     scale = max(float(diag.max()), np.finfo(float).tiny)
     deterministic = diag <= ZERO_ROW_TOL * scale
     keys: dict[bytes, int] = {}
+    exact: dict[bytes, int] = {}  # positions with bit-identical S_j share the rounding work
     classes: list[PatchClass] = []
     position_class = np.empty(geometry.n_positions, dtype=np.int64)
     for j in range(geometry.n_positions):
         pattern = deterministic[j]
-        rounded = np.round(s_all[j] / scale, 9) + 0.0
-        key = pattern.tobytes() + rounded.tobytes()
-        if key not in keys:
-            random = np.flatnonzero(~pattern)
-            whitening, log_pdet = _whitening(s_all[j][np.ix_(random, random)], rtol)
-            keys[key] = len(classes)
-            classes.append(PatchClass(pattern, padded[j], random, whitening, log_pdet))
-        position_class[j] = keys[key]
+        raw = pattern.tobytes() + s_all[j].tobytes()
+        if raw not in exact:
+            key = pattern.tobytes() + (np.round(s_all[j] / scale, 9) + 0.0).tobytes()
+            if key not in keys:
+                random = np.flatnonzero(~pattern)
+                whitening, log_pdet = _whitening(s_all[j][np.ix_(random, random)], rtol)
+                keys[key] = len(classes)
+                classes.append(PatchClass(pattern, padded[j], random, whitening, log_pdet))
+            exact[raw] = keys[key]
+        position_class[j] = exact[raw]
     return ClassPlan(geometry, "whitened", tuple(classes), position_class)

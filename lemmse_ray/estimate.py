@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from .backends import check_kernel, check_triton_runs
-from .bank import class_centers, class_offsets, memory_bank
+from .bank import CENTER_IMAGES, centers_from_inputs, class_offsets, class_rows, class_source
 from .classes import ClassPlan, plan_classes
-from .kernel import STATS, Partials, finalize
+from .kernel import STATS, finalize
 from .patches import PatchGeometry
 from .problems import Problem
-from .queries import key_features, prepare_queries, scan
+from .queries import ClassKeys, key_features, prepare_queries, scan
 from .validation import as_images, check_noise_level, check_query_mask
 
 DTYPES = (torch.float32, torch.float64)
@@ -57,31 +57,136 @@ def check_stats(stats, topk: int) -> tuple[str, ...]:
     return stats
 
 
-def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str, candidates: str):
-    """Validate and convert the inputs; return (train, z, mask, geometry) with float64 tensors."""
+def check_train(train, problem: Problem, patch_size: int, padding: str, candidates: str):
+    """Validate the training images and the patch geometry; return (train as float64, geometry)."""
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a lemmse_ray problem (Denoising, Inpainting, ...), got {type(problem).__name__}")
     train = as_images(train, "train")
-    z = as_images(z, "z", check_range=False)
-    if train.shape[1] != z.shape[1]:
-        raise ValueError(f"z has {z.shape[1]} channels but train has {train.shape[1]}")
-    if train.shape[2:] != z.shape[2:]:
-        raise ValueError(f"z has spatial shape {tuple(z.shape[2:])} but train has {tuple(train.shape[2:])}")
     shape = tuple(train.shape[1:])
     problem.check_shape(shape)
-    geometry = PatchGeometry(shape, patch_size, padding, candidates)
-    return train, z, check_query_mask(mask, problem, z), geometry
+    return train, PatchGeometry(shape, patch_size, padding, candidates)
 
 
-def scan_in_memory(train: torch.Tensor, z: torch.Tensor, mask, problem: Problem, plan: ClassPlan, sigma: float,
-                   stats: tuple[str, ...], topk: int, dtype: torch.dtype,
-                   kernel: str = "auto") -> tuple[Partials, torch.Tensor, int]:
-    """Build the bank of ``train`` in memory and return (merged partials, row sources, number of rows)."""
-    centers = class_centers(train, problem, plan)
-    arrays = memory_bank(train, problem, plan, centers).to(dtype)
-    queries = prepare_queries(z, mask, problem, plan, centers, sigma, dtype)
-    part = scan(key_features(arrays, plan, centers), plan, queries, stats, topk, kernel)
-    return part, arrays.source, int(class_offsets(plan, train.shape[0])[-1])
+def check_queries(z, mask, problem: Problem, shape: tuple[int, int, int]):
+    """Validate estimator inputs ``z`` for training images of ``shape`` (C, H, W); return float64 (z, mask)."""
+    z = as_images(z, "z", check_range=False)
+    if z.shape[1] != shape[0]:
+        raise ValueError(f"z has {z.shape[1]} channels but train has {shape[0]}")
+    if tuple(z.shape[2:]) != tuple(shape[1:]):
+        raise ValueError(f"z has spatial shape {tuple(z.shape[2:])} but train has {tuple(shape[1:])}")
+    return z, check_query_mask(mask, problem, z)
+
+
+def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str, candidates: str):
+    """Validate and convert the inputs; return (train, z, mask, geometry) with float64 tensors."""
+    train, geometry = check_train(train, problem, patch_size, padding, candidates)
+    z, mask = check_queries(z, mask, problem, geometry.shape)
+    return train, z, mask, geometry
+
+
+def check_dtype(dtype) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def bank_keys(train: torch.Tensor, inputs: torch.Tensor, problem: Problem, plan: ClassPlan, centers: np.ndarray,
+              dtype: torch.dtype, chunk_rows: int = 1 << 14) -> dict[int, ClassKeys]:
+    """Kernel key features of every class of the bank of ``train`` (noiseless inputs ``inputs``), in one pass.
+
+    Keys are whitened and centred in float64 (the whitening may amplify rounding), a few thousand rows at a
+    time so that the float64 intermediates stay in cache; only the key features are kept, in ``dtype``."""
+    n_images = train.shape[0]
+    offsets = class_offsets(plan, n_images)
+    out = {}
+    for c, per_image in enumerate(plan.rows_per_image()):
+        if per_image == 0:
+            continue
+        step = max(1, chunk_rows // int(per_image))
+        chunks = [key_features(class_rows(train[i:i + step], i, problem, plan, centers, c,
+                                          int(offsets[c]) + i * int(per_image), inputs[i:i + step]).to(dtype),
+                               plan, centers)[c] for i in range(0, n_images, step)]
+        out[c] = ClassKeys(*(torch.cat([getattr(k, name) for k in chunks])
+                             for name in ("features", "values", "row_ids")))
+    return out
+
+
+class PatchBank:
+    r"""The patch bank of training images, built once in memory and reused for any σ and any query batch.
+
+    Everything that does not depend on σ or on the queries is computed here, once: the patch classes and
+    their whitenings, the class centres, and the kernel's key features of every bank row
+    :math:`(i, j)` (the whitened, centred key :math:`\tilde k = W_c(\Pi_j BAx_i)_R - \text{centre}_c` with
+    :math:`\tfrac12\lVert\tilde k\rVert^2`, or the masked/mixture features) and values :math:`x_i[:, j]`.
+    :meth:`estimate` then only prepares the query features and scans the bank.
+
+    Args:
+        train: (N, C, H, W) training images (numpy or torch), values in [0, 1]; the prior is uniform on them.
+        problem: :class:`~lemmse_ray.Denoising`, :class:`~lemmse_ray.Inpainting`,
+            :class:`~lemmse_ray.Deblurring` or a :class:`~lemmse_ray.LinearInverseProblem`.
+        patch_size: odd receptive field P (1 ≤ P ≤ 2·min(H, W) − 1).
+        padding: boundary rule, ``"zeros"`` or ``"circular"``.
+        candidates: bank positions, ``"all"`` or ``"interior"`` (circular padding only).
+        dtype: ``torch.float32`` (default) or ``torch.float64``: the stored key features and the kernel
+            arithmetic (whitening and centring are always computed in float64).
+
+    Example::
+
+        bank = lm.PatchBank(train, lm.Denoising(), patch_size=5)
+        for sigma in (0.05, 0.1, 0.2):
+            res = bank.estimate(problem.measure(x, sigma)[1], sigma)
+    """
+
+    def __init__(self, train, problem: Problem, patch_size: int = 5, padding: str = "zeros",
+                 candidates: str = "all", dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = check_dtype(dtype)
+        train, self.geometry = check_train(train, problem, patch_size, padding, candidates)
+        self.problem = problem
+        self.n_images = train.shape[0]
+        self.plan = plan_classes(problem, self.geometry)
+        inputs = problem.noiseless_input(train)
+        self.centers = centers_from_inputs(inputs[:CENTER_IMAGES], self.plan)
+        self.keys = bank_keys(train, inputs, problem, self.plan, self.centers, self.dtype)
+        self.n_rows = int(class_offsets(self.plan, self.n_images)[-1])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the training images."""
+        return self.geometry.shape
+
+    def source(self) -> torch.Tensor:
+        """(n_rows, 2) int64 (training image, position row·W + col) of every bank row, in row order."""
+        return torch.cat([class_source(self.plan, c, 0, self.n_images) for c in range(self.plan.n_classes)])
+
+    def estimate(self, z, sigma: float, mask=None, stats=("variance", "ess"), topk: int = 5,
+                 kernel: str = "auto") -> Result:
+        """Exact LE-MMSE estimate of the clean images behind estimator inputs ``z`` at noise level ``sigma``.
+
+        Args:
+            z: (B, C, H, W) estimator inputs, e.g. ``problem.measure(x, sigma, generator)[1]``.
+            sigma: noise level σ > 0 of the measurement.
+            mask: (B, 1, H, W) or (B, H, W) per-image masks, for random-mask inpainting only.
+            stats: any of ``"variance"``, ``"ess"``, ``"max_weight"``, ``"entropy"``, ``"log_evidence"``,
+                ``"topk"``.
+            topk: number of most-weighted training patches reported with ``"topk"``.
+            kernel: ``"auto"`` (default), ``"torch"`` or ``"triton"``: the kernel of the matrix-product logit
+                forms (:mod:`lemmse_ray.backends`).  This API computes on the CPU, where ``"auto"`` is torch and
+                ``"triton"`` runs only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+
+        Returns:
+            :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
+        """
+        stats = check_stats(stats, topk)
+        sigma = check_noise_level(sigma, self.dtype)
+        if check_kernel(kernel, self.dtype) == "triton":
+            check_triton_runs("cpu")
+        z, mask = check_queries(z, mask, self.problem, self.shape)
+        queries = prepare_queries(z, mask, self.problem, self.plan, self.centers, sigma, self.dtype)
+        part = scan(self.keys, self.plan, queries, stats, topk, kernel)
+        source = self.source() if "topk" in stats else torch.zeros((0, 2), dtype=torch.int64)
+        res = to_result(finalize(part, self.n_rows), source, tuple(z.shape), stats)
+        res.info = {"n_rows": self.n_rows, "n_classes": self.plan.n_classes, "kind": self.plan.kind}
+        return res
 
 
 def to_result(stats_out: dict[str, torch.Tensor], source: torch.Tensor, shape: tuple[int, ...],
@@ -110,6 +215,9 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
              dtype: torch.dtype = torch.float32, kernel: str = "auto") -> Result:
     """Exact LE-MMSE estimate of the clean images behind estimator inputs ``z``.
 
+    Builds a :class:`PatchBank` of ``train`` and calls :meth:`PatchBank.estimate`; to estimate several
+    batches or noise levels with the same training images, build the bank once and reuse it.
+
     Args:
         train: (N, C, H, W) training images (numpy or torch), values in [0, 1]; the prior is uniform on them.
         z: (B, C, H, W) estimator inputs, e.g. ``problem.measure(x, sigma, generator)[1]``.
@@ -132,14 +240,8 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
         :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
     """
     stats = check_stats(stats, topk)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    sigma = check_noise_level(sigma, dtype)
-    if check_kernel(kernel, dtype) == "triton":
-        check_triton_runs("cpu")
-    train, z, mask, geometry = check_inputs(train, z, problem, mask, patch_size, padding, candidates)
-    plan = plan_classes(problem, geometry)
-    part, source, n_rows = scan_in_memory(train, z, mask, problem, plan, sigma, stats, topk, dtype, kernel)
-    res = to_result(finalize(part, n_rows), source, tuple(z.shape), stats)
-    res.info = {"n_rows": n_rows, "n_classes": plan.n_classes, "kind": plan.kind}
-    return res
+    check_noise_level(sigma, check_dtype(dtype))
+    check_kernel(kernel, dtype)
+    train, z, mask, _ = check_inputs(train, z, problem, mask, patch_size, padding, candidates)
+    bank = PatchBank(train, problem, patch_size, padding, candidates, dtype)
+    return bank.estimate(z, sigma, mask=mask, stats=stats, topk=topk, kernel=kernel)

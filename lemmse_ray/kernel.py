@@ -34,6 +34,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
 
 BLOCK_Q = 1024
@@ -129,35 +131,60 @@ def merge_into(total: Partials, index: torch.Tensor, part: Partials) -> None:
     total.assign(index, merge(total.select(index), part))
 
 
+EPILOGUES = ("auto", "compiled", "torch")
+
+
+def compiled_epilogue(epilogue: str, values: torch.Tensor):
+    """The compiled library of :mod:`lemmse_ray.fused` if ``epilogue`` asks for it and it applies (float32 on
+    CPU), else None (the pure-torch epilogue)."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if epilogue == "torch":
+        return None
+    lib = fused.load() if values.dtype == torch.float32 and values.device.type == "cpu" else None
+    if lib is None and epilogue == "compiled":
+        raise ValueError("epilogue='compiled' needs float32 on CPU and a working C compiler "
+                         "(see lemmse_ray.fused)")
+    return lib
+
+
 def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: torch.Tensor,
             row_ids: torch.Tensor | None, n_queries: int, stats: tuple[str, ...], topk: int,
-            block_r: int) -> Partials:
+            block_r: int, epilogue: str = "auto") -> Partials:
     r"""Online reduction over row blocks for one query block.
 
     ``logits(r0, r1)`` returns a writable (Mq, r1−r0) block of logits *in base 2* (:math:`s\log_2 e`):
     ``exp2`` is several times faster than ``exp`` on CPUs, and the statistics are the same numbers
     (:math:`2^{s_2-m_2} = e^{s-m}`); ``m``, ``l_s`` and the top-k logits are converted back at the end.
+    ``epilogue``: ``"auto"`` (the fused compiled epilogue of :mod:`lemmse_ray.fused` for float32 on CPU when
+    it builds, else pure torch), ``"compiled"`` (required) or ``"torch"``.
     """
+    lib = compiled_epilogue(epilogue, values)
     dtype = values.dtype
     channels = values.shape[1]
     want_var, want_l2, want_ls = "variance" in stats, "ess" in stats, "entropy" in stats
     device = values.device
     part = Partials.empty(n_queries, channels, stats, topk, dtype, device)
-    # values, ones and squared values as one column-major (R, w) operand: e @ [v, 1, v²] gives o, l, o2
-    columns = [values.T, torch.ones((1, n_rows), dtype=dtype, device=device)] + ([values.T * values.T] if want_var else [])
-    aug = torch.cat(columns, dim=0).contiguous()
-    acc = torch.zeros((n_queries, aug.shape[0]), dtype=dtype, device=device)
+    acc = torch.zeros((n_queries, 2 * channels + 1 if want_var else channels + 1), dtype=dtype, device=device)
+    if lib is not None:
+        values_t = values.T.contiguous()
+    else:  # values, ones and squared values as one column-major (R, w) operand: e @ [v, 1, v²] gives o, l, o2
+        columns = [values.T, torch.ones((1, n_rows), dtype=dtype, device=device)] + ([values.T * values.T] if want_var else [])
+        aug = torch.cat(columns, dim=0).contiguous()
     m = part.m
     for r0 in range(0, n_rows, block_r):
         r1 = min(n_rows, r0 + block_r)
         s = logits(r0, r1)
-        m_new = torch.maximum(m, s.amax(dim=1))
-        ref = _safe(m_new)
-        alpha = torch.exp2(m - ref)
         if part.top_s is not None:
             ts, ti = torch.topk(s, min(topk, r1 - r0), dim=1)
             tr = row_ids[r0:r1][ti] if row_ids is not None else ti + r0
             part.top_s, part.top_r = _merge_topk(part.top_s, part.top_r, ts, tr, topk)
+        if lib is not None:
+            fused.epilogue(lib, s, values_t[:, r0:r1], m, acc, want_var, part.l2, part.ls)
+            continue
+        m_new = torch.maximum(m, s.amax(dim=1))
+        ref = _safe(m_new)
+        alpha = torch.exp2(m - ref)
         s.sub_(ref[:, None])
         if want_ls:
             shifted = s.clone()
@@ -202,7 +229,7 @@ def _by_query_blocks(n_queries: int, block_q: int, run: Callable[[int, int], Par
 
 def matmul_partials(q_feat: torch.Tensor, k_feat: torch.Tensor, values: torch.Tensor, shift: torch.Tensor,
                     row_ids: torch.Tensor | None = None, stats: tuple[str, ...] = (), topk: int = 0,
-                    block_q: int = BLOCK_Q, block_r: int = BLOCK_R) -> Partials:
+                    block_q: int = BLOCK_Q, block_r: int = BLOCK_R, epilogue: str = "auto") -> Partials:
     """Partials for logits :math:`s = Q_f K_f^\\top + \\text{shift}` (shapes (M, F), (R, F), (R, C), (M,))."""
     n_rows = k_feat.shape[0]
     buffer = torch.empty((block_q, block_r), dtype=q_feat.dtype, device=q_feat.device)
@@ -216,7 +243,8 @@ def matmul_partials(q_feat: torch.Tensor, k_feat: torch.Tensor, values: torch.Te
                 return torch.mm(q, k_feat[r0:r1].T, out=out)
             return torch.mm(q, k_feat[r0:r1].T)
 
-        return _add_shift(_reduce(logits, n_rows, values, row_ids, q1 - q0, stats, topk, block_r), shift[q0:q1])
+        return _add_shift(_reduce(logits, n_rows, values, row_ids, q1 - q0, stats, topk, block_r, epilogue),
+                          shift[q0:q1])
 
     return _by_query_blocks(q_feat.shape[0], block_q, run)
 
@@ -224,7 +252,7 @@ def matmul_partials(q_feat: torch.Tensor, k_feat: torch.Tensor, values: torch.Te
 def mixture_partials(q_pix: torch.Tensor, k_pix: torch.Tensor, values: torch.Tensor, shift: torch.Tensor,
                      keep_prob: float, sigma: float, row_ids: torch.Tensor | None = None,
                      stats: tuple[str, ...] = (), topk: int = 0, block_q: int = 64,
-                     block_r: int = 2048) -> Partials:
+                     block_r: int = 2048, epilogue: str = "auto") -> Partials:
     """Partials for the per-pixel mixture logits (random-mask agnostic inpainting).
 
     ``q_pix`` (M, A, C) query pixels and ``k_pix`` (R, A, C) key pixels over the A non-padded pixels.
@@ -246,7 +274,8 @@ def mixture_partials(q_pix: torch.Tensor, k_pix: torch.Tensor, values: torch.Ten
                 s.add_(F.softplus(t))
             return s.mul_(LOG2E)
 
-        return _add_shift(_reduce(logits, n_rows, values, row_ids, q1 - q0, stats, topk, block_r), shift[q0:q1])
+        return _add_shift(_reduce(logits, n_rows, values, row_ids, q1 - q0, stats, topk, block_r, epilogue),
+                          shift[q0:q1])
 
     return _by_query_blocks(q_pix.shape[0], block_q, run)
 
