@@ -232,9 +232,7 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
         topk: number of most-weighted training patches reported with ``"topk"``.
         dtype: ``torch.float32`` (default) or ``torch.float64`` for the kernel arithmetic (the class
             whitening is always computed in float64).
-        kernel: ``"auto"`` (default), ``"torch"`` or ``"triton"``: the kernel of the matrix-product logit
-            forms (:mod:`lemmse_ray.backends`).  This API computes on the CPU, where ``"auto"`` is torch and
-            ``"triton"`` runs only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+        kernel: ``"auto"`` (default), ``"torch"`` or ``"triton"``, as in :meth:`PatchBank.estimate`.
 
     Returns:
         :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
