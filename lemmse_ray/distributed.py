@@ -1,4 +1,4 @@
-r"""Bank building and exact estimation on Ray (DESIGN §2.3).
+r"""Bank building and exact estimation on Ray (docs/theory.md, §8, computing it exactly at scale).
 
 * :func:`build_bank` — Ray tasks, one per missing shard, each computing its rows from the training images
   it needs and writing the whole shard (idempotent: re-running completes the missing shards only).

@@ -1,4 +1,4 @@
-r"""Patch banks in Zarr v3 (DESIGN §2.2).
+r"""Patch banks in Zarr v3 (docs/theory.md, §8, computing it exactly at scale).
 
 One group per bank, addressed by URL (a local path or any fsspec URL such as ``s3://bucket/bank``):
 
