@@ -133,12 +133,11 @@ class ShardActor:
     """Scans query batches against shards ``[first, last)`` of a bank.
 
     *Resident* (when the shards' key features fit in ``memory`` bytes): they are read once and kept in device
-    memory, and a batch is one scan of the whole range.  *Streaming* (past it): every query batch reads the
-    shards from the store again, the next one in a background thread while the current one is scanned (at most
-    two shards held), and merges the shards' partials in shard order.  The two modes agree within float
-    rounding, not bit for bit: the kernel's online reduction restarts at each shard boundary when streaming,
-    so the same sums are associated differently (and, among rows with exactly equal logits, the top-k may
-    keep other ones).  ``memory=None``: see :func:`default_actor_memory`.
+    memory.  *Streaming* (past it): every query batch reads the shards from the store again, the next one in a
+    background thread while the current one is scanned (at most two shards held).  Both modes scan a batch
+    shard by shard and merge the shards' partials in shard order, so they give the same bits (the top-k
+    breaks ties by row id, see :func:`lemmse_ray.kernel._block_topk`).  ``memory=None``: see
+    :func:`default_actor_memory`.
 
     ``kernel`` (``"auto"``, ``"torch"``, ``"triton"``, :mod:`lemmse_ray.backends`): with ``"auto"`` a CUDA actor
     with Triton installed scans float32 banks with the fused Triton kernel.  Whether ``"triton"`` can run is
@@ -162,7 +161,7 @@ class ShardActor:
         self.streaming = self.resident_bytes > self.memory
         self.calls = 0
         self.read_s, self.read_bytes = 0.0, 0
-        self.keys = None if self.streaming else self._load(start, stop)
+        self.keys = None if self.streaming else [self._load_shard(shard) for shard in self.shards]
 
     def _load_shard(self, shard: int) -> dict:
         return self._load(*self.bank.layout.shard_range(shard))
@@ -179,7 +178,7 @@ class ShardActor:
     def _shard_keys(self):
         """Key features of each shard in order (streaming: read ahead one shard in a background thread)."""
         if not self.streaming:
-            yield self.keys
+            yield from self.keys
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             ahead = pool.submit(self._load_shard, self.shards[0])

@@ -98,6 +98,25 @@ def _safe(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
+def _block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest logits of each row of a block and their columns, ties at the k-th value going to the
+    leftmost columns (``torch.topk`` breaks such ties arbitrarily).  Columns ascend with row ids, so with
+    :func:`_merge_topk` the top-k is that of (logit descending, row id ascending) over all rows, whatever the
+    blocks, shards or actors: rows with equal logits (duplicate patches) never make it depend on the split."""
+    values, columns = torch.topk(s, k, dim=1)
+    kth = values[:, -1:]
+    above = (s > kth).sum(dim=1)
+    rows = torch.nonzero(above + (s == kth).sum(dim=1) > k).flatten()  # more rows tie at the k-th value
+    if len(rows):
+        sub, kth_sub = s[rows], kth[rows]
+        equal = sub == kth_sub
+        keep = (sub > kth_sub) | (equal & (equal.cumsum(dim=1) <= (k - above[rows])[:, None]))
+        picked = torch.nonzero(keep)[:, 1].reshape(len(rows), k)
+        columns[rows] = picked
+        values[rows] = sub.gather(1, picked)
+    return values, columns
+
+
 def _merge_topk(s1, r1, s2, r2, k):
     """Top-k of the union, logits descending; ties broken by the smaller row id (order-independent)."""
     s = torch.cat([s1, s2], dim=1)
@@ -176,7 +195,7 @@ def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: tor
         r1 = min(n_rows, r0 + block_r)
         s = logits(r0, r1)
         if part.top_s is not None:
-            ts, ti = torch.topk(s, min(topk, r1 - r0), dim=1)
+            ts, ti = _block_topk(s, min(topk, r1 - r0))
             tr = row_ids[r0:r1][ti] if row_ids is not None else ti + r0
             part.top_s, part.top_r = _merge_topk(part.top_s, part.top_r, ts, tr, topk)
         if lib is not None:

@@ -462,3 +462,20 @@ def test_estimate_does_not_depend_on_block_sizes(problem_name):
         scale = 1.0 + float(b.abs().max())
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * scale), name
     assert torch.equal(small["topk_rows"], default["topk_rows"])
+
+
+def test_block_topk_breaks_ties_by_column():
+    """The block top-k keeps, among logits tied at the k-th value, the leftmost columns (the smallest row ids):
+    checked against an explicit sort on integer-valued blocks full of ties."""
+    from lemmse_ray.kernel import _block_topk
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rows, cols = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(1, 40, (1,), generator=generator))
+        k = int(torch.randint(1, cols + 1, (1,), generator=generator))
+        s = torch.randint(-3, 3, (rows, cols), generator=generator).to(torch.float32)
+        values, columns = _block_topk(s, k)
+        for m in range(rows):
+            expected = sorted(range(cols), key=lambda j: (-float(s[m, j]), j))[:k]
+            assert sorted(columns[m].tolist()) == sorted(expected)
+            assert torch.equal(values[m], s[m, columns[m]])
