@@ -128,10 +128,9 @@ def _cpu_key() -> str:
     key = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            key += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return key
+            return key + next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:  # no /proc/cpuinfo (not Linux): the architecture alone names the build
+        return key
 
 
 def compiler() -> str | None:
