@@ -9,14 +9,19 @@ circular padding, interior candidates (128 × 28² = 100,352 bank rows); 1 and 4
 Timed, per number of query images B:
 
 (a) ``lm.estimate(train, z, ...)`` — the public API, bank built inside the call — with ``stats=()`` (the
-    posterior mean only: the same work as (d)), and once more with its default statistics (variance, ess);
+    posterior mean only: the same work as (d)), and once more with its default statistics (variance, ess).
+    On this workload (denoising: one class, whitened by the identity) ``kernel="auto"`` evaluates it with
+    the sliding-window kernel of ``lemmse_ray.sliding``;
 (b) ``lm.PatchBank(train, ...)`` then ``bank.estimate(z, ...)`` (mean only), with the build time alone;
-(c) float32 GEMM bound: ``torch.mm`` 2048×2048×2048, re-measured around every timed section, best figure;
-    fraction of the bound = pairs × 2(d + C + 1) / time / GEMM flop/s (158 useful flops per pair: d = 75, C = 3);
-(d) the straightforward version: patches by ``F.unfold``, then per chunk of queries ``torch.cdist`` to all
+(c) the matrix-product path, ``lm.estimate(..., kernel="torch")`` (mean only): what the Ray actors run;
+(d) float32 GEMM bound: ``torch.mm`` 2048×2048×2048, re-measured around every timed section, best figure;
+    "% of the bound" = pairs × 2(d + C + 1) / time / GEMM flop/s (158 flops per pair: d = 75, C = 3), the
+    useful flops of the matrix-product formulation.  The sliding kernel needs about 20 operations per pair,
+    not 158, so its figure is a GEMM-equivalent rate and may exceed 100 %;
+(e) the straightforward version: patches by ``F.unfold``, then per chunk of queries ``torch.cdist`` to all
     rows, ``softmax`` and ``w @ values`` (float32), its own patch extraction included.
 
-Targets (issue 10, B = 4): (a) ≥ 40 % of the GEMM bound and ≥ 8× (d).  The figures and ratios are printed
+Targets (issue 10, B = 4): (a) ≥ 40 % of the GEMM bound and ≥ 8× (e).  The figures and ratios are printed
 last.  Judge on the median of several runs: the machine may be shared.
 """
 from __future__ import annotations
@@ -103,6 +108,7 @@ def main(argv=None) -> int:
         pairs = b * 32 * 32 * n_rows
         t_est, ts_est, res = timed(lambda: lm.estimate(train, z, problem, SIGMA, stats=(), **opts))
         t_def, ts_def, _ = timed(lambda: lm.estimate(train, z, problem, SIGMA, **opts))
+        t_mm, ts_mm, _ = timed(lambda: lm.estimate(train, z, problem, SIGMA, stats=(), kernel="torch", **opts))
         t_build, ts_build, bank = timed(lambda: lm.PatchBank(train, problem, **opts))
         t_bank, ts_bank, _ = timed(lambda: lm.PatchBank(train, problem, **opts).estimate(z, SIGMA, stats=()))
         t_scan, ts_scan, _ = timed(lambda: bank.estimate(z, SIGMA, stats=()))
@@ -110,21 +116,23 @@ def main(argv=None) -> int:
         diff = (mean_naive.reshape(b, 32, 32, channels).permute(0, 3, 1, 2) - res.mean).abs().max().item()
         print(f"\nB = {b} query image(s), {pairs:,} pairs (times in s, best of {args.repeat}):")
         for name, ts in (("lm.estimate, mean only", ts_est), ("lm.estimate, default stats (variance, ess)", ts_def),
-                         ("PatchBank build", ts_build), ("PatchBank build + estimate, mean only", ts_bank),
+                         ("lm.estimate, mean only, kernel='torch'", ts_mm), ("PatchBank build", ts_build), ("PatchBank build + estimate, mean only", ts_bank),
                          ("bank.estimate on a built bank, mean only", ts_scan), ("straightforward", ts_naive)):
             print(f"    {name:<44} {', '.join(f'{t:.3f}' for t in ts)}  (median {statistics.median(ts):.3f})")
         print(f"    max |mean lm.estimate - mean straightforward| = {diff:.2e}")
-        rows.append((b, pairs, t_est, t_def, t_build, t_bank, t_scan, t_naive))
+        print(f"    lm.estimate's kernel: {'sliding windows' if res.info['sliding_class'] is not None else 'matrix product'}")
+        rows.append((b, pairs, t_est, t_def, t_mm, t_build, t_bank, t_scan, t_naive))
 
     peak = max(gemm)
     print(f"\nGEMM bound: 2048^3 float32 torch.mm, measured {len(gemm)} times: "
           f"{', '.join(f'{g:.1f}' for g in gemm)} GFLOP/s; best = {peak:.1f} GFLOP/s")
     frac = lambda pairs, t: 100 * pairs * useful / t / (peak * 1e9)  # noqa: E731
     print("\nsummary (best times; % of the GEMM bound; speed-up = straightforward time / time):")
-    for b, pairs, t_est, t_def, t_build, t_bank, t_scan, t_naive in rows:
+    for b, pairs, t_est, t_def, t_mm, t_build, t_bank, t_scan, t_naive in rows:
         print(f"  B={b}: lm.estimate {t_est:.3f} s = {frac(pairs, t_est):.1f} % of bound, "
               f"{t_naive / t_est:.1f}x straightforward ({t_naive:.3f} s); default stats {t_def:.3f} s "
-              f"= {frac(pairs, t_def):.1f} %; PatchBank build {t_build:.3f} s + estimate = {t_bank:.3f} s "
+              f"= {frac(pairs, t_def):.1f} %; matrix-product path {t_mm:.3f} s = {frac(pairs, t_mm):.1f} %, "
+              f"{t_naive / t_mm:.1f}x; PatchBank build {t_build:.3f} s + estimate = {t_bank:.3f} s "
               f"({frac(pairs, t_bank):.1f} %); estimate on a built bank {t_scan:.3f} s ({frac(pairs, t_scan):.1f} %)")
     b, pairs, t_est, *_, t_naive = rows[-1]
     ok = frac(pairs, t_est) >= 40 and t_naive / t_est >= 8

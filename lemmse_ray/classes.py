@@ -24,6 +24,7 @@ from functools import cached_property
 
 import numpy as np
 
+from .covariance import DiagonalCovariance
 from .patches import PatchGeometry
 from .problems import Problem
 
@@ -136,8 +137,17 @@ def plan_classes(problem: Problem, geometry: PatchGeometry, rtol: float = RTOL) 
         kind = "masked" if problem.aware else "mixture"
         return ClassPlan(geometry, kind, classes, position_class.reshape(-1), problem.keep_prob)
 
-    s_all = problem.covariance(geometry.shape).patches(geometry.coords)  # (H·W, d, d)
-    diag = np.einsum("nii->ni", s_all)
+    covariance = problem.covariance(geometry.shape)
+    coords = geometry.coords
+    if isinstance(covariance, DiagonalCovariance) and (geometry.padding == "zeros"
+                                                       or geometry.patch_size <= min(geometry.shape[1:])):
+        # no coordinate repeats inside a patch, so S_j is diagonal: keep only its diagonal (n, d)
+        diag = np.where(coords >= 0, covariance.diagonal[np.maximum(coords, 0)], 0.0)
+        s_of, s_all = (lambda j: np.diag(diag[j])), diag
+    else:
+        s_all = covariance.patches(coords)  # (H·W, d, d)
+        diag = np.einsum("nii->ni", s_all)
+        s_of = lambda j: s_all[j]  # noqa: E731
     scale = max(float(diag.max()), np.finfo(float).tiny)
     deterministic = diag <= ZERO_ROW_TOL * scale
     keys: dict[bytes, int] = {}
@@ -151,7 +161,7 @@ def plan_classes(problem: Problem, geometry: PatchGeometry, rtol: float = RTOL) 
             key = pattern.tobytes() + (np.round(s_all[j] / scale, 9) + 0.0).tobytes()
             if key not in keys:
                 random = np.flatnonzero(~pattern)
-                whitening, log_pdet = _whitening(s_all[j][np.ix_(random, random)], rtol)
+                whitening, log_pdet = _whitening(s_of(j)[np.ix_(random, random)], rtol)
                 keys[key] = len(classes)
                 classes.append(PatchClass(pattern, padded[j], random, whitening, log_pdet))
             exact[raw] = keys[key]

@@ -14,16 +14,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .backends import check_kernel, check_triton_runs
+from .backends import KERNELS, check_kernel, check_triton_runs
 from .bank import CENTER_IMAGES, centers_from_inputs, class_offsets, class_rows, class_source
 from .classes import ClassPlan, plan_classes
-from .kernel import STATS, finalize
+from .kernel import STATS, Partials, finalize, merge_into
 from .patches import PatchGeometry
 from .problems import Problem
 from .queries import ClassKeys, key_features, prepare_queries, scan
+from .sliding import SlidingRows, eligible_class, query_windows, sliding_partials
+from . import sliding
 from .validation import as_images, check_noise_level, check_query_mask
 
 DTYPES = (torch.float32, torch.float64)
+IN_MEMORY_KERNELS = (*KERNELS, "sliding")
 
 
 @dataclass
@@ -84,6 +87,17 @@ def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str
     return train, z, mask, geometry
 
 
+def check_in_memory_kernel(kernel: str, dtype: torch.dtype) -> str:
+    """Validate ``kernel`` for :meth:`PatchBank.estimate`: one of :data:`IN_MEMORY_KERNELS`."""
+    if kernel == "sliding":
+        if dtype != torch.float32:
+            raise ValueError(f"kernel='sliding' computes in float32 only, got dtype {dtype}")
+        return kernel
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {IN_MEMORY_KERNELS}, got {kernel!r}")
+    return check_kernel(kernel, dtype)
+
+
 def check_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -91,8 +105,9 @@ def check_dtype(dtype) -> torch.dtype:
 
 
 def bank_keys(train: torch.Tensor, inputs: torch.Tensor, problem: Problem, plan: ClassPlan, centers: np.ndarray,
-              dtype: torch.dtype, chunk_rows: int = 1 << 14) -> dict[int, ClassKeys]:
-    """Kernel key features of every class of the bank of ``train`` (noiseless inputs ``inputs``), in one pass.
+              dtype: torch.dtype, chunk_rows: int = 1 << 14, classes=None) -> dict[int, ClassKeys]:
+    """Kernel key features of every class (or of ``classes``) of the bank of ``train`` (noiseless inputs
+    ``inputs``), in one pass.
 
     Keys are whitened and centred in float64 (the whitening may amplify rounding), a few thousand rows at a
     time so that the float64 intermediates stay in cache; only the key features are kept, in ``dtype``."""
@@ -100,7 +115,7 @@ def bank_keys(train: torch.Tensor, inputs: torch.Tensor, problem: Problem, plan:
     offsets = class_offsets(plan, n_images)
     out = {}
     for c, per_image in enumerate(plan.rows_per_image()):
-        if per_image == 0:
+        if per_image == 0 or (classes is not None and c not in classes):
             continue
         step = max(1, chunk_rows // int(per_image))
         chunks = [key_features(class_rows(train[i:i + step], i, problem, plan, centers, c,
@@ -146,8 +161,24 @@ class PatchBank:
         self.plan = plan_classes(problem, self.geometry)
         inputs = problem.noiseless_input(train)
         self.centers = centers_from_inputs(inputs[:CENTER_IMAGES], self.plan)
-        self.keys = bank_keys(train, inputs, problem, self.plan, self.centers, self.dtype)
+        index = eligible_class(self.plan) if self.dtype == torch.float32 and sliding.load() is not None else None
+        #: the rows of the class the sliding kernel evaluates (:mod:`lemmse_ray.sliding`), or None
+        self.sliding = None if index is None else SlidingRows.build(train, inputs, self.plan, index)
+        others = None if index is None else [c for c in range(self.plan.n_classes) if c != index]
+        self._keys = bank_keys(train, inputs, problem, self.plan, self.centers, self.dtype, classes=others)
+        self._deferred = None if index is None else (train, inputs)
         self.n_rows = int(class_offsets(self.plan, self.n_images)[-1])
+
+    @property
+    def keys(self) -> dict[int, ClassKeys]:
+        """Kernel key features of every class (for the sliding kernel's class, built at first use)."""
+        if self._deferred is not None:
+            train, inputs = self._deferred
+            self._keys.update(bank_keys(train, inputs, self.problem, self.plan, self.centers, self.dtype,
+                                        classes=[self.sliding.index]))
+            self._keys = dict(sorted(self._keys.items()))
+            self._deferred = None
+        return self._keys
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -157,6 +188,17 @@ class PatchBank:
     def source(self) -> torch.Tensor:
         """(n_rows, 2) int64 (training image, position row·W + col) of every bank row, in row order."""
         return torch.cat([class_source(self.plan, c, 0, self.n_images) for c in range(self.plan.n_classes)])
+
+    def _use_sliding(self, kernel: str, stats: tuple[str, ...]) -> bool:
+        if kernel == "sliding":
+            if self.sliding is None:
+                raise ValueError("kernel='sliding' needs float32, a working C compiler and a class whitened by a "
+                                 "multiple of the identity whose rows are all windows of the images (e.g. "
+                                 "denoising, circular padding or the interior under zero padding)")
+            if "topk" in stats:
+                raise ValueError("kernel='sliding' keeps no top-k rows: use kernel='auto' for stats with 'topk'")
+            return True
+        return kernel == "auto" and self.sliding is not None and "topk" not in stats
 
     def estimate(self, z, sigma: float, mask=None, stats=("variance", "ess"), topk: int = 5,
                  kernel: str = "auto") -> Result:
@@ -169,23 +211,37 @@ class PatchBank:
             stats: any of ``"variance"``, ``"ess"``, ``"max_weight"``, ``"entropy"``, ``"log_evidence"``,
                 ``"topk"``.
             topk: number of most-weighted training patches reported with ``"topk"``.
-            kernel: ``"auto"`` (default), ``"torch"`` or ``"triton"``: the kernel of the matrix-product logit
-                forms (:mod:`lemmse_ray.backends`).  This API computes on the CPU, where ``"auto"`` is torch and
-                ``"triton"`` runs only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+            kernel: ``"auto"`` (default), ``"sliding"``, ``"torch"`` or ``"triton"``.  ``"auto"`` evaluates the
+                class of :attr:`sliding` (if any) with the sliding-window kernel of :mod:`lemmse_ray.sliding`
+                (unless ``"topk"`` is asked for) and every other class with torch's matrix product;
+                ``"sliding"`` requires the sliding kernel; ``"torch"`` uses the matrix product everywhere;
+                ``"triton"`` runs only in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, for tests).
 
         Returns:
             :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
         """
         stats = check_stats(stats, topk)
         sigma = check_noise_level(sigma, self.dtype)
-        if check_kernel(kernel, self.dtype) == "triton":
+        if check_in_memory_kernel(kernel, self.dtype) == "triton":
             check_triton_runs("cpu")
+        use_sliding = self._use_sliding(kernel, stats)
         z, mask = check_queries(z, mask, self.problem, self.shape)
-        queries = prepare_queries(z, mask, self.problem, self.plan, self.centers, sigma, self.dtype)
-        part = scan(self.keys, self.plan, queries, stats, topk, kernel)
+        skip = (self.sliding.index,) if use_sliding else ()
+        queries = prepare_queries(z, mask, self.problem, self.plan, self.centers, sigma, self.dtype, skip)
+        keys = {c: k for c, k in (self._keys if use_sliding else self.keys).items() if c not in skip}
+        if keys:
+            part = scan(keys, self.plan, queries, stats, topk, "torch" if kernel == "sliding" else kernel)
+        else:
+            part = Partials.empty(queries.n, queries.channels, stats, topk, self.dtype)
+        if use_sliding:
+            windows = torch.from_numpy(np.flatnonzero(query_windows(self.geometry.padding, self.shape,
+                                                                    self.geometry.patch_size)))
+            ids = (torch.arange(z.shape[0])[:, None] * len(self.plan.position_class) + windows[None]).flatten()
+            merge_into(part, ids, sliding_partials(self.sliding, z, sigma, stats))
         source = self.source() if "topk" in stats else torch.zeros((0, 2), dtype=torch.int64)
         res = to_result(finalize(part, self.n_rows), source, tuple(z.shape), stats)
-        res.info = {"n_rows": self.n_rows, "n_classes": self.plan.n_classes, "kind": self.plan.kind}
+        res.info = {"n_rows": self.n_rows, "n_classes": self.plan.n_classes, "kind": self.plan.kind,
+                    "sliding_class": self.sliding.index if use_sliding else None}
         return res
 
 
@@ -232,14 +288,14 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
         topk: number of most-weighted training patches reported with ``"topk"``.
         dtype: ``torch.float32`` (default) or ``torch.float64`` for the kernel arithmetic (the class
             whitening is always computed in float64).
-        kernel: ``"auto"`` (default), ``"torch"`` or ``"triton"``, as in :meth:`PatchBank.estimate`.
+        kernel: ``"auto"`` (default), ``"sliding"``, ``"torch"`` or ``"triton"``, as in :meth:`PatchBank.estimate`.
 
     Returns:
         :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
     """
     stats = check_stats(stats, topk)
     check_noise_level(sigma, check_dtype(dtype))
-    check_kernel(kernel, dtype)
+    check_in_memory_kernel(kernel, dtype)
     train, z, mask, _ = check_inputs(train, z, problem, mask, patch_size, padding, candidates)
     bank = PatchBank(train, problem, patch_size, padding, candidates, dtype)
     return bank.estimate(z, sigma, mask=mask, stats=stats, topk=topk, kernel=kernel)

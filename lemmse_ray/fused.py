@@ -140,42 +140,61 @@ def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def build(cc: str | None, cache_dir: str) -> ctypes.CDLL | None:
-    """Compile (or reuse) the epilogue library with ``cc`` in ``cache_dir``; None if that is impossible."""
+def compile_library(cc: str | None, cache_dir: str, name: str, source: str,
+                    signatures: dict[str, list]) -> ctypes.CDLL | None:
+    """Compile (or reuse) the C library ``source`` with ``cc`` in ``cache_dir`` (file ``name-<digest>.so``) and
+    set the ``argtypes`` of its functions from ``signatures``; None (with a warning) if that is impossible."""
     if cc is None:
         return None
-    digest = hashlib.sha256("\0".join([SOURCE, *FLAGS, _cpu_key(), cc]).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"epilogue-{digest}.so")
+    digest = hashlib.sha256("\0".join([source, *FLAGS, _cpu_key(), cc]).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{name}-{digest}.so")
     try:
         if not os.path.exists(path):
             os.makedirs(cache_dir, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-                src = os.path.join(tmp, "epilogue.c")
+                src = os.path.join(tmp, f"{name}.c")
                 with open(src, "w") as f:
-                    f.write(SOURCE)
-                out = os.path.join(tmp, "epilogue.so")
+                    f.write(source)
+                out = os.path.join(tmp, f"{name}.so")
                 subprocess.run([cc, *FLAGS, src, "-o", out, "-lm"], check=True, capture_output=True, timeout=120)
                 os.replace(out, path)  # atomic: concurrent builders (Ray workers) never see half a file
         lib = ctypes.CDLL(path)
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", b"") or b""
-        warnings.warn(f"lemmse_ray: the compiled kernel epilogue is unavailable ({err}; "
-                      f"{detail.decode(errors='replace')[:300]}); using the pure-torch epilogue", stacklevel=3)
+        warnings.warn(f"lemmse_ray: the compiled {name} is unavailable ({err}; "
+                      f"{detail.decode(errors='replace')[:300]}); using the pure-torch path", stacklevel=3)
         return None
-    fn = lib.lemmse_epilogue_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
-    fn.restype = None
+    for symbol, argtypes in signatures.items():
+        fn = getattr(lib, symbol)
+        fn.argtypes = argtypes
+        fn.restype = None
     return lib
+
+
+def cache_dir() -> str:
+    """Where compiled libraries are cached: ``$LEMMSE_RAY_CACHE``, default ``~/.cache/lemmse_ray``."""
+    return os.environ.get("LEMMSE_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lemmse_ray")
+
+
+def enabled() -> bool:
+    """Compiled kernels are used unless ``LEMMSE_RAY_FUSED=0``."""
+    return os.environ.get("LEMMSE_RAY_FUSED", "1") != "0"
+
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+SIGNATURES = {"lemmse_epilogue_f32": [_i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, ctypes.c_int,
+                                      _ptr, _ptr, ctypes.c_int]}
+
+
+def build(cc: str | None, cache_dir: str) -> ctypes.CDLL | None:
+    """Compile (or reuse) the epilogue library with ``cc`` in ``cache_dir``; None if that is impossible."""
+    return compile_library(cc, cache_dir, "epilogue", SOURCE, SIGNATURES)
 
 
 @lru_cache(maxsize=None)
 def load() -> ctypes.CDLL | None:
     """The compiled library, built at first call (None: disabled, or no working compiler)."""
-    if os.environ.get("LEMMSE_RAY_FUSED", "1") == "0":
-        return None
-    cache = os.environ.get("LEMMSE_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lemmse_ray")
-    return build(compiler(), cache)
+    return build(compiler(), cache_dir()) if enabled() else None
 
 
 def epilogue(lib: ctypes.CDLL, s: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, acc: torch.Tensor,

@@ -221,13 +221,15 @@ def kernel_kind(plan: ClassPlan) -> KernelKind:
 
 
 def prepare_queries(z: torch.Tensor, mask: torch.Tensor | None, problem: Problem, plan: ClassPlan,
-                    centers: np.ndarray, sigma: float, dtype: torch.dtype = torch.float32) -> QuerySet:
-    """Features for estimator inputs ``z`` (B, C, H, W) (and masks (B, 1, H, W) for random masks)."""
+                    centers: np.ndarray, sigma: float, dtype: torch.dtype = torch.float32,
+                    skip: tuple[int, ...] = ()) -> QuerySet:
+    """Features for estimator inputs ``z`` (B, C, H, W) (and masks (B, 1, H, W) for random masks), for every
+    class but those in ``skip`` (evaluated otherwise, e.g. by :mod:`lemmse_ray.sliding`)."""
     kind = kernel_kind(plan)
     qb = kind.batch(z, mask, problem, plan, sigma)
     per_class: list[ClassQueries | None] = []
     for c in range(plan.n_classes):
-        ids = kind.met(qb, plan, c)
+        ids = kind.met(qb, plan, c) if c not in skip else ()
         if not len(ids):
             per_class.append(None)
             continue
