@@ -94,7 +94,7 @@ def class_rows(images: torch.Tensor, image_offset: int, problem: Problem, plan: 
     if inputs is None:
         inputs = problem.noiseless_input(images.to(torch.float64))
     raw = class_keys(inputs, plan, index)
-    keys = raw - torch.from_numpy(centers[index, : raw.shape[1]])
+    keys = raw - torch.tensor(centers[index, : raw.shape[1]])  # a copy: centres may be read-only (Ray)
     if raw.shape[1] < plan.width:
         keys = torch.cat([keys, torch.zeros((n, plan.width - raw.shape[1]), dtype=torch.float64)], dim=1)
     values = images.to(torch.float64).flatten(2)[:, :, torch.from_numpy(positions)].permute(0, 2, 1).reshape(n, -1)
