@@ -10,6 +10,11 @@
   ``"torch"`` otherwise (always on the CPU).
 
 The per-pixel mixture kernel (random-mask agnostic inpainting) always runs on torch.
+
+The in-memory API (:class:`lemmse_ray.PatchBank`, :func:`lemmse_ray.estimate`) has one more choice,
+``"sliding"``, and its ``"auto"`` uses it where it applies: the compiled CPU kernel of
+:mod:`lemmse_ray.sliding` for a class whitened by a multiple of the identity whose rows are all the windows of
+the images (no matrix product; float32; every statistic but top-k).
 """
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ MAX_CHANNELS = 30
 
 SOURCE = r"""
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -250,59 +251,68 @@ static void merge_scalar(const geom_t *g, float *a, const float *b) {
    K (n_groups, C, HB, WB, LANES) with values V (n_groups, C, HB-P+1, WB-P+1, LANES), last_lanes valid lanes in
    the last group.  Work items (query image, `chunk` groups) run in parallel; lanes, then chunks, are merged
    in a fixed order.  out: (n_img, nqy * nqx, F) states [dmin, l, o[C], (o2[C]), (l2), (ls)]. */
-void lemmse_sliding_f32(int64_t n_img, const float *A, int64_t C, int64_t HA, int64_t WA,
-                        int64_t n_groups, const float *K, const float *V, int64_t HB, int64_t WB,
-                        int64_t last_lanes, int64_t P, float scale, int64_t chunk, int var,
-                        int want_l2, int want_ls, float *out, int threads) {
+int lemmse_sliding_f32(int64_t n_img, const float *A, int64_t C, int64_t HA, int64_t WA,
+                       int64_t n_groups, const float *K, const float *V, int64_t HB, int64_t WB,
+                       int64_t last_lanes, int64_t P, float scale, int64_t chunk, int var,
+                       int want_l2, int want_ls, float *out, int threads) {
     const geom_t g = {C, HA, WA, HB, WB, P, HA - P + 1, WA - P + 1, HB - P + 1, WB - P + 1,
                       2 + C * (1 + (var != 0)) + (want_l2 != 0) + (want_ls != 0), var != 0, want_l2 != 0,
                       want_ls != 0, scale};
     const int64_t nq = g.nqy * g.nqx, n_chunks = (n_groups + chunk - 1) / chunk, items = n_img * n_chunks;
+    /* every buffer is allocated before the parallel region: a failure is reported, never half-computed */
     float *partial = (float *)malloc((size_t)(items * nq * g.F) * sizeof(float));
-    #pragma omp parallel num_threads(threads)
-    {
-        vf *state = NULL, *ring = NULL, *E = NULL;
-        if (posix_memalign((void **)&state, 64, (size_t)(nq * g.F) * sizeof(vf))) state = NULL;
-        if (posix_memalign((void **)&ring, 64, (size_t)(P * g.nqx * g.nbx) * sizeof(vf))) ring = NULL;
-        if (posix_memalign((void **)&E, 64, (size_t)(WB + 1) * sizeof(vf))) E = NULL;
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < items; ++item) {
-            const int64_t img = item / n_chunks, k0 = (item % n_chunks) * chunk;
-            const int64_t k1 = k0 + chunk < n_groups ? k0 + chunk : n_groups;
-            for (int64_t q = 0; q < nq; ++q) {
-                state[q * g.F] = splat(INFINITY);
-                for (int64_t f = 1; f < g.F; ++f) state[q * g.F + f] = splat(0.0f);
-            }
-            scan_dispatch(&g, A + img * C * HA * WA, (const vf *)K, (const vf *)V, k0, k1, n_groups, last_lanes,
-                          state, ring, E);
-            float *dst = partial + item * nq * g.F, lanes[4 + 2 * MAX_CHANNELS];
-            for (int64_t q = 0; q < nq; ++q) { /* merge the lanes, in lane order */
-                float *d = dst + q * g.F;
-                for (int64_t f = 0; f < g.F; ++f) d[f] = state[q * g.F + f][0];
-                for (int k = 1; k < LANES; ++k) {
-                    for (int64_t f = 0; f < g.F; ++f) lanes[f] = state[q * g.F + f][k];
-                    merge_scalar(&g, d, lanes);
+    vf **buffers = (vf **)calloc((size_t)(3 * threads), sizeof(vf *));
+    int failed = partial == NULL || buffers == NULL;
+    const size_t sizes[3] = {(size_t)(nq * g.F), (size_t)(P * g.nqx * g.nbx), (size_t)(WB + 1)};
+    for (int t = 0; !failed && t < 3 * threads; ++t)
+        failed = posix_memalign((void **)&buffers[t], 64, sizes[t % 3] * sizeof(vf)) != 0;
+    if (!failed) {
+        #pragma omp parallel num_threads(threads)
+        {
+            vf *state = buffers[3 * omp_get_thread_num()], *ring = buffers[3 * omp_get_thread_num() + 1];
+            vf *E = buffers[3 * omp_get_thread_num() + 2];
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < items; ++item) {
+                const int64_t img = item / n_chunks, k0 = (item % n_chunks) * chunk;
+                const int64_t k1 = k0 + chunk < n_groups ? k0 + chunk : n_groups;
+                for (int64_t q = 0; q < nq; ++q) {
+                    state[q * g.F] = splat(INFINITY);
+                    for (int64_t f = 1; f < g.F; ++f) state[q * g.F + f] = splat(0.0f);
+                }
+                scan_dispatch(&g, A + img * C * HA * WA, (const vf *)K, (const vf *)V, k0, k1, n_groups,
+                              last_lanes, state, ring, E);
+                float *dst = partial + item * nq * g.F, lanes[4 + 2 * MAX_CHANNELS];
+                for (int64_t q = 0; q < nq; ++q) { /* merge the lanes, in lane order */
+                    float *d = dst + q * g.F;
+                    for (int64_t f = 0; f < g.F; ++f) d[f] = state[q * g.F + f][0];
+                    for (int k = 1; k < LANES; ++k) {
+                        for (int64_t f = 0; f < g.F; ++f) lanes[f] = state[q * g.F + f][k];
+                        merge_scalar(&g, d, lanes);
+                    }
                 }
             }
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < n_img * nq; ++t) { /* merge the chunks, in chunk order */
+                const int64_t img = t / nq, q = t % nq;
+                float *d = out + t * g.F;
+                memcpy(d, partial + (img * n_chunks * nq + q) * g.F, (size_t)g.F * sizeof(float));
+                for (int64_t k = 1; k < n_chunks; ++k)
+                    merge_scalar(&g, d, partial + ((img * n_chunks + k) * nq + q) * g.F);
+            }
         }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < n_img * nq; ++t) { /* merge the chunks, in chunk order */
-            const int64_t img = t / nq, q = t % nq;
-            float *d = out + t * g.F;
-            memcpy(d, partial + (img * n_chunks * nq + q) * g.F, (size_t)g.F * sizeof(float));
-            for (int64_t k = 1; k < n_chunks; ++k) merge_scalar(&g, d, partial + ((img * n_chunks + k) * nq + q) * g.F);
-        }
-        free(state);
-        free(ring);
-        free(E);
     }
+    for (int t = 0; buffers != NULL && t < 3 * threads; ++t) free(buffers[t]);
+    free(buffers);
     free(partial);
+    return failed;
 }
 """
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-SIGNATURES = {"lemmse_sliding_lanes": [], "lemmse_sliding_f32": [_i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64,
-                                     ctypes.c_float, _i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, _ptr,
-                                     ctypes.c_int]}
+SIGNATURES = {
+    "lemmse_sliding_lanes": [],
+    "lemmse_sliding_f32": [_i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_float,
+                           _i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, _ptr, ctypes.c_int],
+}
 
 
 @lru_cache(maxsize=None)
@@ -312,6 +322,7 @@ def load() -> ctypes.CDLL | None:
         if fused.enabled() else None
     if lib is not None:
         lib.lemmse_sliding_lanes.restype = ctypes.c_int64
+        lib.lemmse_sliding_f32.restype = ctypes.c_int
     return lib
 
 
@@ -457,9 +468,12 @@ def sliding_partials(rows: SlidingRows, z: torch.Tensor, sigma: float, stats: tu
     threads = threads or torch.get_num_threads()
     for i0 in range(0, n_img, per_call):
         i1 = min(n_img, i0 + per_call)
-        lib.lemmse_sliding_f32(i1 - i0, images[i0:i1].data_ptr(), channels, height_a, width_a, groups,
-                               rows.keys.data_ptr(), rows.values.data_ptr(), height_b, width_b, last, p, scale,
-                               chunk, int(want_var), int(want_l2), int(want_ls), out[i0:i1].data_ptr(), threads)
+        failed = lib.lemmse_sliding_f32(i1 - i0, images[i0:i1].data_ptr(), channels, height_a, width_a, groups,
+                                        rows.keys.data_ptr(), rows.values.data_ptr(), height_b, width_b, last, p,
+                                        scale, chunk, int(want_var), int(want_l2), int(want_ls),
+                                        out[i0:i1].data_ptr(), threads)
+        if failed:
+            raise MemoryError("the sliding kernel could not allocate its buffers")
     out = out.reshape(n_img * n_q, n_fields).to(torch.float64)
     shift = -0.5 * rows.rank * math.log(2 * math.pi * sigma * sigma) - 0.5 * rows.log_pdet
     m = -out[:, 0] / (2.0 * sigma * sigma) + shift
