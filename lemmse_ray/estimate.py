@@ -166,16 +166,18 @@ class PatchBank:
         self.sliding = None if index is None else SlidingRows.build(train, inputs, self.plan, index)
         others = None if index is None else [c for c in range(self.plan.n_classes) if c != index]
         self._keys = bank_keys(train, inputs, problem, self.plan, self.centers, self.dtype, classes=others)
-        self._deferred = None if index is None else (train, inputs)
+        # the sliding class's keys are built only if the matrix product needs them (top-k, kernel="torch"),
+        # from the float64 images, so that they are the bits an eager build gives
+        self._deferred = None if index is None else train
         self.n_rows = int(class_offsets(self.plan, self.n_images)[-1])
 
     @property
     def keys(self) -> dict[int, ClassKeys]:
         """Kernel key features of every class (for the sliding kernel's class, built at first use)."""
         if self._deferred is not None:
-            train, inputs = self._deferred
-            self._keys.update(bank_keys(train, inputs, self.problem, self.plan, self.centers, self.dtype,
-                                        classes=[self.sliding.index]))
+            train = self._deferred
+            self._keys.update(bank_keys(train, self.problem.noiseless_input(train), self.problem, self.plan,
+                                        self.centers, self.dtype, classes=[self.sliding.index]))
             self._keys = dict(sorted(self._keys.items()))
             self._deferred = None
         return self._keys
