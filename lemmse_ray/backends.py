@@ -25,18 +25,20 @@ import torch
 from .kernel import Partials
 
 KERNELS = ("auto", "torch", "triton")
+IN_MEMORY_KERNELS = (*KERNELS, "sliding")  # PatchBank.estimate and lemmse_ray.estimate
 
 
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def check_kernel(kernel: str, dtype: torch.dtype = torch.float32) -> str:
-    """Validate ``kernel`` for arithmetic in ``dtype`` (the Triton kernel is float32 only)."""
-    if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "triton" and dtype != torch.float32:
-        raise ValueError(f"kernel='triton' computes in float32 only, got dtype {dtype} (use kernel='torch')")
+def check_kernel(kernel: str, dtype: torch.dtype = torch.float32, choices: tuple[str, ...] = KERNELS) -> str:
+    """Validate ``kernel`` among ``choices`` for arithmetic in ``dtype`` (the Triton and sliding kernels are
+    float32 only)."""
+    if not isinstance(kernel, str) or kernel not in choices:
+        raise ValueError(f"kernel must be one of {choices}, got {kernel!r}")
+    if kernel in ("triton", "sliding") and dtype != torch.float32:
+        raise ValueError(f"kernel={kernel!r} computes in float32 only, got dtype {dtype} (use kernel='torch')")
     return kernel
 
 

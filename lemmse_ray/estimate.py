@@ -14,19 +14,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .backends import KERNELS, check_kernel, check_triton_runs
+from .backends import IN_MEMORY_KERNELS, check_kernel, check_triton_runs
 from .bank import CENTER_IMAGES, centers_from_inputs, class_offsets, class_rows, class_source
 from .classes import ClassPlan, plan_classes
 from .kernel import STATS, Partials, finalize, merge_into
 from .patches import PatchGeometry
 from .problems import Problem
 from .queries import ClassKeys, key_features, prepare_queries, scan
-from .sliding import SlidingRows, eligible_class, query_windows, sliding_partials
 from . import sliding
 from .validation import as_images, check_noise_level, check_query_mask
 
 DTYPES = (torch.float32, torch.float64)
-IN_MEMORY_KERNELS = (*KERNELS, "sliding")
 
 
 @dataclass
@@ -85,17 +83,6 @@ def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str
     train, geometry = check_train(train, problem, patch_size, padding, candidates)
     z, mask = check_queries(z, mask, problem, geometry.shape)
     return train, z, mask, geometry
-
-
-def check_in_memory_kernel(kernel: str, dtype: torch.dtype) -> str:
-    """Validate ``kernel`` for :meth:`PatchBank.estimate`: one of :data:`IN_MEMORY_KERNELS`."""
-    if kernel == "sliding":
-        if dtype != torch.float32:
-            raise ValueError(f"kernel='sliding' computes in float32 only, got dtype {dtype}")
-        return kernel
-    if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {IN_MEMORY_KERNELS}, got {kernel!r}")
-    return check_kernel(kernel, dtype)
 
 
 def check_dtype(dtype) -> torch.dtype:
@@ -161,9 +148,10 @@ class PatchBank:
         self.plan = plan_classes(problem, self.geometry)
         inputs = problem.noiseless_input(train)
         self.centers = centers_from_inputs(inputs[:CENTER_IMAGES], self.plan)
-        index = eligible_class(self.plan) if self.dtype == torch.float32 and sliding.load() is not None else None
+        compiled = self.dtype == torch.float32 and sliding.load() is not None
+        index = sliding.eligible_class(self.plan) if compiled else None
         #: the rows of the class the sliding kernel evaluates (:mod:`lemmse_ray.sliding`), or None
-        self.sliding = None if index is None else SlidingRows.build(train, inputs, self.plan, index)
+        self.sliding = None if index is None else sliding.SlidingRows.build(train, inputs, self.plan, index)
         others = None if index is None else [c for c in range(self.plan.n_classes) if c != index]
         self._keys = bank_keys(train, inputs, problem, self.plan, self.centers, self.dtype, classes=others)
         # the sliding class's keys are built only if the matrix product needs them (top-k, kernel="torch"),
@@ -224,7 +212,7 @@ class PatchBank:
         """
         stats = check_stats(stats, topk)
         sigma = check_noise_level(sigma, self.dtype)
-        if check_in_memory_kernel(kernel, self.dtype) == "triton":
+        if check_kernel(kernel, self.dtype, IN_MEMORY_KERNELS) == "triton":
             check_triton_runs("cpu")
         use_sliding = self._use_sliding(kernel, stats)
         z, mask = check_queries(z, mask, self.problem, self.shape)
@@ -236,10 +224,10 @@ class PatchBank:
         else:
             part = Partials.empty(queries.n, queries.channels, stats, topk, self.dtype)
         if use_sliding:
-            windows = torch.from_numpy(np.flatnonzero(query_windows(self.geometry.padding, self.shape,
+            windows = torch.from_numpy(np.flatnonzero(sliding.query_windows(self.geometry.padding, self.shape,
                                                                     self.geometry.patch_size)))
             ids = (torch.arange(z.shape[0])[:, None] * len(self.plan.position_class) + windows[None]).flatten()
-            merge_into(part, ids, sliding_partials(self.sliding, z, sigma, stats))
+            merge_into(part, ids, sliding.sliding_partials(self.sliding, z, sigma, stats))
         source = self.source() if "topk" in stats else torch.zeros((0, 2), dtype=torch.int64)
         res = to_result(finalize(part, self.n_rows), source, tuple(z.shape), stats)
         res.info = {"n_rows": self.n_rows, "n_classes": self.plan.n_classes, "kind": self.plan.kind,
@@ -297,7 +285,7 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
     """
     stats = check_stats(stats, topk)
     check_noise_level(sigma, check_dtype(dtype))
-    check_in_memory_kernel(kernel, dtype)
+    check_kernel(kernel, dtype, IN_MEMORY_KERNELS)
     train, z, mask, _ = check_inputs(train, z, problem, mask, patch_size, padding, candidates)
     bank = PatchBank(train, problem, patch_size, padding, candidates, dtype)
     return bank.estimate(z, sigma, mask=mask, stats=stats, topk=topk, kernel=kernel)

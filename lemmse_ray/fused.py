@@ -141,9 +141,10 @@ def compiler() -> str | None:
 
 
 def compile_library(cc: str | None, cache_dir: str, name: str, source: str,
-                    signatures: dict[str, list]) -> ctypes.CDLL | None:
+                    signatures: dict[str, tuple[list, type | None]]) -> ctypes.CDLL | None:
     """Compile (or reuse) the C library ``source`` with ``cc`` in ``cache_dir`` (file ``name-<digest>.so``) and
-    set the ``argtypes`` of its functions from ``signatures``; None (with a warning) if that is impossible."""
+    set the ``argtypes`` and ``restype`` of its functions from ``signatures`` (symbol → (argtypes, restype));
+    None (with a warning) if that is impossible."""
     if cc is None:
         return None
     digest = hashlib.sha256("\0".join([source, *FLAGS, _cpu_key(), cc]).encode()).hexdigest()[:16]
@@ -164,10 +165,9 @@ def compile_library(cc: str | None, cache_dir: str, name: str, source: str,
         warnings.warn(f"lemmse_ray: the compiled {name} is unavailable ({err}; "
                       f"{detail.decode(errors='replace')[:300]}); using the pure-torch path", stacklevel=3)
         return None
-    for symbol, argtypes in signatures.items():
+    for symbol, (argtypes, restype) in signatures.items():
         fn = getattr(lib, symbol)
-        fn.argtypes = argtypes
-        fn.restype = None
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
@@ -182,8 +182,8 @@ def enabled() -> bool:
 
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-SIGNATURES = {"lemmse_epilogue_f32": [_i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, ctypes.c_int,
-                                      _ptr, _ptr, ctypes.c_int]}
+SIGNATURES = {"lemmse_epilogue_f32": ([_i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, ctypes.c_int,
+                                       _ptr, _ptr, ctypes.c_int], None)}
 
 
 def build(cc: str | None, cache_dir: str) -> ctypes.CDLL | None:

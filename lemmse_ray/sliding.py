@@ -309,29 +309,31 @@ int lemmse_sliding_f32(int64_t n_img, const float *A, int64_t C, int64_t HA, int
 """
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
-    "lemmse_sliding_lanes": [],
-    "lemmse_sliding_f32": [_i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_float,
-                           _i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, _ptr, ctypes.c_int],
+    "lemmse_sliding_lanes": ([], ctypes.c_int64),
+    "lemmse_sliding_f32": ([_i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_float,
+                            _i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, _ptr, ctypes.c_int], ctypes.c_int),
 }
 
 
 @lru_cache(maxsize=None)
 def load() -> ctypes.CDLL | None:
     """The compiled library, built at first call (None: disabled by ``LEMMSE_RAY_FUSED=0``, or no compiler)."""
-    lib = fused.compile_library(fused.compiler(), fused.cache_dir(), "sliding", SOURCE, SIGNATURES) \
-        if fused.enabled() else None
-    if lib is not None:
-        lib.lemmse_sliding_lanes.restype = ctypes.c_int64
-        lib.lemmse_sliding_f32.restype = ctypes.c_int
+    if not fused.enabled():
+        return None
+    return fused.compile_library(fused.compiler(), fused.cache_dir(), "sliding", SOURCE, SIGNATURES)
+
+
+def library() -> ctypes.CDLL:
+    """:func:`load`'s library; ValueError where there is none."""
+    lib = load()
+    if lib is None:
+        raise ValueError("the sliding kernel needs a working C compiler (see lemmse_ray.fused)")
     return lib
 
 
 def lanes() -> int:
     """Bank images per vector of the compiled kernel: 16 with AVX-512, else 8."""
-    lib = load()
-    if lib is None:
-        raise ValueError("the sliding kernel needs a working C compiler (see lemmse_ray.fused)")
-    return int(lib.lemmse_sliding_lanes())
+    return int(library().lemmse_sliding_lanes())
 
 
 def wrap_pad(images: torch.Tensor, pad: int) -> torch.Tensor:
@@ -353,15 +355,20 @@ def interleave(images: torch.Tensor, width: int) -> torch.Tensor:
     return padded.reshape(groups, width, *images.shape[1:]).movedim(1, -1).contiguous()
 
 
+def interior(shape: tuple[int, int, int], patch_size: int) -> np.ndarray:
+    """(H·W,) bool: positions whose patch lies inside the image."""
+    _, height, width = shape
+    half = patch_size // 2
+    r, c = np.divmod(np.arange(height * width), width)
+    return (r >= half) & (r < height - half) & (c >= half) & (c < width - half)
+
+
 def query_windows(padding: str, shape: tuple[int, int, int], patch_size: int) -> np.ndarray:
     """(H·W,) bool: query positions whose patch is a window of the sliding kernel's query image — every
     position under circular padding (the image is padded circularly), the interior under zero padding."""
-    _, height, width = shape
-    half = patch_size // 2
     if padding == "circular":
-        return np.ones(height * width, dtype=bool)
-    r, c = np.divmod(np.arange(height * width), width)
-    return (r >= half) & (r < height - half) & (c >= half) & (c < width - half)
+        return np.ones(shape[1] * shape[2], dtype=bool)
+    return interior(shape, patch_size)
 
 
 def eligible_class(plan) -> int | None:
@@ -374,12 +381,11 @@ def eligible_class(plan) -> int | None:
         return None
     geometry = plan.geometry
     _, height, width = geometry.shape
-    dim, half = geometry.dim, geometry.patch_size // 2
+    dim = geometry.dim
     windows = query_windows(geometry.padding, geometry.shape, geometry.patch_size)
     all_rows = geometry.padding == "circular" and geometry.candidates == "all"
-    row_windows = np.ones(height * width, dtype=bool) if all_rows else query_windows("zeros", geometry.shape,
-                                                                                    geometry.patch_size)
-    if not row_windows.any() or 2 * half >= min(height, width) and not all_rows:
+    row_windows = np.ones(height * width, dtype=bool) if all_rows else interior(geometry.shape, geometry.patch_size)
+    if not row_windows.any():
         return None
     for c, cls in enumerate(plan.classes):
         w = cls.whitening
@@ -442,9 +448,7 @@ def sliding_partials(rows: SlidingRows, z: torch.Tensor, sigma: float, stats: tu
     ``"topk"``).  ``threads``: OpenMP threads (default ``torch.get_num_threads()``); the result does not depend
     on it.  Query images go through the kernel in batches of at most ``max_floats`` output floats.
     """
-    lib = load()
-    if lib is None:
-        raise ValueError("the sliding kernel needs a working C compiler (see lemmse_ray.fused)")
+    lib = library()
     if "topk" in stats:
         raise ValueError("the sliding kernel keeps no top-k rows")
     images = rows.query_images(z)
