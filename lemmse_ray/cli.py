@@ -107,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lemmse: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a shard actor failed for good (e.g. a damaged shard): one line, exit 1
+        from .distributed import ActorFailed, ray
+        if debug or not isinstance(err, ActorFailed):
+            raise
+        ray.shutdown()  # first, so that the calls it abandons are not reported after the error line
+        print(f"lemmse: error: {err}", file=sys.stderr)
+        return 1
 
 
 def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:

@@ -62,12 +62,15 @@ class ActorFailed(RuntimeError):
 def ensure_ray(verbose: bool = True, **init_kwargs: Any) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray.
 
-    ``verbose=False`` keeps Ray's own log lines (its start-up messages, the workers' and Ray Train's logs)
-    out of the driver's output; progress bars and results are printed by the driver itself.
+    ``verbose=False`` keeps Ray's own log lines (its start-up messages, the workers' and Ray Train's logs, and
+    its "unhandled error" reports of calls still in flight when the driver stops on an actor's error, which
+    the driver reports itself in one line) out of the driver's output; progress bars and results are printed
+    by the driver itself.
     """
     if not ray.is_initialized():
         if not verbose:
             init_kwargs = {"logging_level": logging.ERROR, "log_to_driver": False, **init_kwargs}
+            os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         # without RAY_ADDRESS, ray.init() would attach to whichever cluster was last started on this machine
         # (another user's, or a stale one): start a local Ray as documented instead
         init_kwargs.setdefault("address", os.environ.get("RAY_ADDRESS") or "local")
@@ -161,7 +164,13 @@ class ShardActor:
         self.streaming = self.resident_bytes > self.memory
         self.calls = 0
         self.read_s, self.read_bytes = 0.0, 0
-        self.keys = None if self.streaming else [self._load_shard(shard) for shard in self.shards]
+        self.keys, self.error = None, None
+        try:
+            self.keys = None if self.streaming else [self._load_shard(shard) for shard in self.shards]
+        except Exception as err:  # noqa: BLE001
+            # e.g. a damaged shard: each scan raises it as that call's error, which is not retried (the bytes
+            # would be the same), rather than a failed creation that Ray reports again for every queued call
+            self.error = err
 
     def _load_shard(self, shard: int) -> dict:
         return self._load(*self.bank.layout.shard_range(shard))
@@ -191,6 +200,8 @@ class ShardActor:
 
     def partials(self, queries, stats: tuple[str, ...], topk: int) -> tuple[Partials, float]:
         """(merged partial of the query batch over this actor's rows, seconds this call computed)."""
+        if self.error is not None:
+            raise self.error
         t0 = time.perf_counter()
         self.calls += 1
         queries = queries_to(queries, self.device)

@@ -361,6 +361,30 @@ def test_verify_bank_command_reports_and_repairs(tmp_path, capsys, ray_cluster):
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(keys))[...]), reference)
 
 
+def test_estimate_on_a_damaged_bank_ends_in_one_line(tmp_path, ray_cluster):
+    """`lemmse estimate` over a bank with a damaged shard: the actors' error, in one line naming the shard (no
+    Ray tracebacks or reports of abandoned calls after it), exit 1, and no batch flagged done."""
+    argv = ["--dataset", "digits", "--n-train", "30", "--n-queries", "2", "--patch-size", "3", "--shard-rows",
+            "512", "--out", str(tmp_path / "run")]
+    assert cli.main(["build-bank", *argv]) == 0
+    keys = tmp_path / "run" / "bank.zarr" / "keys"
+    chunk = next(p for p in sorted(keys.rglob("*")) if p.is_file() and p.name != "zarr.json" and "c/1" in str(p))
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    run = subprocess.run([sys.executable, "-m", "lemmse_ray.cli", "estimate", *argv], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]
+    lines = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and lines[0].startswith("lemmse: error: actor for shards"), lines[:8]
+    assert "keys" in lines[0] and "shard 1" in lines[0] and "damaged" in lines[0], lines[0]
+    assert "Traceback" not in run.stdout, run.stdout[-2000:]
+    for group in (tmp_path / "run" / "estimates").glob("*.zarr"):
+        assert not zarr.open_group(str(group), mode="r")["done"][...].any()
+    assert bytes(damaged) == chunk.read_bytes()  # the user's bank is left as it was
+
+
 def test_run_output_is_quiet_with_progress_and_names_the_report(tmp_path, ray_cluster):
     """`lemmse run` against a cluster prints its own lines only: no Ray log lines (unless --verbose), a
     progress bar per training run, and a last line naming report.md and the figures folder."""
