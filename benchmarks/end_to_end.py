@@ -11,7 +11,7 @@ Timed, per number of query images B:
 (a) ``lm.estimate(train, z, ...)`` — the public API, bank built inside the call — with ``stats=()`` (the
     posterior mean only: the same work as (d)), and once more with its default statistics (variance, ess).
     On this workload (denoising: one class, whitened by the identity) ``kernel="auto"`` evaluates it with
-    the sliding-window kernel of ``lemmse_ray.sliding``;
+    the sliding-window kernel of ``lemmse_ray.kernels.sliding``;
 (b) ``lm.PatchBank(train, ...)`` then ``bank.estimate(z, ...)`` (mean only), with the build time alone;
 (c) the matrix-product path, ``lm.estimate(..., kernel="torch")`` (mean only): what the Ray actors run;
 (d) float32 GEMM bound: ``torch.mm`` 2048×2048×2048, re-measured around every timed section, best figure;
@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 
 import lemmse_ray as lm  # noqa: E402
 from kernel import gemm_gflops, machine_info, naive_mean  # noqa: E402  (benchmarks/kernel.py)
-from lemmse_ray.datasets import load_dataset  # noqa: E402
+from lemmse_ray.data.datasets import load_dataset  # noqa: E402
 
 PATCH = 5
 SIGMA = 0.1

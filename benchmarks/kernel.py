@@ -11,7 +11,7 @@ Measured, in one run:
 
 (a) kernel pairs/s — the library's own path: keys built once with :class:`lemmse_ray.PatchBank` and
     queries with ``prepare_queries`` (as ``PatchBank.estimate`` does), then only
-    :func:`lemmse_ray.queries.scan` is timed, float32, stats = mean only (and, unless ``--no-stats``, once
+    :func:`lemmse_ray.bank.features.scan` is timed, float32, stats = mean only (and, unless ``--no-stats``, once
     more with variance + ess), with the fused compiled epilogue where it builds (``LEMMSE_RAY_FUSED=0``:
     the pure-torch epilogue);
 (b) float32 GEMM GFLOP/s: ``torch.mm`` of 2048×2048×2048 (the bound; re-measured before and after every
@@ -48,11 +48,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lemmse_ray as lm  # noqa: E402
-from lemmse_ray import kernel  # noqa: E402
-from lemmse_ray import fused  # noqa: E402
-from lemmse_ray.datasets import load_dataset  # noqa: E402
-from lemmse_ray.kernel import finalize  # noqa: E402
-from lemmse_ray.queries import prepare_queries, scan  # noqa: E402
+from lemmse_ray.kernels import torch_kernels as kernel  # noqa: E402
+from lemmse_ray.kernels import epilogue as fused  # noqa: E402
+from lemmse_ray.data.datasets import load_dataset  # noqa: E402
+from lemmse_ray.core.statistics import finalize  # noqa: E402
+from lemmse_ray.bank.features import prepare_queries, scan  # noqa: E402
 
 PATCH = 5
 POSITIONS = 32 * 32

@@ -2,7 +2,7 @@
 
     python benchmarks/plan_presets.py [--pairs-per-s-scale 1.0]
 
-No cluster is needed: the counts are exact (:func:`lemmse_ray.plan.count`, denoising, zero padding, every
+No cluster is needed: the counts are exact (:func:`lemmse_ray.cluster.plan.count`, denoising, zero padding, every
 position a candidate, float32, 8 actors, 4 query images per batch, shards of 65,536 rows), and the time uses an
 *assumed* calibration, not a measured one (printed first): per actor (one NVIDIA A10G, g5.xlarge) the kernel at
 50 % of a 25 TFLOP/s float32 GEMM bound, i.e. 12.5e12 / (2 (d + C + 1)) pairs/s; the store read at 200 MB/s
@@ -18,9 +18,9 @@ import argparse
 import torch
 
 import lemmse_ray as lm
-from lemmse_ray.classes import plan_classes
-from lemmse_ray.patches import PatchGeometry
-from lemmse_ray.plan import count, predict
+from lemmse_ray.core.classes import plan_classes
+from lemmse_ray.core.patches import PatchGeometry
+from lemmse_ray.cluster.plan import count, predict
 
 PRESETS = {"CIFAR-10": (50_000, (3, 32, 32)), "FFHQ-32": (60_000, (3, 32, 32)), "FashionMNIST": (60_000, (1, 28, 28))}
 GEMM_FLOPS, KERNEL_FRACTION, READ_MB_S, BATCH_OVERHEAD_S, ACTORS, LARGE_BATCH = 25e12, 0.5, 200.0, 0.5, 8, 64

@@ -23,8 +23,10 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 import lemmse_ray as lm  # noqa: E402
-from lemmse_ray.datasets import load_dataset  # noqa: E402
-from lemmse_ray.distributed import build_bank, estimate_on_ray, start_actors  # noqa: E402
+from lemmse_ray.data.datasets import load_dataset  # noqa: E402
+from lemmse_ray.cluster.build import build_bank
+from lemmse_ray.cluster.driver import estimate_on_ray
+from lemmse_ray.cluster.actors import start_actors  # noqa: E402
 
 
 def main() -> None:

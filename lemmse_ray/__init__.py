@@ -8,10 +8,18 @@ In memory::
     res = lm.estimate(train, z, problem, sigma=0.1, patch_size=5)
     res.mean  # (B, C, H, W)
 """
-from .estimate import PatchBank, Result, estimate
-from .kernel import Partials, finalize, merge
-from .problems import (Deblurring, Denoising, Inpainting, LinearInverseProblem, Problem, from_physics,
-                       gaussian_kernel)
+from .bank.memory import PatchBank, estimate
+from .core.partials import Partials, merge
+from .core.problems import (
+           Deblurring,
+           Denoising,
+           Inpainting,
+           LinearInverseProblem,
+           Problem,
+           from_physics,
+           gaussian_kernel,
+)
+from .core.statistics import Result, finalize
 
 __all__ = ["Deblurring", "Denoising", "Inpainting", "LinearInverseProblem", "Partials", "PatchBank", "Problem", "Result",
            "estimate", "finalize", "from_physics", "gaussian_kernel", "merge"]

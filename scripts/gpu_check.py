@@ -88,7 +88,7 @@ def best_time(fn, device: torch.device, repeat: int) -> float:
 def images(n_train: int, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(train, test) float64 images: ``photos`` tiles, or smooth synthetic images if its packages are missing."""
     try:
-        from lemmse_ray.datasets import load_dataset
+        from lemmse_ray.data.datasets import load_dataset
         return (load_dataset("photos", "train", n=n_train, size=size).double(),
                 load_dataset("photos", "test", n=1, size=size).double(), f"photos {size}×{size}")
     except ImportError as err:
@@ -103,12 +103,13 @@ def images(n_train: int, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
 def accuracy(args, device: torch.device, cpu: bool) -> tuple[list[dict], dict[str, int]]:
     """(a): one row per (case, path) with the error of each statistic; and the feature widths of the cases."""
     import lemmse_ray as lm
-    from lemmse_ray.bank import class_centers, memory_bank
-    from lemmse_ray.classes import plan_classes
-    from lemmse_ray.kernel import Partials, finalize, merge_into
-    from lemmse_ray.patches import PatchGeometry
-    from lemmse_ray.queries import key_features, keys_to, prepare_queries, queries_to, scan
-    from lemmse_ray.triton_kernel import triton_matmul_partials
+    from lemmse_ray.bank.rows import class_centers, memory_bank
+    from lemmse_ray.core.classes import plan_classes
+    from lemmse_ray.core.partials import Partials, merge_into
+    from lemmse_ray.core.statistics import finalize
+    from lemmse_ray.core.patches import PatchGeometry
+    from lemmse_ray.bank.features import key_features, keys_to, prepare_queries, queries_to, scan
+    from lemmse_ray.kernels.triton_kernel import triton_matmul_partials
 
     def scan_tf32x3(keys, plan, queries):
         """scan() with the Triton kernel in tf32x3 (scan's kernel="triton" is ieee)."""
@@ -152,8 +153,8 @@ def accuracy(args, device: torch.device, cpu: bool) -> tuple[list[dict], dict[st
 
 def throughput(args, device: torch.device, widths: dict[str, int], gemm_flops: float) -> list[dict]:
     """(b), (c): pairs/s of each path for each feature width and query count against ``args.rows`` rows."""
-    from lemmse_ray.kernel import matmul_partials
-    from lemmse_ray.triton_kernel import triton_matmul_partials
+    from lemmse_ray.kernels.torch_kernels import matmul_partials
+    from lemmse_ray.kernels.triton_kernel import triton_matmul_partials
 
     channels = 3
     gen = torch.Generator(device=device).manual_seed(0)
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import triton
 
-        from lemmse_ray import triton_kernel  # noqa: F401
+        from lemmse_ray.kernels import triton_kernel  # noqa: F401
     except ImportError as err:
         print(f"gpu_check: FAILED: Triton cannot be imported ({err})", file=sys.stderr)
         return 1

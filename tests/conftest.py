@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray pro
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Triton kernels run in Triton's interpreter on CPU tensors.  Triton reads this when a kernel is decorated
-# (``@triton.jit``, i.e. when lemmse_ray.triton_kernel is imported): conftest.py is imported before any test
+# (``@triton.jit``, i.e. when lemmse_ray.kernels.triton_kernel is imported): conftest.py is imported before any test
 # module, so every import of the kernel in the session sees it.
 os.environ["TRITON_INTERPRET"] = "1"
 

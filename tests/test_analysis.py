@@ -1,4 +1,4 @@
-"""Per-cell metrics (lemmse_ray.analysis): every aggregate recomputed here with explicit float64 loops."""
+"""Per-cell metrics (lemmse_ray.studies.analysis): every aggregate recomputed here with explicit float64 loops."""
 from __future__ import annotations
 
 import math
@@ -8,13 +8,10 @@ import pytest
 import torch
 
 import lemmse_ray as lm
-from lemmse_ray.analysis import (EstimateArrays, binned_rows, cell_metrics, class_keys, concentration_row, copied_own,
-                                 copied_patch, copying_row, density_rows, final_train_loss, floor_check,
-                                 image_rows, loss_floor, rows_met, topk_mass, within_class_centred,
-                                 within_class_percentile)
-from lemmse_ray.classes import plan_classes
-from lemmse_ray.datasets import load_dataset
-from lemmse_ray.patches import PatchGeometry
+from lemmse_ray.studies.analysis import EstimateArrays, binned_rows, cell_metrics, class_keys, concentration_row, copied_own, copied_patch, copying_row, density_rows, final_train_loss, floor_check, image_rows, loss_floor, rows_met, topk_mass, within_class_centred, within_class_percentile
+from lemmse_ray.core.classes import plan_classes
+from lemmse_ray.data.datasets import load_dataset
+from lemmse_ray.core.patches import PatchGeometry
 
 ALL_STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
 
@@ -302,7 +299,7 @@ def test_binned_rows_against_loop():
 
 
 def test_estimate_arrays_validation_and_zarr_group(tmp_path):
-    from lemmse_ray.results import open_results, write_batch, write_inputs
+    from lemmse_ray.storage.results import open_results, write_batch, write_inputs
 
     rng = np.random.default_rng(9)
     est = synthetic(rng)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lemmse_ray import datasets as ds
-from lemmse_ray.datasets import DATASETS, fetch_file, load_dataset, read_idx, safe_load_cifar_pickle, take_subset
-from lemmse_ray.datasets import photo_tile_sources, query_indices, subset_indices, verify_checksum
+from lemmse_ray.data import datasets as ds
+from lemmse_ray.data.datasets import DATASETS, fetch_file, load_dataset, read_idx, safe_load_cifar_pickle, take_subset
+from lemmse_ray.data.datasets import photo_tile_sources, query_indices, subset_indices, verify_checksum
 
 RNG = np.random.default_rng(0)
 

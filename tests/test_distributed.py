@@ -15,11 +15,13 @@ import torch
 import zarr
 
 import lemmse_ray as lm
-from lemmse_ray.classes import plan_classes
-from lemmse_ray.datasets import load_dataset
-from lemmse_ray.distributed import build_bank, estimate_on_ray, start_actors
-from lemmse_ray.patches import PatchGeometry
-from lemmse_ray.store import FORMAT_VERSION, fingerprint, open_bank
+from lemmse_ray.core.classes import plan_classes
+from lemmse_ray.data.datasets import load_dataset
+from lemmse_ray.cluster.build import build_bank
+from lemmse_ray.cluster.driver import estimate_on_ray
+from lemmse_ray.cluster.actors import start_actors
+from lemmse_ray.core.patches import PatchGeometry
+from lemmse_ray.storage.bank_store import FORMAT_VERSION, fingerprint, open_bank
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 REPO = Path(__file__).resolve().parents[1]

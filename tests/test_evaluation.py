@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lemmse_ray.config import Config
-from lemmse_ray.evaluation import evaluate_all, summary_table
-from lemmse_ray.networks import build_network, network_config
-from lemmse_ray.pipeline import estimate_url
-from lemmse_ray.problems import Denoising, Inpainting
-from lemmse_ray.store import open_group
+from lemmse_ray.runs.config import Config
+from lemmse_ray.runs.evaluation import evaluate_all, summary_table
+from lemmse_ray.models.networks import build_network, network_config
+from lemmse_ray.runs.pipeline import estimate_url
+from lemmse_ray.core.problems import Denoising, Inpainting
+from lemmse_ray.storage.bank_store import open_group
 
 SIGMA = 0.1
 B, C, H, W = 3, 1, 6, 6

@@ -1,4 +1,4 @@
-"""Figures (lemmse_ray.figures): valid PNGs of a sane size, local and fsspec targets, bad input refused."""
+"""Figures (lemmse_ray.studies.figures): valid PNGs of a sane size, local and fsspec targets, bad input refused."""
 from __future__ import annotations
 
 import io
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lemmse_ray.figures import bar_figure, binned_figure, ess_map_figure, image_grid_figure, line_figure
-from lemmse_ray.report import read_bytes
+from lemmse_ray.studies.figures import bar_figure, binned_figure, ess_map_figure, image_grid_figure, line_figure
+from lemmse_ray.storage.files import read_bytes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

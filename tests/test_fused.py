@@ -1,4 +1,4 @@
-"""The compiled fused epilogue (lemmse_ray.fused) against the pure-torch epilogue and explicit float64 sums."""
+"""The compiled fused epilogue (lemmse_ray.kernels.epilogue) against the pure-torch epilogue and explicit float64 sums."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from lemmse_ray import fused
-from lemmse_ray.kernel import finalize, matmul_partials, merge, mixture_partials
+from lemmse_ray.kernels import compiled
+from lemmse_ray.kernels import epilogue as fused
+from lemmse_ray.core.statistics import finalize
+from lemmse_ray.kernels.torch_kernels import matmul_partials, mixture_partials
+from lemmse_ray.core.partials import merge
 
 STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
-HAVE_COMPILER = fused.compiler() is not None and os.environ.get("LEMMSE_RAY_FUSED", "1") != "0"
+HAVE_COMPILER = compiled.compiler() is not None and os.environ.get("LEMMSE_RAY_FUSED", "1") != "0"
 
 
 def test_library_builds_where_a_compiler_exists():

@@ -14,8 +14,10 @@ import torch
 import zarr
 
 import lemmse_ray as lm
-from lemmse_ray.datasets import load_dataset
-from lemmse_ray.distributed import build_bank, estimate_on_ray, start_actors
+from lemmse_ray.data.datasets import load_dataset
+from lemmse_ray.cluster.build import build_bank
+from lemmse_ray.cluster.driver import estimate_on_ray
+from lemmse_ray.cluster.actors import start_actors
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 SIGMA = 0.15
@@ -49,9 +51,9 @@ def copy_bank(pristine, tmp_path, name="bank.zarr") -> str:
 
 
 def open_copy(url, data):
-    from lemmse_ray.classes import plan_classes
-    from lemmse_ray.patches import PatchGeometry
-    from lemmse_ray.store import open_bank
+    from lemmse_ray.core.classes import plan_classes
+    from lemmse_ray.core.patches import PatchGeometry
+    from lemmse_ray.storage.bank_store import open_bank
     _, _, _, problem = data
     return open_bank(url, problem, plan_classes(problem, PatchGeometry((1, 8, 8), 3)))
 
@@ -153,7 +155,7 @@ def flip(path: Path):
                                           ("values", flip), ("class_ids", cut_tail), ("source", flip)],
                          ids=lambda v: v if isinstance(v, str) else v.__name__)
 def test_damaged_done_shard_is_an_error_and_repaired(tmp_path, data, pristine, array, damage):
-    from lemmse_ray.store import clear_done, verify_bank
+    from lemmse_ray.storage.bank_store import clear_done, verify_bank
     train, _, _, problem = data
     url = copy_bank(pristine, tmp_path)
     assert [row["status"] for row in verify_bank(url)] == ["ok"] * 6
@@ -230,8 +232,8 @@ SECRETS = {"key": "AKIAEXAMPLEKEY4242", "secret": "wJalrSECRETexample9876", "tok
 
 
 def test_no_secret_is_written(tmp_path, data, pristine, caplog):
-    from lemmse_ray.config import Config
-    from lemmse_ray.pipeline import estimate_step
+    from lemmse_ray.runs.config import Config
+    from lemmse_ray.runs.pipeline import estimate_step
     _, x, _, problem = data
     bank = open_copy(copy_bank(pristine, tmp_path), data)
     cfg = Config(out=str(tmp_path / "run"), sigmas=[SIGMA], patch_size=3, stats=list(STATS), n_actors=1,
@@ -257,7 +259,7 @@ def test_no_secret_is_written(tmp_path, data, pristine, caplog):
 
 
 def test_redaction_at_any_depth():
-    from lemmse_ray.redact import public
+    from lemmse_ray.storage.redact import public
     value = {"storage_options": {"key": "k"}, "a": [{"api_key": "x", "n": 1}], "b": {"c": {"secret_access": "s"}},
              "credentials": {"x": 1}, "keep": "s3://bucket/path", "url": "https://u:p@host/x", "sigma": 0.1}
     clean = public(value)

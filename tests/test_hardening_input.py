@@ -25,11 +25,11 @@ import zarr
 
 import lemmse_ray as lm
 import lemmse_ray.cli as cli
-from lemmse_ray.config import Config, ConfigError
-from lemmse_ray.datasets import MAX_DECOMPRESSED_BYTES, load_dataset
-from lemmse_ray.networks import build_network, network_config
-from lemmse_ray.pipeline import record_timing, write_report
-from lemmse_ray.training import load_network
+from lemmse_ray.runs.config import Config, ConfigError
+from lemmse_ray.data.datasets import MAX_DECOMPRESSED_BYTES, load_dataset
+from lemmse_ray.models.networks import build_network, network_config
+from lemmse_ray.runs.pipeline import record_timing, write_report
+from lemmse_ray.runs.training import load_network
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_cli_user_errors_are_one_line_before_ray(tmp_path, monkeypatch, capsys, 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the input was validated")
 
-    monkeypatch.setattr("lemmse_ray.distributed.ensure_ray", no_ray)
+    monkeypatch.setattr("lemmse_ray.cluster.session.ensure_ray", no_ray)
     out = tmp_path / "out"
     assert cli.main(["run", *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -249,7 +249,7 @@ def test_idx_bomb_is_refused_after_its_header(tmp_path):
                1 << 30)
     assert (tmp_path / "train-images-idx3-ubyte.gz").stat().st_size < 1 << 23
     code = ("import resource, sys\n"
-            "from lemmse_ray.datasets import load_dataset\n"
+            "from lemmse_ray.data.datasets import load_dataset\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "try:\n"
             f"    load_dataset('fashion-mnist', 'train', root={str(tmp_path)!r})\n"
@@ -314,7 +314,7 @@ class _Zeros(io.RawIOBase):
 
 
 def test_capped_reader_stops_at_the_cap():
-    from lemmse_ray.datasets import read_capped
+    from lemmse_ray.data.datasets import read_capped
     assert read_capped(io.BytesIO(b"abc"), 3, "x") == b"abc"
     with pytest.raises(ValueError, match="^bomb: decompresses to more than 1,000 bytes"):
         read_capped(_Zeros(10 ** 12), 1000, "bomb")
@@ -327,7 +327,7 @@ def test_cli_refuses_folders_it_does_not_own_before_ray(tmp_path, monkeypatch, c
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the paths were checked")
 
-    monkeypatch.setattr("lemmse_ray.distributed.ensure_ray", no_ray)
+    monkeypatch.setattr("lemmse_ray.cluster.session.ensure_ray", no_ray)
     user = tmp_path / "mine"
     user.mkdir()
     (user / "thesis.txt").write_text("precious")

@@ -26,7 +26,7 @@ import torch
 import zarr
 
 import lemmse_ray as lm
-from lemmse_ray.datasets import load_dataset
+from lemmse_ray.data.datasets import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
@@ -142,7 +142,7 @@ def test_working_dir_package_is_small(tmp_path):
     package = tmp_path / "pkg.zip"
     create_package(str(REPO), package, include_gitignore=True)
     names = zipfile.ZipFile(package).namelist()
-    assert "jobs/estimate.py" in names and "lemmse_ray/distributed.py" in names
+    assert "jobs/estimate.py" in names and "lemmse_ray/cluster/driver.py" in names
     bad = [n for n in names if n.split("/")[0] in ("results", "out", "build", ".pytest_cache", ".hypothesis")
            or ".egg-info/" in n or "__pycache__/" in n]
     assert not bad, bad[:10]

@@ -1,8 +1,8 @@
-"""lemmse_ray.kernel: partial log-sum-exp statistics, their merge, finalisation and chunking.
+"""lemmse_ray.core.partials, lemmse_ray.core.statistics and lemmse_ray.kernels.torch_kernels: partial log-sum-exp statistics, their merge, finalisation and chunking.
 
 Every expectation here comes from an independent float64 numpy reference written in this file (explicit
 logits, softmax, weighted sums, sorting) — never from the code under test.  Definitions matched (see
-:func:`lemmse_ray.kernel.finalize`), with ``w = softmax(s)`` over all bank rows of a query:
+:func:`lemmse_ray.core.statistics.finalize`), with ``w = softmax(s)`` over all bank rows of a query:
 
 * ``mean = Σ w v``; ``variance = Σ w v² − mean²`` (clamped at 0); ``ess = 1/Σ w²``; ``max_weight = max w``;
 * ``entropy = −Σ w log w`` (nats);
@@ -22,8 +22,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lemmse_ray import kernel
-from lemmse_ray.kernel import Partials, finalize, matmul_partials, merge, merge_into, mixture_partials
+from lemmse_ray.core.partials import Partials, merge, merge_into
+from lemmse_ray.core.statistics import finalize
+from lemmse_ray.kernels.torch_kernels import matmul_partials, mixture_partials
 
 ALL_STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
 F64 = torch.float64
@@ -430,12 +431,12 @@ def test_chunking_mixture(block_q, block_r):
 
 def _scan_case(problem_name):
     """The whole in-memory scan of a small case (bank, queries, every statistic), as a function of the block
-    sizes passed through :func:`lemmse_ray.queries.scan`."""
+    sizes passed through :func:`lemmse_ray.bank.features.scan`."""
     import lemmse_ray as lm
-    from lemmse_ray.bank import class_centers, memory_bank
-    from lemmse_ray.classes import plan_classes
-    from lemmse_ray.patches import PatchGeometry
-    from lemmse_ray.queries import key_features, prepare_queries, scan
+    from lemmse_ray.bank.rows import class_centers, memory_bank
+    from lemmse_ray.core.classes import plan_classes
+    from lemmse_ray.core.patches import PatchGeometry
+    from lemmse_ray.bank.features import key_features, prepare_queries, scan
 
     gen = torch.Generator().manual_seed(0)
     train = torch.rand((5, 2, 7, 7), generator=gen, dtype=F64)
@@ -467,14 +468,14 @@ def test_estimate_does_not_depend_on_block_sizes(problem_name):
 def test_block_topk_breaks_ties_by_column():
     """The block top-k keeps, among logits tied at the k-th value, the leftmost columns (the smallest row ids):
     checked against an explicit sort on integer-valued blocks full of ties."""
-    from lemmse_ray.kernel import _block_topk
+    from lemmse_ray.core.partials import block_topk
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
         rows, cols = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(1, 40, (1,), generator=generator))
         k = int(torch.randint(1, cols + 1, (1,), generator=generator))
         s = torch.randint(-3, 3, (rows, cols), generator=generator).to(torch.float32)
-        values, columns = _block_topk(s, k)
+        values, columns = block_topk(s, k)
         for m in range(rows):
             expected = sorted(range(cols), key=lambda j: (-float(s[m, j]), j))[:k]
             assert sorted(columns[m].tolist()) == sorted(expected)

@@ -1,4 +1,4 @@
-"""Tests for lemmse_ray.networks: equivariance, exact locality, padding, reference, factory."""
+"""Tests for lemmse_ray.models.networks: equivariance, exact locality, padding, reference, factory."""
 
 from __future__ import annotations
 
@@ -8,15 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lemmse_ray.networks import (
-    NETWORKS,
-    PatchMLP,
-    ResNet,
-    UNet2D,
-    build_network,
-    network_config,
-    unet_kernels,
-)
+from lemmse_ray.models.networks import NETWORKS, PatchMLP, ResNet, UNet2D, build_network, network_config, unet_kernels
 
 SMALL = {
     "patchmlp": dict(patch_size=5, hidden=16, depth=3),
@@ -397,9 +389,9 @@ def test_shift_by_one_pixel(name, patch_size):
 @pytest.mark.parametrize("name", NETWORKS)
 def test_make_network_uses_patch_size(name):
     """Training builds every network, the U-Net included, with the LE-MMSE's receptive field."""
-    from lemmse_ray.config import Config
-    from lemmse_ray.problems import Denoising
-    from lemmse_ray.training import make_network
+    from lemmse_ray.runs.config import Config
+    from lemmse_ray.core.problems import Denoising
+    from lemmse_ray.runs.training import make_network
 
     for patch_size in (3, 9):
         cfg = Config(patch_size=patch_size, width=2, hidden=4, padding="circular")

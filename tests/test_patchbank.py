@@ -12,9 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
 
 import lemmse_ray as lm  # noqa: E402
-from lemmse_ray.bank import CENTER_IMAGES, centers_from_inputs  # noqa: E402
-from lemmse_ray.classes import plan_classes  # noqa: E402
-from lemmse_ray.patches import PatchGeometry  # noqa: E402
+from lemmse_ray.bank.rows import CENTER_IMAGES, centers_from_inputs  # noqa: E402
+from lemmse_ray.core.classes import plan_classes  # noqa: E402
+from lemmse_ray.core.patches import PatchGeometry  # noqa: E402
 
 ALL_STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
 FIELDS = ("mean", "variance", "ess", "max_weight", "entropy", "log_evidence", "topk_image", "topk_position",

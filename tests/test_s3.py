@@ -16,11 +16,12 @@ import pytest
 import torch
 
 import lemmse_ray as lm
-from lemmse_ray.classes import plan_classes
-from lemmse_ray.datasets import load_dataset
-from lemmse_ray.distributed import build_bank, estimate_on_ray
-from lemmse_ray.patches import PatchGeometry
-from lemmse_ray.store import open_bank, open_group
+from lemmse_ray.core.classes import plan_classes
+from lemmse_ray.data.datasets import load_dataset
+from lemmse_ray.cluster.build import build_bank
+from lemmse_ray.cluster.driver import estimate_on_ray
+from lemmse_ray.core.patches import PatchGeometry
+from lemmse_ray.storage.bank_store import open_bank, open_group
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

@@ -34,13 +34,15 @@ OUTPUTS = ("mean", "variance", "ess", "max_weight", "entropy", "log_evidence", "
 
 @pytest.fixture(scope="module")
 def digits():
-    from lemmse_ray.datasets import load_dataset
+    from lemmse_ray.data.datasets import load_dataset
 
     return load_dataset("digits", "train", n=24).double(), load_dataset("digits", "test", n=5).double()
 
 
 def test_pipelined_equals_sequential_and_streaming_equals_resident(tmp_path, digits, ray_cluster):
-    from lemmse_ray.distributed import build_bank, estimate_on_ray, start_actors
+    from lemmse_ray.cluster.build import build_bank
+    from lemmse_ray.cluster.driver import estimate_on_ray
+    from lemmse_ray.cluster.actors import start_actors
 
     train, queries = digits
     problem = lm.Denoising()
@@ -82,9 +84,9 @@ def _pattern(h, w, height, width, p):
 
 @pytest.mark.parametrize("padding", ["zeros", "circular"])
 def test_plan_counts_rows_pairs_bytes_and_memory(padding):
-    from lemmse_ray.classes import plan_classes
-    from lemmse_ray.patches import PatchGeometry
-    from lemmse_ray.plan import count
+    from lemmse_ray.core.classes import plan_classes
+    from lemmse_ray.core.patches import PatchGeometry
+    from lemmse_ray.cluster.plan import count
 
     n_images, channels, height, width, p = 7, 2, 6, 5, 3
     gen = torch.Generator().manual_seed(0)
@@ -116,8 +118,9 @@ def test_plan_counts_rows_pairs_bytes_and_memory(padding):
 
 def test_plan_counts_match_the_bank_and_the_run(tmp_path, digits, ray_cluster):
     """The stored bytes and the pairs of a real run equal the plan's."""
-    from lemmse_ray.distributed import build_bank, estimate_on_ray
-    from lemmse_ray.plan import count
+    from lemmse_ray.cluster.build import build_bank
+    from lemmse_ray.cluster.driver import estimate_on_ray
+    from lemmse_ray.cluster.plan import count
 
     train, queries = digits
     problem = lm.Inpainting(keep_prob=0.7, input="adjoint")  # masked kind: pairs depend on each mask
@@ -144,9 +147,9 @@ def test_plan_counts_match_the_bank_and_the_run(tmp_path, digits, ray_cluster):
 def test_scaling_study_writes_parquet_and_figures(tmp_path, ray_cluster):
     import pyarrow.parquet as pq
 
-    from lemmse_ray.config import Config
-    from lemmse_ray.pipeline import load_data, make_problem
-    from lemmse_ray.scaling import scaling_study
+    from lemmse_ray.runs.config import Config
+    from lemmse_ray.runs.pipeline import load_data, make_problem
+    from lemmse_ray.studies.scaling import scaling_study
 
     cfg = Config(dataset="digits", n_train=8, n_queries=1, patch_size=3, batch_images=1, out=str(tmp_path))
     train, queries = load_data(cfg)

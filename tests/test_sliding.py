@@ -1,4 +1,4 @@
-"""The sliding-window kernel (lemmse_ray.sliding) against float64 references written out with explicit loops."""
+"""The sliding-window kernel (lemmse_ray.kernels.sliding) against float64 references written out with explicit loops."""
 from __future__ import annotations
 
 import math
@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
 
 import lemmse_ray as lm  # noqa: E402
-from lemmse_ray import sliding  # noqa: E402
-from lemmse_ray.kernel import finalize  # noqa: E402
+from lemmse_ray.kernels import sliding  # noqa: E402
+from lemmse_ray.core.statistics import finalize  # noqa: E402
 
 STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence")
 HAVE_KERNEL = sliding.load() is not None
@@ -23,7 +23,7 @@ needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="no C compiler: see te
 
 def test_sliding_kernel_builds_where_a_compiler_exists():
     """With a C compiler (and LEMMSE_RAY_FUSED not 0) the kernel must build: no silent fallback in CI."""
-    from lemmse_ray import fused
+    from lemmse_ray.kernels import compiled as fused
     assert HAVE_KERNEL == (fused.compiler() is not None and fused.enabled())
 
 
@@ -241,7 +241,7 @@ def test_without_compiled_kernel_the_matrix_product_serves(monkeypatch):
 @needs_kernel
 def test_partials_merge_like_the_matrix_product():
     """Sliding partials of two halves of a bank, merged, equal the float64 partials of the whole bank."""
-    from lemmse_ray.kernel import merge
+    from lemmse_ray.core.partials import merge
     train = torch.from_numpy(images(17, 12, (3, 7, 7)))
     z = torch.from_numpy(images(18, 2, (3, 7, 7)))
     whole = lm.PatchBank(train, lm.Denoising(), 3, "circular", "all")

@@ -1,4 +1,4 @@
-"""Studies (lemmse_ray.study, lemmse study / lemmse report): a tiny 2 × 2 study end to end on ``digits``.
+"""Studies (lemmse_ray.studies.engine, lemmse study / lemmse report): a tiny 2 × 2 study end to end on ``digits``.
 
 Aggregates are recomputed here from the per-image Parquet (plain numpy means) and the per-image PSNRs from
 the stored Zarr arrays (float64, written out); the loss-floor flag is checked on a planted network that
@@ -39,8 +39,8 @@ def rows(path: Path) -> list[dict]:
 def study(tmp_path_factory, ray_cluster):
     """The tiny study run twice: through the library with a planted clean-image "network", then again
     through ``lemmse study`` (nothing left to compute)."""
-    from lemmse_ray.study import run_study
-    from lemmse_ray.study_cli import load_study
+    from lemmse_ray.studies.engine import run_study
+    from lemmse_ray.studies.cli import load_study
 
     folder = tmp_path_factory.mktemp("study")
     spec, out = folder / "tiny.yaml", folder / "out"
@@ -197,8 +197,8 @@ def test_unknown_preset_and_set_override(tmp_path, capsys):
 
 
 def test_presets_expand_to_valid_cells():
-    from lemmse_ray.presets import PRESETS
-    from lemmse_ray.study_cli import load_study
+    from lemmse_ray.studies.presets import PRESETS
+    from lemmse_ray.studies.cli import load_study
 
     for name in PRESETS:
         _, parts, cells = load_study(name, "quick")
@@ -215,8 +215,8 @@ def test_presets_expand_to_valid_cells():
 
 
 def test_readme_example_spec_is_valid(tmp_path):
-    from lemmse_ray.spec import parse_spec
-    from lemmse_ray.study_cli import load_study
+    from lemmse_ray.studies.spec import parse_spec
+    from lemmse_ray.studies.cli import load_study
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]

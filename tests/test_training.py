@@ -13,11 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lemmse_ray.config import Config
-from lemmse_ray.networks import build_network
-from lemmse_ray.problems import Denoising, Inpainting
-from lemmse_ray.training import (CHECKPOINT, METRICS, load_network, network_dir, step_generator, train_all,
-                                 train_network, training_batch)
+from lemmse_ray.runs.config import Config
+from lemmse_ray.models.networks import build_network
+from lemmse_ray.core.problems import Denoising, Inpainting
+from lemmse_ray.runs.training import CHECKPOINT, METRICS, load_network, network_dir, step_generator, train_all, train_network, training_batch
 
 SIGMA = 0.2
 STEPS = 6

@@ -1,4 +1,4 @@
-"""lemmse_ray.triton_kernel (fused Triton kernel) and the ``kernel=`` selection, on the CPU.
+"""lemmse_ray.kernels.triton_kernel (fused Triton kernel) and the ``kernel=`` selection, on the CPU.
 
 The kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py before any import of the
 kernel).  Expected values come from an independent float64 reference written here with explicit loops: the
@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import lemmse_ray as lm
-from lemmse_ray import backends
-from lemmse_ray.kernel import finalize
-from lemmse_ray.triton_kernel import _tf32, interpreted, triton_matmul_partials
+from lemmse_ray.kernels import resolver as backends
+from lemmse_ray.core.statistics import finalize
+from lemmse_ray.kernels.triton_kernel import _tf32, interpreted, triton_matmul_partials
 
 STATS = ("variance", "ess", "entropy")  # with mean, max_weight and log_evidence: every statistic but top-k
 NAMES = ("mean", "variance", "ess", "max_weight", "entropy", "log_evidence")
@@ -38,7 +38,7 @@ def test_runs_in_the_interpreter():
 def problem(form: str, m: int, r: int, d: int, c: int, seed: int):
     """Random queries/rows, the float64 logits (from distances) and the kernel's float32 features.
 
-    Returns (logits (m, r), values (r, c), q_feat, k_feat, shift) — features as in lemmse_ray.queries.
+    Returns (logits (m, r), values (r, c), q_feat, k_feat, shift) — features as in lemmse_ray.bank.features.
     """
     rng = np.random.default_rng(seed)
     sigma = 0.5
@@ -193,7 +193,7 @@ def test_kernel_validation():
         lm.estimate(x, x, lm.Denoising(), sigma=0.2, patch_size=3, kernel="fast")
     with pytest.raises(ValueError, match="kernel"):
         lm.estimate(x, x, lm.Denoising(), sigma=0.2, patch_size=3, dtype=torch.float64, kernel="triton")
-    from lemmse_ray.distributed import start_actors
+    from lemmse_ray.cluster.actors import start_actors
 
     with pytest.raises(ValueError, match="kernel"):  # validated before Ray is touched
         start_actors(None, 1, "float32", kernel="gpu")
@@ -202,7 +202,7 @@ def test_kernel_validation():
 
 
 def test_triton_unavailable_is_a_clear_error(monkeypatch):
-    import lemmse_ray.triton_kernel as tk
+    import lemmse_ray.kernels.triton_kernel as tk
 
     monkeypatch.setattr(tk, "interpreted", lambda: False)  # as on a CPU without the interpreter
     with pytest.raises(ValueError, match="CUDA"):
@@ -246,7 +246,8 @@ def test_ray_actors_with_triton(tmp_path, ray_cluster):
     """``estimate_on_ray(kernel="triton")``: the shard actors (which inherit TRITON_INTERPRET=1 from this
     session; without it kernel="triton" raises on the CPU) scan with the fused kernel and give the in-memory
     float64 numbers."""
-    from lemmse_ray.distributed import build_bank, estimate_on_ray
+    from lemmse_ray.cluster.build import build_bank
+    from lemmse_ray.cluster.driver import estimate_on_ray
 
     gen = torch.Generator().manual_seed(2)
     train = torch.rand((4, 1, 6, 6), generator=gen, dtype=torch.float64)

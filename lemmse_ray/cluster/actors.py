@@ -1,0 +1,230 @@
+r"""Shard actors: Ray actors that scan query batches against a contiguous range of a bank's shards.
+
+A :class:`ShardActor` holds its shards' key features in (GPU) memory, σ-free, or streams them from the store
+past a memory budget; for a broadcast query batch it returns one merged
+:class:`~lemmse_ray.core.partials.Partials` over its rows and the seconds it computed.  Actors are restartable
+(``max_restarts``, default 3) and their calls retried (``max_task_retries``, default 3), so a killed actor,
+or one lost with its node, is recreated elsewhere and its partial recomputed.  An error raised by the code (a
+damaged bank, a missing array) is not retried: :func:`gather_partials` raises :class:`ActorFailed` naming the
+actor's shards, the bank and the original exception.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import ray
+import torch
+
+from ..bank.features import (
+    key_features,
+    keys_to,
+    queries_to,
+    scan,
+)
+from ..core.classes import plan_classes
+from ..core.partials import Partials, merge
+from ..core.patches import PatchGeometry
+from ..core.problems import Problem
+from ..core.validation import DTYPES
+from ..kernels.resolver import check_kernel
+from ..storage.bank_store import (
+    Bank,
+)
+from ..storage.ownership import open_group
+from ..storage.redact import public
+from .plan import key_bytes, stored_row_bytes
+from .session import actor_options, default_n_actors, exact_device
+
+MAX_RESTARTS = 3
+
+
+MAX_TASK_RETRIES = 3
+
+
+class ActorFailed(RuntimeError):
+    """A shard actor failed for good (an error in its code, or more deaths than ``max_restarts``)."""
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+class ShardActor:
+    """Scans query batches against shards ``[first, last)`` of a bank.
+
+    *Resident* (when the shards' key features fit in ``memory`` bytes): they are read once and kept in device
+    memory.  *Streaming* (past it): every query batch reads the shards from the store again, the next one in a
+    background thread while the current one is scanned (at most two shards held).  Both modes scan a batch
+    shard by shard and merge the shards' partials in shard order, so they give the same bits (the top-k
+    breaks ties by row id, see :func:`lemmse_ray.core.partials.block_topk`).  ``memory=None``: see
+    :func:`default_actor_memory`.
+
+    ``kernel`` (``"auto"``, ``"torch"``, ``"triton"``, :mod:`lemmse_ray.kernels.resolver`): with ``"auto"`` a CUDA actor
+    with Triton installed scans float32 banks with the fused Triton kernel.  Whether ``"triton"`` can run is
+    checked where the actor runs (its node's packages and device), at its first scan.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None, problem: Problem, geometry: dict, first: int,
+                 last: int, dtype: str, kernel: str = "auto", memory: int | None = None):
+        self.device = exact_device()
+        # the plan is recomputed here (not passed by reference) so that a restarted actor needs nothing from
+        # the driver's object store
+        plan = plan_classes(problem, PatchGeometry(tuple(geometry["shape"]), geometry["patch_size"],
+                                                   geometry["padding"], geometry["candidates"]))
+        self.bank = Bank(url, open_group(url, "r", storage_options), plan, problem, storage_options)
+        self.plan, self.kernel, self.dtype = plan, kernel, DTYPES[dtype]
+        self.shards = list(range(first, last))
+        start, stop = self.bank.layout.shard_range(first)[0], self.bank.layout.shard_range(last - 1)[1]
+        self.rows = stop - start
+        self.memory = default_actor_memory(self.device) if memory is None else memory
+        self.resident_bytes = key_bytes(plan, self.rows, self.dtype)
+        self.streaming = self.resident_bytes > self.memory
+        self.calls = 0
+        self.read_s, self.read_bytes = 0.0, 0
+        self.keys, self.error = None, None
+        try:
+            self.keys = None if self.streaming else [self._load_shard(shard) for shard in self.shards]
+        except Exception as err:  # noqa: BLE001
+            # e.g. a damaged shard: each scan raises it as that call's error, which is not retried (the bytes
+            # would be the same), rather than a failed creation that Ray reports again for every queued call
+            self.error = err
+
+    def _load_shard(self, shard: int) -> dict:
+        return self._load(*self.bank.layout.shard_range(shard))
+
+    def _load(self, start: int, stop: int) -> dict:
+        """Key features of rows ``[start, stop)`` on this actor's device."""
+        t0 = time.perf_counter()
+        arrays = self.bank.read_rows(start, stop).to(self.dtype)
+        keys = keys_to(key_features(arrays, self.plan, self.bank.centers), self.device)
+        self.read_s += time.perf_counter() - t0
+        self.read_bytes += stored_row_bytes(self.plan, self.bank.dtype) * len(arrays)
+        return keys
+
+    def _shard_keys(self):
+        """Key features of each shard in order (streaming: read ahead one shard in a background thread)."""
+        if not self.streaming:
+            yield from self.keys
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = pool.submit(self._load_shard, self.shards[0])
+            for i in range(len(self.shards)):
+                keys = ahead.result()
+                if i + 1 < len(self.shards):
+                    ahead = pool.submit(self._load_shard, self.shards[i + 1])
+                yield keys
+                del keys
+
+    def partials(self, queries, stats: tuple[str, ...], topk: int) -> tuple[Partials, float]:
+        """(merged partial of the query batch over this actor's rows, seconds this call computed)."""
+        if self.error is not None:
+            raise self.error
+        t0 = time.perf_counter()
+        self.calls += 1
+        queries = queries_to(queries, self.device)
+        total = None
+        for keys in self._shard_keys():
+            part = scan(keys, self.plan, queries, stats, topk, self.kernel)
+            total = part if total is None else merge(total, part)
+        return total.to(device="cpu"), time.perf_counter() - t0
+
+    def calibrate(self, queries) -> dict:
+        """Timings on this actor's first shard: its read from the store (seconds, stored bytes) and one scan of
+        ``queries`` against it (seconds, pairs), for :mod:`lemmse_ray.cluster.plan`."""
+        read_s, read_bytes = self.read_s, self.read_bytes
+        keys = self._load_shard(self.shards[0])
+        read = {"read_s": self.read_s - read_s, "read_bytes": self.read_bytes - read_bytes}
+        self.read_s, self.read_bytes = read_s, read_bytes
+        queries = queries_to(queries, self.device)
+        scan(keys, self.plan, queries, (), 0, self.kernel)  # warm-up
+        t0 = time.perf_counter()
+        scan(keys, self.plan, queries, (), 0, self.kernel)
+        pairs = sum(len(cq.index) * len(keys[c].row_ids) for c, cq in enumerate(queries.per_class)
+                    if cq is not None and c in keys)
+        return {**read, "scan_s": time.perf_counter() - t0, "pairs": pairs}
+
+    def describe(self) -> dict:
+        return {"node": ray.get_runtime_context().get_node_id(), "device": str(self.device), "rows": self.rows,
+                "pid": os.getpid(), "calls": self.calls, "streaming": self.streaming, "memory": self.memory,
+                "resident_bytes": self.resident_bytes, "read_s": self.read_s, "read_bytes": self.read_bytes}
+
+
+def default_actor_memory(device: torch.device) -> int:
+    """Memory an actor may hold its shards in when none is given: 80 % of the free memory of its GPU, or half of
+    the host's available memory shared among its CPUs (one CPU actor per CPU)."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[0])
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(0.5 * available / max(1, os.cpu_count() or 1))
+
+
+def actor_shards(n_shards: int, n_actors: int) -> list[tuple[int, int]]:
+    """The contiguous shard range ``[first, last)`` of each of ``n_actors`` actors (at most one per shard)."""
+    bounds = np.linspace(0, n_shards, min(n_actors, n_shards) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def check_limit(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32", kernel: str = "auto",
+                 max_restarts: int = MAX_RESTARTS, max_task_retries: int = MAX_TASK_RETRIES,
+                 actor_memory: int | None = None) -> list:
+    """One actor per contiguous range of shards (default: one per GPU, else one per CPU, at most one per shard).
+
+    ``kernel``: the actors' kernel (see :class:`ShardActor`).  ``actor_memory``: bytes each actor may hold its
+    shards' key features in; past it the actor streams them from the store for every query batch (``None``:
+    :func:`default_actor_memory`).  A dead actor (killed, lost with its node) is restarted at most
+    ``max_restarts`` times, and a call to it resubmitted at most ``max_task_retries`` times; errors raised by
+    the actor's code are never retried.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    check_kernel(kernel, DTYPES[dtype])
+    check_limit("max_restarts", max_restarts)
+    check_limit("max_task_retries", max_task_retries)
+    check_actor_memory(actor_memory)
+    options = actor_options()
+    if n_actors is None:
+        n_actors = default_n_actors()
+    if isinstance(n_actors, bool) or not isinstance(n_actors, int) or n_actors < 1:
+        raise ValueError(f"n_actors must be a positive integer, got {n_actors!r}")
+    geometry = bank.plan.geometry.spec()
+    return [ShardActor.options(**options, max_restarts=max_restarts, max_task_retries=max_task_retries).remote(
+                bank.url, bank.storage_options, bank.problem, geometry, first, last, dtype, kernel, actor_memory)
+            for first, last in actor_shards(bank.n_shards, n_actors)]
+
+
+def check_actor_memory(actor_memory) -> None:
+    if actor_memory is not None and (isinstance(actor_memory, bool) or not isinstance(actor_memory, int)
+                                     or actor_memory < 0):
+        raise ValueError(f"actor_memory must be a non-negative number of bytes or None, got {actor_memory!r}")
+
+
+def original_error(err: Exception) -> str:
+    """``"Type: message"`` of the exception behind a Ray error, on one line."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}".replace("\n", " ")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", getattr(err, "error_msg", None) or str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if getattr(err, "_actor_init_failed", False) and lines:
+        return lines[-1]  # the creation task's traceback ends with "Type: message"
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def gather_partials(refs: list, bank: Bank) -> list[tuple[Partials, float]]:
+    """The actors' (partial, busy seconds), in order; :class:`ActorFailed` naming the shards of the first actor
+    that failed."""
+    parts = []
+    for ref, (first, last) in zip(refs, actor_shards(bank.n_shards, len(refs))):
+        try:
+            parts.append(ray.get(ref))
+        except ray.exceptions.RayError as err:
+            raise ActorFailed(f"actor for shards [{first}, {last}) of {public(bank.url)} failed: "
+                              f"{original_error(err)}") from err
+    return parts

@@ -1,0 +1,180 @@
+r"""The torch kernels: partials of a query block over blocks of bank rows, by an online log-sum-exp.
+
+Logit forms (the caller prepares features, :mod:`lemmse_ray.bank.features`):
+
+* **matrix product** (:func:`matmul_partials`): :math:`s = Q_f K_f^\top + \text{shift}` — whitened
+  isotropic kernel, :math:`s = -\lVert \tilde q-\tilde k\rVert^2/2\sigma^2 + b` with
+  :math:`Q_f=[\tilde q/\sigma^2, -1/\sigma^2]`, :math:`K_f=[\tilde k, \tfrac12\lVert\tilde k\rVert^2]`;
+  and the random-mask aware kernel of width 2d, :math:`Q_f=[m\odot p, -\tfrac12 m]/\sigma^2`,
+  :math:`K_f=[\mu, \mu\odot\mu]`.
+* **per-pixel mixture** (:func:`mixture_partials`): :math:`s = \text{shift} + \sum_a
+  \operatorname{softplus}(\operatorname{logit} q + (p_a\cdot\mu_a - \tfrac12\lVert\mu_a\rVert^2)/\sigma^2)`,
+  the exact log of :math:`\prod_a [qN(p_a;\mu_a,\sigma^2I)+(1-q)N(p_a;0,\sigma^2I)]` up to the shift.
+
+Both are chunked over queries and rows, so memory is bounded by ``block_q × block_r`` whatever the sizes.
+No reduced-precision arithmetic is used: float32 (default) or float64 throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..core.partials import (
+    LN2,
+    LOG2E,
+    Partials,
+    add_shift,
+    block_topk,
+    merge_topk,
+    safe_reference,
+)
+from . import epilogue as fused
+
+BLOCK_Q = 1024
+
+
+BLOCK_R = 1024
+
+
+EPILOGUES = ("auto", "compiled", "torch")
+
+
+def compiled_epilogue(epilogue: str, values: torch.Tensor):
+    """The compiled library of :mod:`lemmse_ray.kernels.epilogue` if ``epilogue`` asks for it and it applies (float32 on
+    CPU), else None (the pure-torch epilogue)."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if epilogue == "torch":
+        return None
+    lib = fused.load() if values.dtype == torch.float32 and values.device.type == "cpu" else None
+    if lib is None and epilogue == "compiled":
+        raise ValueError("epilogue='compiled' needs float32 on CPU and a working C compiler "
+                         "(see lemmse_ray.kernels.compiled)")
+    return lib
+
+
+def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: torch.Tensor,
+            row_ids: torch.Tensor | None, n_queries: int, stats: tuple[str, ...], topk: int,
+            block_r: int, epilogue: str = "auto") -> Partials:
+    r"""Online reduction over row blocks for one query block.
+
+    ``logits(r0, r1)`` returns a writable (Mq, r1−r0) block of logits *in base 2* (:math:`s\log_2 e`):
+    ``exp2`` is several times faster than ``exp`` on CPUs, and the statistics are the same numbers
+    (:math:`2^{s_2-m_2} = e^{s-m}`); ``m``, ``l_s`` and the top-k logits are converted back at the end.
+    ``epilogue``: ``"auto"`` (the fused compiled epilogue of :mod:`lemmse_ray.kernels.epilogue` for float32 on CPU when
+    it builds, else pure torch), ``"compiled"`` (required) or ``"torch"``.
+    """
+    lib = compiled_epilogue(epilogue, values)
+    dtype = values.dtype
+    channels = values.shape[1]
+    want_var, want_l2, want_ls = "variance" in stats, "ess" in stats, "entropy" in stats
+    device = values.device
+    part = Partials.empty(n_queries, channels, stats, topk, dtype, device)
+    acc = torch.zeros((n_queries, 2 * channels + 1 if want_var else channels + 1), dtype=dtype, device=device)
+    if lib is not None:
+        values_t = values.T.contiguous()
+    else:  # values, ones and squared values as one column-major (R, w) operand: e @ [v, 1, v²] gives o, l, o2
+        columns = [values.T, torch.ones((1, n_rows), dtype=dtype, device=device)] + ([values.T * values.T] if want_var else [])
+        aug = torch.cat(columns, dim=0).contiguous()
+    m = part.m
+    for r0 in range(0, n_rows, block_r):
+        r1 = min(n_rows, r0 + block_r)
+        s = logits(r0, r1)
+        if part.top_s is not None:
+            ts, ti = block_topk(s, min(topk, r1 - r0))
+            tr = row_ids[r0:r1][ti] if row_ids is not None else ti + r0
+            part.top_s, part.top_r = merge_topk(part.top_s, part.top_r, ts, tr, topk)
+        if lib is not None:
+            fused.epilogue(lib, s, values_t[:, r0:r1], m, acc, want_var, part.l2, part.ls)
+            continue
+        m_new = torch.maximum(m, s.amax(dim=1))
+        ref = safe_reference(m_new)
+        alpha = torch.exp2(m - ref)
+        s.sub_(ref[:, None])
+        if want_ls:
+            shifted = s.clone()
+        s.exp2_()
+        block = torch.mm(s, aug[:, r0:r1].T)
+        acc.mul_(alpha[:, None]).add_(block)
+        if want_l2:
+            part.l2.mul_(alpha * alpha).add_((s * s).sum(dim=1))
+        if want_ls:
+            part.ls.mul_(alpha).add_((s * shifted).sum(dim=1) + ref * block[:, channels])
+        m = m_new
+    part.m = m * LN2
+    if want_ls:
+        part.ls = part.ls * LN2
+    if part.top_s is not None:
+        part.top_s = part.top_s * LN2
+    part.o = acc[:, :channels].clone()
+    part.l = acc[:, channels].clone()
+    if want_var:
+        part.o2 = acc[:, channels + 1:].clone()
+    return part
+
+
+def _by_query_blocks(n_queries: int, block_q: int, run: Callable[[int, int], Partials]) -> Partials:
+    parts = [run(q0, min(n_queries, q0 + block_q)) for q0 in range(0, n_queries, block_q)]
+    if len(parts) == 1:
+        return parts[0]
+    return Partials(**{f.name: (None if getattr(parts[0], f.name) is None
+                                else torch.cat([getattr(p, f.name) for p in parts]))
+                       for f in fields(parts[0])})
+
+
+def matmul_partials(q_feat: torch.Tensor, k_feat: torch.Tensor, values: torch.Tensor, shift: torch.Tensor,
+                    row_ids: torch.Tensor | None = None, stats: tuple[str, ...] = (), topk: int = 0,
+                    block_q: int = BLOCK_Q, block_r: int = BLOCK_R, epilogue: str = "auto") -> Partials:
+    """Partials for logits :math:`s = Q_f K_f^\\top + \\text{shift}` (shapes (M, F), (R, F), (R, C), (M,))."""
+    n_rows = k_feat.shape[0]
+    buffer = torch.empty((block_q, block_r), dtype=q_feat.dtype, device=q_feat.device)
+
+    def run(q0: int, q1: int) -> Partials:
+        q = q_feat[q0:q1] * LOG2E
+
+        def logits(r0: int, r1: int) -> torch.Tensor:
+            out = buffer[: q1 - q0, : r1 - r0]
+            if out.is_contiguous():
+                return torch.mm(q, k_feat[r0:r1].T, out=out)
+            return torch.mm(q, k_feat[r0:r1].T)
+
+        return add_shift(_reduce(logits, n_rows, values, row_ids, q1 - q0, stats, topk, block_r, epilogue),
+                          shift[q0:q1])
+
+    return _by_query_blocks(q_feat.shape[0], block_q, run)
+
+
+def mixture_partials(q_pix: torch.Tensor, k_pix: torch.Tensor, values: torch.Tensor, shift: torch.Tensor,
+                     keep_prob: float, sigma: float, row_ids: torch.Tensor | None = None,
+                     stats: tuple[str, ...] = (), topk: int = 0, block_q: int = 64,
+                     block_r: int = 2048, epilogue: str = "auto") -> Partials:
+    """Partials for the per-pixel mixture logits (random-mask agnostic inpainting).
+
+    ``q_pix`` (M, A, C) query pixels and ``k_pix`` (R, A, C) key pixels over the A non-padded pixels.
+    """
+    n_rows, pixels, _ = k_pix.shape
+    logit_q = math.log(keep_prob) - math.log1p(-keep_prob)
+    inv = 1.0 / sigma ** 2
+    # per pixel: K_a^T (C, R) and the row term logit q − |μ_a|²/2σ²
+    k_t = k_pix.permute(1, 2, 0).contiguous()  # (A, C, R)
+    k_bias = logit_q - 0.5 * inv * (k_pix * k_pix).sum(dim=2).T.contiguous()  # (A, R)
+
+    def run(q0: int, q1: int) -> Partials:
+        q = q_pix[q0:q1] * inv  # (Mq, A, C)
+
+        def logits(r0: int, r1: int) -> torch.Tensor:
+            s = torch.zeros((q1 - q0, r1 - r0), dtype=q_pix.dtype, device=q_pix.device)
+            for a in range(pixels):
+                t = torch.addmm(k_bias[a, r0:r1][None, :], q[:, a], k_t[a][:, r0:r1])
+                s.add_(F.softplus(t))
+            return s.mul_(LOG2E)
+
+        return add_shift(_reduce(logits, n_rows, values, row_ids, q1 - q0, stats, topk, block_r, epilogue),
+                          shift[q0:q1])
+
+    return _by_query_blocks(q_pix.shape[0], block_q, run)

@@ -1,0 +1,2 @@
+"""The networks compared with the LE-MMSE (PatchMLP, ResNet, U-Net); each builds itself from a configuration.
+"""

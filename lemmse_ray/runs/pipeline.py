@@ -1,0 +1,292 @@
+"""The steps of a run, as library functions the jobs and the ``lemmse`` command call.
+
+``load_data`` → ``make_problem`` → ``bank_step`` (Ray tasks) → ``estimate_step`` (Ray actors, one output
+group per split and σ, holding the fixed seeded inputs ``z``, masks and clean images) → ``report_step``
+(PNG grids and a Parquet table of PSNRs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import torch
+
+from ..cluster.build import build_bank
+from ..cluster.driver import DTYPES, estimate_on_ray
+from ..cluster.plan import Plan, make_plan
+from ..core.classes import plan_classes
+from ..core.metrics import psnr
+from ..core.patches import PatchGeometry
+from ..core.problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
+from ..data.datasets import load_dataset, query_indices, subset_indices
+from ..storage.bank_store import MEMBERS as BANK_MEMBERS
+from ..storage.bank_store import Bank, open_group
+from ..storage.files import read_bytes, save_parquet, save_png, save_text, write_bytes
+from ..storage.ownership import check_apart, check_output_folder, owned_group
+from ..storage.results import MEMBERS as RESULT_MEMBERS
+from .config import Config, join
+from .report import group_means, image_grid
+
+log = logging.getLogger("lemmse_ray")
+
+SPLITS = ("train", "test")
+
+
+def load_data(cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training images and the query images of each split.
+
+    Training images: ``n_train`` of the split, a seeded random subset (``subset="random"``: the first
+    ``n_train`` of a seeded permutation, so smaller subsets are prefixes of larger ones) or the first ones.
+    Train queries are the first ``n_queries`` training images (bank images ``0 … n_queries − 1``, the same
+    images for every ``n_train`` of a seed); test queries are seeded random test images.
+    """
+    kwargs = dict(root=cfg.root, size=cfg.size, grayscale=cfg.grayscale)
+    train = load_dataset(cfg.dataset, "train", **kwargs)
+    test = load_dataset(cfg.dataset, "test", **kwargs)
+    n_train = len(train) if cfg.n_train is None else cfg.n_train
+    if n_train > len(train):
+        raise ValueError(f"n_train={n_train} exceeds the {len(train)} training images of {cfg.dataset}")
+    train = train[subset_indices(len(train), n_train, cfg.subset, cfg.seed)]
+    for split, images in (("train", train), ("test", test)):
+        if cfg.n_queries > len(images):
+            raise ValueError(f"n_queries={cfg.n_queries} exceeds the {len(images)} {split} images")
+    test_ids = query_indices(len(test), cfg.n_queries, split="test", seed=cfg.seed)
+    return train, {"train": train[: cfg.n_queries], "test": test[test_ids]}
+
+
+def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
+    """The checks that need the data or the file system, before Ray starts or anything is written: the
+    patch size, problem and classes for the images' shape, and that the output folder, the bank and every
+    estimate output are missing, empty or this project's (and no estimate output is, holds or lies in the
+    bank)."""
+    shape = tuple(train.shape[1:])
+    problem.check_shape(shape)
+    plan_classes(problem, PatchGeometry(shape, cfg.patch_size, cfg.padding, cfg.candidates))
+    check_output_folder(cfg.out, cfg.storage_options)
+    owned_group(cfg.bank_url, "bank", BANK_MEMBERS, cfg.storage_options)
+    for split in SPLITS:
+        for sigma in cfg.sigmas:
+            url = estimate_url(cfg, split, sigma)
+            check_apart(url, cfg.bank_url)
+            owned_group(url, "estimate", RESULT_MEMBERS, cfg.storage_options)
+
+
+def make_problem(cfg: Config, shape: tuple[int, int, int]) -> Problem:
+    """The configured problem for images of ``shape`` (C, H, W)."""
+    if cfg.problem == "denoising":
+        return Denoising(input=cfg.input, reg=cfg.reg)
+    if cfg.problem == "inpainting":
+        if cfg.mask == "random":
+            return Inpainting(keep_prob=cfg.keep_prob, input=cfg.input, reg=cfg.reg)
+        if cfg.mask == "fixed":
+            generator = torch.Generator().manual_seed(cfg.seed)
+            mask = (torch.rand(shape[1:], generator=generator, dtype=torch.float64) < cfg.keep_prob).double()
+            return Inpainting(mask=mask, input=cfg.input, reg=cfg.reg)
+        raise ValueError(f"mask must be 'random' or 'fixed', got {cfg.mask!r}")
+    if cfg.problem == "deblurring":
+        return Deblurring(gaussian_kernel(cfg.blur_size, cfg.blur_std), input=cfg.input, reg=cfg.reg,
+                          threshold=cfg.threshold)
+    raise ValueError(f"problem must be denoising, inpainting or deblurring, got {cfg.problem!r}")
+
+
+def query_seed(cfg: Config, split: str, sigma_index: int) -> int:
+    """Seed of the one fixed noise (and mask) draw of a split at a noise level."""
+    return cfg.seed * 1_000_003 + SPLITS.index(split) * 1009 + sigma_index
+
+
+def simulate(cfg: Config, problem: Problem, images: torch.Tensor, split: str, sigma_index: int):
+    """``(y, z, mask)`` for query images, from the seeded generator of (split, σ)."""
+    generator = torch.Generator().manual_seed(query_seed(cfg, split, sigma_index))
+    return problem.measure(images.to(torch.float64), cfg.sigmas[sigma_index], generator)
+
+
+def estimate_url(cfg: Config, split: str, sigma: float) -> str:
+    return join(cfg.out, "estimates", f"{split}_sigma{sigma:g}.zarr")
+
+
+def bank_step(cfg: Config, train: torch.Tensor, problem: Problem) -> Bank:
+    return build_bank(cfg.bank_url, train, problem, cfg.patch_size, cfg.padding, cfg.candidates, cfg.shard_rows,
+                      DTYPES[cfg.dtype], cfg.storage_options, cfg.overwrite)
+
+
+def estimate_inputs(cfg: Config, problem: Problem, queries: dict[str, torch.Tensor]):
+    """``(split, σ index, σ, clean images, z, mask or None)`` of every output of the estimate step."""
+    for split, images in queries.items():
+        for index, sigma in enumerate(cfg.sigmas):
+            _, z, mask = simulate(cfg, problem, images, split, index)
+            yield split, index, sigma, images, z, mask if problem.random_mask else None
+
+
+def actor_memory(cfg: Config) -> int | None:
+    return None if cfg.actor_memory_mb is None else cfg.actor_memory_mb * 10**6
+
+
+def plan_step(cfg: Config, train: torch.Tensor, problem: Problem, queries: dict[str, torch.Tensor],
+              calibrated: bool = True) -> Plan:
+    """Counts of the estimate step and (``calibrated``, needs Ray) its predicted wall time on this cluster."""
+    from ..bank.rows import class_centers
+    from ..cluster.session import default_n_actors
+
+    geometry = PatchGeometry(tuple(train.shape[1:]), cfg.patch_size, cfg.padding, cfg.candidates)
+    n_actors = cfg.n_actors or (default_n_actors() if calibrated else 1)
+    inputs = [(z, mask, sigma) for _, _, sigma, _, z, mask in estimate_inputs(cfg, problem, queries)]
+    centers = class_centers(train, problem, plan_classes(problem, geometry)) if calibrated else None
+    return make_plan(problem, geometry, train.shape[0], centers, inputs, n_actors, cfg.batch_images, cfg.shard_rows,
+                     DTYPES[cfg.dtype], actor_memory(cfg), bank_url=cfg.bank_url,
+                     storage_options=cfg.storage_options, calibrated=calibrated, stats=tuple(cfg.stats), topk=cfg.topk)
+
+
+@dataclasses.dataclass
+class EstimateStats:
+    """What the estimate step did: batches computed, wall time, and the actors' busy seconds."""
+
+    computed: int = 0
+    seconds: float = 0.0
+    busy_s: float = 0.0
+    load_s: float = 0.0
+    n_actors: int = 0
+
+    @property
+    def busy_fraction(self) -> float:
+        """Actors' scanning time over (actors × the step's wall time, actors' start included)."""
+        return self.busy_s / (self.n_actors * self.seconds) if self.n_actors and self.seconds > 0 else 0.0
+
+    @property
+    def working_fraction(self) -> float:
+        """Actors' scanning and shard-loading time over (actors × the step's wall time)."""
+        return (self.busy_s + self.load_s) / (self.n_actors * self.seconds) if self.n_actors and self.seconds > 0 \
+            else 0.0
+
+
+def estimate_step(cfg: Config, bank: Bank, problem: Problem,
+                  queries: dict[str, torch.Tensor]) -> tuple[dict, EstimateStats]:
+    """Estimate every split × σ through the Ray actors (started at most once).
+
+    Returns ({(split, σ): url}, what this call computed)."""
+    t0 = time.perf_counter()
+    actors: list = []  # started by the first output with work left, then shared
+    urls = {}
+    stats = EstimateStats()
+    for split, index, sigma, images, z, mask in estimate_inputs(cfg, problem, queries):
+        url = estimate_url(cfg, split, sigma)
+        group = estimate_on_ray(bank, z, sigma, url, mask=mask, x=images, batch_images=cfg.batch_images,
+                                actors=actors, n_actors=cfg.n_actors, stats=tuple(cfg.stats), topk=cfg.topk,
+                                dtype=DTYPES[cfg.dtype], storage_options=cfg.storage_options,
+                                metadata={"split": split, "seed": query_seed(cfg, split, index),
+                                          "dataset": cfg.dataset, "config": dataclasses.asdict(cfg)},
+                                overwrite=cfg.overwrite, actor_memory=actor_memory(cfg))
+        urls[(split, sigma)] = url
+        entry = group.attrs["history"][-1]
+        stats.computed += len(entry["computed_batches"])
+        stats.busy_s += sum(entry.get("actor_busy_s", []))
+    stats.seconds = time.perf_counter() - t0
+    stats.n_actors = len(actors)
+    if actors:
+        import ray
+        stats.load_s = sum(d["read_s"] for d in ray.get([a.describe.remote() for a in actors])
+                           if not d["streaming"])  # a streaming actor reads while it scans
+    return urls, stats
+
+
+def verify_step(cfg: Config, train: torch.Tensor, problem: Problem, repair: bool = False) -> int:
+    """Check every shard of ``cfg.bank_url`` and print a table; with ``repair`` clear the done flag of the bad
+    shards and rebuild them from ``train``.  Returns 0 when the bank is (now) whole, else 1."""
+    from ..storage.bank_store import clear_done, verify_bank
+
+    rows = verify_bank(cfg.bank_url, cfg.storage_options)
+    bad = [r["shard"] for r in rows if r["status"] != "ok"]
+    print(f"{'shard':>6} {'rows':>23}  status")
+    for r in rows:
+        if r["status"] != "ok" or len(rows) <= 20:
+            print(f"{r['shard']:>6} {r['first_row']:>11}-{r['last_row']:<11}  {r['status']}")
+    print(f"{cfg.bank_url}: {len(rows) - len(bad)} of {len(rows)} shards ok", flush=True)
+    if not bad:
+        return 0
+    if not repair:
+        print(f"re-run with --repair to rebuild shards {', '.join(map(str, bad))}", flush=True)
+        return 1
+    clear_done(cfg.bank_url, bad, cfg.storage_options)
+    bank_step(cfg, train, problem)
+    still = [r["shard"] for r in verify_bank(cfg.bank_url, cfg.storage_options) if r["status"] != "ok"]
+    print(f"repaired {len(bad) - len(still)} of {len(bad)} shards", flush=True)
+    return 1 if still else 0
+
+
+def report_step(cfg: Config, urls: dict, n_show: int = 8) -> list[dict]:
+    """PSNR table (Parquet) and figures (PNG: input z / LE-MMSE / ground truth) from the estimate outputs."""
+    rows = []
+    for (split, sigma), url in urls.items():
+        group = open_group(url, "r", cfg.storage_options)
+        z, mean, x = (torch.from_numpy(group[name][...]) for name in ("z", "mean", "x"))
+        for i, (p_est, p_in) in enumerate(zip(psnr(mean, x).tolist(), psnr(z, x).tolist())):
+            rows.append({"split": split, "sigma": sigma, "image": i, "problem": cfg.problem, "input": cfg.input,
+                         "patch_size": cfg.patch_size, "psnr_lemmse_x": p_est, "psnr_z_x": p_in})
+        save_png(image_grid([z[:n_show], mean[:n_show], x[:n_show]]),
+                 join(cfg.out, "figures", f"{split}_sigma{sigma:g}.png"), cfg.storage_options)
+    save_parquet(rows, join(cfg.out, "psnr.parquet"), cfg.storage_options)
+    return rows
+
+
+def summarize(rows: list[dict]) -> str:
+    """A plain-text table of mean PSNRs per split and σ."""
+    lines = [f"{'split':<6} {'sigma':>6} {'PSNR(LE-MMSE, x)':>17} {'PSNR(z, x)':>11}"]
+    for r in group_means(rows, ("split", "sigma"), ("psnr_lemmse_x", "psnr_z_x")):
+        lines.append(f"{r['split']:<6} {r['sigma']:>6g} {r['psnr_lemmse_x']:>17.2f} {r['psnr_z_x']:>11.2f}")
+    return "\n".join(lines)
+
+
+TIMINGS = "timings.json"
+
+
+def record_timing(cfg: Config, step: str, seconds: float, computed: bool) -> None:
+    """Keep the wall time of the invocation that computed ``step`` in ``<out>/timings.json``.
+
+    An invocation that only reused finished work leaves the recorded time alone; one that resumed a step
+    adds its time to the earlier ones' (the step's cost over every invocation that computed part of it).
+    """
+    path = join(cfg.out, TIMINGS)
+    raw = read_bytes(path, cfg.storage_options)
+    timings = json.loads(raw) if raw else {}
+    if computed:
+        previous = timings.get(step, {"seconds": 0.0, "invocations": 0})
+        timings[step] = {"seconds": previous["seconds"] + seconds, "invocations": previous["invocations"] + 1}
+    elif step not in timings:
+        timings[step] = {"seconds": None, "invocations": 0}  # computed before timings were kept
+    write_bytes(path, json.dumps(timings, indent=1).encode(), cfg.storage_options)
+
+
+def timing_text(cfg: Config) -> str:
+    raw = read_bytes(join(cfg.out, TIMINGS), cfg.storage_options)
+    parts = []
+    for step, entry in (json.loads(raw) if raw else {}).items():
+        if entry["seconds"] is None:
+            parts.append(f"{step} (reused; time unknown)")
+        else:
+            runs = "" if entry["invocations"] == 1 else f" over {entry['invocations']} invocations"
+            parts.append(f"{step} {entry['seconds']:.0f} s{runs}")
+    return ", ".join(parts) or "not recorded"
+
+
+def write_report(cfg: Config, tables: dict[str, str]) -> str:
+    """``<out>/report.md``: the configuration, the PSNR tables and the wall time each step took when it was
+    computed (kept across invocations that only reuse it)."""
+    text = "\n".join([
+        "# lemmse_ray report", "",
+        f"Dataset `{cfg.dataset}` ({cfg.n_train or 'all'} training images), problem `{cfg.problem}` "
+        f"(input `{cfg.input}`), σ = {', '.join(f'{s:g}' for s in cfg.sigmas)}, patch size {cfg.patch_size}, "
+        f"padding `{cfg.padding}`, candidates `{cfg.candidates}`, {cfg.n_queries} query images per split; "
+        f"networks {', '.join(cfg.networks)} ({cfg.epochs} epochs × {cfg.steps_per_epoch} steps, "
+        f"batch {cfg.batch_size}, lr {cfg.lr:g}).", "",
+        "## LE-MMSE against the ground truth (dB, mean over query images)", "",
+        "```", tables.get("estimate", "(not run)"), "```", "",
+        "## Networks against the LE-MMSE and the ground truth (dB, mean over query images)", "",
+        "```", tables.get("evaluate", "(not run)"), "```", "",
+        f"Wall time of each step when it was computed: {timing_text(cfg)}.", "",
+        *(["## Estimate step: plan, predicted and measured", "", "```", tables["plan"], "```", ""]
+          if "plan" in tables else []),
+        "Files: `estimates/*.zarr` (inputs, LE-MMSE mean and statistics), `psnr.parquet`, "
+        "`evaluation.parquet`, `summary.parquet`, `networks/*/checkpoint.pt`, `figures/*.png`.", ""])
+    save_text(text, join(cfg.out, "report.md"), cfg.storage_options)
+    return text

@@ -1,0 +1,119 @@
+r"""Estimation outputs in Zarr v3, written batch by batch so that a killed job resumes.
+
+Arrays (B query images): ``mean``, ``variance`` (B, C, H, W); ``ess``, ``max_weight``, ``entropy``,
+``log_evidence`` (B, H, W); ``topk_image``, ``topk_position``, ``topk_logits`` (B, H, W, k); the inputs ``z``,
+``mask`` (random masks) and clean images ``x`` when known; ``done`` (n_batches,) flags.  A batch's arrays
+are written first and its flag last, so a half-written batch is never taken as finished and is simply
+recomputed (the numbers are deterministic).  The batch layout (``batch_images``) is part of the output: a
+resumed run keeps the stored one.  Chunks are checksummed (CRC-32C) and unwritten floats read as NaN, never
+as plausible zeros.  Only a missing path, an empty folder or an estimate output of this project is written to
+(:mod:`lemmse_ray.storage.ownership`), and nothing secret is stored (:mod:`lemmse_ray.storage.redact`).  Attributes hold the
+configuration (bank fingerprint and class hash, σ, statistics, dtype, a hash of the inputs), provenance
+metadata, and a ``history`` of which batches each run computed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from .bank_store import CHECKSUMMED
+from .ownership import create_group, open_group, owned_group
+from .redact import public
+
+log = logging.getLogger("lemmse_ray")
+GRID_STATS = ("ess", "max_weight", "entropy", "log_evidence")
+MEMBERS = ("mean", "variance", *GRID_STATS, "topk_image", "topk_position", "topk_logits", "z", "mask", "x", "done")
+
+
+def inputs_hash(z: torch.Tensor, mask: torch.Tensor | None) -> str:
+    digest = hashlib.sha256(z.detach().to(torch.float64).contiguous().numpy().tobytes())
+    if mask is not None:
+        digest.update(mask.detach().to(torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def open_results(url: str, config: dict[str, Any], shape: tuple[int, int, int, int], batch_images: int,
+                 stats: tuple[str, ...], topk: int, dtype: str, storage_options: dict | None = None,
+                 overwrite: bool = False) -> zarr.Group:
+    """Create the output group, or reopen one with the same ``config`` to resume.
+
+    A finished or partial output with another configuration is replaced only with ``overwrite=True``.  A
+    resumed output keeps its stored batch layout (logged when ``batch_images`` differs): read it back from
+    ``group.attrs["batch_images"]``.
+    """
+    config = public(config)
+    existing = owned_group(url, "estimate", MEMBERS, storage_options)
+    if existing is not None and not overwrite and "config" in existing.attrs:
+        old = dict(existing.attrs["config"])
+        if old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise ValueError(f"out: {url} already holds results of another run (differs in {', '.join(diff)}); "
+                             "choose another output or pass overwrite=True")
+        stored = existing.attrs["batch_images"]
+        if stored != batch_images:
+            log.info("%s: resuming with the stored batch layout batch_images=%d (requested %d; pass overwrite "
+                     "to recompute everything with the new one)", public(url), stored, batch_images)
+        return open_group(url, "r+", storage_options)
+    group = create_group(url, "estimate", storage_options)
+    batch, channels, height, width = shape
+    n_batches = -(-batch // batch_images)
+
+    def create(name, tail, dt):
+        fill = np.nan if np.dtype(dt).kind == "f" else -1
+        group.create_array(name, shape=(batch, *tail), dtype=dt, chunks=(batch_images, *tail), fill_value=fill,
+                           compressors=CHECKSUMMED)
+
+    create("mean", (channels, height, width), dtype)
+    if "variance" in stats:
+        create("variance", (channels, height, width), dtype)
+    for name in GRID_STATS:
+        if name in stats:
+            create(name, (height, width), dtype)
+    if "topk" in stats:
+        create("topk_image", (height, width, topk), "int64")
+        create("topk_position", (height, width, topk), "int64")
+        create("topk_logits", (height, width, topk), dtype)
+    group.create_array("done", shape=(n_batches,), dtype="uint8", chunks=(1,), fill_value=0,
+                       compressors=CHECKSUMMED)
+    group.attrs.update({"config": config, "batch_images": batch_images, "n_batches": n_batches, "history": []})
+    return group
+
+
+def write_inputs(group: zarr.Group, z: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor | None) -> None:
+    """Store the estimator inputs (and masks, clean images) once."""
+    for name, value in (("z", z), ("mask", mask), ("x", x)):
+        if value is None or name in group:
+            continue
+        arr = value.detach().cpu().numpy()
+        group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(min(len(arr), 64), *arr.shape[1:]),
+                           compressors=CHECKSUMMED)[...] = arr
+
+
+def write_batch(group: zarr.Group, batch: int, start: int, values: dict[str, np.ndarray]) -> None:
+    """Write one batch of outputs, then flag it done (the flag is the commit).
+
+    ``ValueError`` unless ``values`` cover exactly batch ``batch`` of the stored layout."""
+    size, n_images = group.attrs["batch_images"], group["mean"].shape[0]
+    expected = (batch * size, min(n_images, (batch + 1) * size))
+    for name, array in values.items():
+        if (start, start + len(array)) != expected:
+            raise ValueError(f"batch {batch} covers images [{expected[0]}, {expected[1]}), "
+                             f"got {name} for [{start}, {start + len(array)})")
+    for name, array in values.items():
+        group[name][start: start + len(array)] = array
+    group["done"][batch] = 1
+
+
+def pending_batches(group: zarr.Group) -> list[int]:
+    return [int(b) for b in np.flatnonzero(group["done"][...] == 0)]
+
+
+def record_run(group: zarr.Group, entry: dict) -> None:
+    history = list(group.attrs.get("history", []))
+    history.append(public(entry))
+    group.attrs["history"] = history

@@ -1,0 +1,403 @@
+r"""Studies: many cells (:mod:`lemmse_ray.studies.spec`) computed once each, sharing all identical work.
+
+Work is content-addressed under a work folder (default ``<out>/work``): each item's folder is named by the
+first 16 hex digits of the SHA-256 of the canonical JSON of its identity (:func:`lemmse_ray.studies.spec.canonical`),
+and ``work.json`` maps each name to its identity, human-readable:
+
+* a **bank** (``banks/<key>.zarr``) per (training set: dataset, root, size, channels, ``n_train``, subset,
+  seed; ``problem.spec()``; P, padding, candidates, dtype, shard rows) -- for every σ;
+* an **estimate** group (``estimates/<key>.zarr``) per (bank, σ, split, ``n_queries``, seed, stats, top-k,
+  batch size);
+* a **network** (``networks/<key>/…/checkpoint.pt``) per (training set, problem, σ, name, P, padding,
+  width, training hyper-parameters).
+
+Each level resumes (finished shards, batches and epochs are kept), so a finished study run again computes
+nothing; ``history.json`` records, per invocation, the banks built, shards written, batches computed and
+networks trained.  The metrics of every cell × split × network (:func:`lemmse_ray.studies.analysis.cell_metrics`)
+then go to ``cells.parquet``, ``images.parquet`` and ``density.parquet``, and
+:mod:`lemmse_ray.studies.report` renders ``report.md`` and ``figures/*.png`` from them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..core.classes import plan_classes
+from ..core.patches import PatchGeometry
+from ..core.problems import Problem
+from ..runs.config import Config, join
+from ..runs.pipeline import SPLITS, check_run, load_data, make_problem, simulate
+from ..storage.files import read_bytes, save_parquet, write_bytes
+from .analysis import EstimateArrays, cell_metrics, final_train_loss
+from .spec import Cell, Part, canonical
+
+STUDY = "study.json"
+WORK = "work.json"
+HISTORY = "history.json"
+COUNTERS = ("banks_built", "shards_written", "batches_computed", "networks_trained")
+# Config fields shown in cells.parquet (the rest are lists, secrets or the study's own)
+CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Config)
+                    if f.name not in ("sigmas", "stats", "networks", "storage_options", "out", "bank", "overwrite"))
+# A planted "network": a function of (estimate arrays, split) returning (B, C, H, W) outputs (diagnostics)
+Planted = Callable[[EstimateArrays, str], np.ndarray]
+
+
+def key(identity: Mapping) -> str:
+    """16 hex digits of the SHA-256 of the canonical JSON of ``identity``."""
+    return hashlib.sha256(canonical(identity).encode()).hexdigest()[:16]
+
+
+def data_identity(cfg: Config) -> dict:
+    return {f: getattr(cfg, f) for f in ("dataset", "root", "grayscale", "size", "n_train", "subset", "seed")}
+
+
+def bank_identity(cfg: Config, problem: Problem) -> dict:
+    return {"data": data_identity(cfg), "problem": problem.spec(), "patch_size": cfg.patch_size,
+            "padding": cfg.padding, "candidates": cfg.candidates, "dtype": cfg.dtype, "shard_rows": cfg.shard_rows}
+
+
+def estimate_identity(cfg: Config, problem: Problem, split: str) -> dict:
+    return {"bank": key(bank_identity(cfg, problem)), "sigma": cfg.sigmas[0], "split": split,
+            "n_queries": cfg.n_queries, "seed": cfg.seed, "stats": sorted(cfg.stats), "topk": cfg.topk,
+            "batch_images": cfg.batch_images}
+
+
+def network_identity(cfg: Config, problem: Problem, name: str) -> dict:
+    size = {"hidden": cfg.hidden} if name == "patchmlp" else {"width": cfg.width}
+    return {"data": data_identity(cfg), "problem": problem.spec(), "sigma": cfg.sigmas[0], "network": name,
+            "patch_size": cfg.patch_size, "padding": cfg.padding, **size,
+            **{f: getattr(cfg, f) for f in ("epochs", "steps_per_epoch", "batch_size", "lr", "n_workers", "use_gpu")}}
+
+
+@dataclasses.dataclass
+class Work:
+    """The work items of a study and, per cell, the keys it uses."""
+
+    work_dir: str
+    banks: dict[str, dict] = dataclasses.field(default_factory=dict)  # key -> identity
+    estimates: dict[str, dict] = dataclasses.field(default_factory=dict)
+    networks: dict[str, dict] = dataclasses.field(default_factory=dict)
+    cell_keys: dict[int, dict] = dataclasses.field(default_factory=dict)  # cell -> {bank, estimates, networks}
+
+    def bank_url(self, k: str) -> str:
+        return join(self.work_dir, "banks", f"{k}.zarr")
+
+    def estimate_url(self, k: str) -> str:
+        return join(self.work_dir, "estimates", f"{k}.zarr")
+
+    def network_out(self, k: str) -> str:
+        return join(self.work_dir, "networks", k)
+
+    def index(self) -> dict:
+        return {"banks": self.banks, "estimates": self.estimates, "networks": self.networks}
+
+
+def plan_work(cells: list[Cell], problems: dict[int, Problem], work_dir: str) -> Work:
+    """The distinct banks, estimate groups and networks of ``cells`` (``problems``: cell index -> problem)."""
+    work = Work(work_dir)
+    for cell in cells:
+        cfg, problem = cell.cfg, problems[cell.index]
+        bank = bank_identity(cfg, problem)
+        keys = {"bank": key(bank), "estimates": {}, "networks": {}}
+        work.banks[keys["bank"]] = bank
+        for split in SPLITS:
+            identity = estimate_identity(cfg, problem, split)
+            keys["estimates"][split] = key(identity)
+            work.estimates[key(identity)] = identity
+        for name in cfg.networks:
+            identity = network_identity(cfg, problem, name)
+            keys["networks"][name] = key(identity)
+            work.networks[key(identity)] = identity
+        work.cell_keys[cell.index] = keys
+    return work
+
+
+def spec_record(name: str, size: str | None, parts: list[Part], work_dir: str) -> dict:
+    return {"name": name, "size": size, "work": work_dir,
+            "parts": [{"name": p.name, "description": p.description, "base": p.base, "grid": p.grid,
+                       "zip": p.zip, "figures": p.figures, "varying": p.varying} for p in parts]}
+
+
+def check_out(out: str, work_dir: str, record: dict, overwrite: bool, storage_options: dict | None = None) -> None:
+    """Refuse an ``out`` or work folder that this project did not write (:mod:`lemmse_ray.storage.ownership`), and an
+    ``out`` holding another study unless ``overwrite`` (which replaces only its tables and report)."""
+    from ..storage.ownership import check_output_folder
+
+    check_output_folder(out, storage_options)
+    check_output_folder(work_dir, storage_options)
+    raw = read_bytes(join(out, STUDY), storage_options)
+    if raw is None:
+        return
+    existing = json.loads(raw)
+    if canonical(existing["parts"]) != canonical(record["parts"]) and not overwrite:
+        raise ValueError(f"out: {out} holds the study {existing['name']!r} of another spec; choose another "
+                         "--out, or pass --overwrite to replace its tables and report (finished work is kept and "
+                         "reused)")
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+def prepare(cells: list[Cell]) -> tuple[dict, dict[int, Problem]]:
+    """Load each distinct training set once and check every cell against it (before any work).
+
+    Returns ({data key: (train, queries)}, {cell: problem}); errors name the cell."""
+    data: dict[str, tuple] = {}
+    problems: dict[int, Problem] = {}
+    for cell in cells:
+        cfg = cell.cfg
+        k = key(data_identity(cfg) | {"n_queries": cfg.n_queries})
+        try:
+            if k not in data:
+                data[k] = load_data(cfg)
+            train = data[k][0]
+            problem = make_problem(cfg, tuple(train.shape[1:]))
+            check_run(cfg, train, problem)
+        except ValueError as err:
+            raise ValueError(f"{err} (in {cell.label()})") from None
+        problems[cell.index] = problem
+    return data, problems
+
+
+def _data(data: dict, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return data[key(data_identity(cfg) | {"n_queries": cfg.n_queries})]
+
+
+def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Problem],
+            storage_options: dict | None = None, verbose: bool = False) -> dict[str, int]:
+    """Build every bank, estimate every group and train every network that is not finished; returns the
+    counters of this invocation (:data:`COUNTERS`)."""
+    import ray
+
+    from ..cluster.build import build_bank
+    from ..cluster.driver import DTYPES, estimate_on_ray
+    from ..runs.training import read_checkpoint, train_network
+
+    counters = dict.fromkeys(COUNTERS, 0)
+    by_bank: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_bank.setdefault(work.cell_keys[cell.index]["bank"], []).append(cell)
+    for bank_key, members in by_bank.items():
+        cfg = members[0].cfg
+        train, _ = _data(data, cfg)
+        problem = problems[members[0].index]
+        bank = build_bank(work.bank_url(bank_key), train, problem, cfg.patch_size, cfg.padding, cfg.candidates,
+                          cfg.shard_rows, DTYPES[cfg.dtype], storage_options, progress=verbose)
+        counters["banks_built"] += bank.build_stats["shards_written"] > 0
+        counters["shards_written"] += bank.build_stats["shards_written"]
+        actors: list = []  # started by the first group with work left, shared by this bank's groups
+        done: set[str] = set()
+        try:
+            for cell in members:
+                _, queries = _data(data, cell.cfg)
+                for split in SPLITS:
+                    est_key = work.cell_keys[cell.index]["estimates"][split]
+                    if est_key in done:
+                        continue
+                    done.add(est_key)
+                    c = cell.cfg
+                    _, z, mask = simulate(c, problem, queries[split], split, 0)
+                    group = estimate_on_ray(
+                        bank, z, c.sigmas[0], work.estimate_url(est_key), x=queries[split],
+                        mask=mask if problem.random_mask else None, batch_images=c.batch_images, actors=actors,
+                        n_actors=c.n_actors, stats=tuple(c.stats), topk=c.topk, dtype=DTYPES[c.dtype],
+                        storage_options=storage_options, progress=verbose,
+                        metadata={"split": split, "dataset": c.dataset, "identity": work.estimates[est_key]})
+                    counters["batches_computed"] += len(group.attrs["history"][-1]["computed_batches"])
+        finally:
+            for actor in actors:  # free their CPUs for the next bank and for training
+                ray.kill(actor)
+    trained: set[str] = set()
+    for cell in cells:
+        train, _ = _data(data, cell.cfg)
+        for name, net_key in work.cell_keys[cell.index]["networks"].items():
+            if net_key in trained:
+                continue
+            trained.add(net_key)
+            cfg = dataclasses.replace(cell.cfg, out=work.network_out(net_key))
+            checkpoint = read_checkpoint(checkpoint_path(work, cell.cfg, name, net_key), storage_options)
+            if checkpoint is None or checkpoint["epoch"] < cfg.epochs:
+                counters["networks_trained"] += 1
+                print(f"training {name} for {cell.label()}", flush=True)
+            train_network(cfg, name, cfg.sigmas[0], train, problems[cell.index], progress=verbose,
+                          plain=cfg.n_workers == 1)
+    return counters
+
+
+def checkpoint_path(work: Work, cfg: Config, name: str, net_key: str) -> str:
+    """The checkpoint of network ``name`` (work item ``net_key``) of a cell configuration ``cfg``."""
+    from ..runs.training import CHECKPOINT, network_dir
+    return join(network_dir(dataclasses.replace(cfg, out=work.network_out(net_key)), name, cfg.sigmas[0]),
+                CHECKPOINT)
+
+
+def network_output(net: torch.nn.Module, checkpoint: dict, est: EstimateArrays) -> np.ndarray:
+    """The network's output (float64) on the stored inputs ``z`` (and masks, when it was trained with them)."""
+    from ..runs.evaluation import run_network
+
+    z = torch.from_numpy(est.z).float()
+    inputs = torch.cat([z, torch.from_numpy(est.mask).float()], dim=1) if checkpoint["mask_channel"] else z
+    return run_network(net, inputs).double().numpy()
+
+
+def _mean(rows: list[dict], column: str) -> float:
+    values = [r[column] for r in rows if r.get(column) is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+IMAGE_COLUMNS = ("psnr_z_x", "psnr_lemmse_x", "mse_lemmse_x", "posterior_variance", "psnr_net_lemmse",
+                 "psnr_net_x", "mse_net_lemmse", "mse_net_x")
+FLOOR_COLUMNS = ("loss_floor", "loss_floor_se", "mse_gap", "mse_gap_se", "train_loss", "below_floor_mse",
+                 "below_floor_train_loss", "below_floor")
+
+
+def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_options: dict | None = None,
+              planted: Mapping[str, Planted] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(cells rows, image rows, density rows) of one cell: one cells row per split × network (``"none"``:
+    the LE-MMSE's own metrics, concentration and copying), from the stored estimates and networks."""
+    from ..runs.training import load_network
+    from ..storage.bank_store import open_group
+
+    cfg = cell.cfg
+    train, queries = _data(data, cfg)
+    plan = plan_classes(problem, PatchGeometry(tuple(train.shape[1:]), cfg.patch_size, cfg.padding,
+                                               cfg.candidates))
+    keys = work.cell_keys[cell.index]
+    nets = {name: load_network(checkpoint_path(work, cfg, name, k), storage_options)
+            for name, k in keys["networks"].items()}
+    common = {"part": cell.part, "cell": cell.index, "sigma": cell.sigma, "bank_key": keys["bank"],
+              **{f: getattr(cfg, f) for f in CELL_FIELDS}}
+    bank_inputs = problem.noiseless_input(train.to(torch.float64))
+    cells, images, density = [], [], []
+    for split in SPLITS:
+        est = EstimateArrays.from_group(open_group(work.estimate_url(keys["estimates"][split]), "r", storage_options))
+        outputs, losses, fields = {}, {}, {}
+        for name, (net, checkpoint) in nets.items():
+            outputs[name] = network_output(net, checkpoint, est)
+            losses[name] = final_train_loss(checkpoint)
+            fields[name] = {"receptive_field": net.receptive_field, "network_key": keys["networks"][name],
+                            "epochs_done": checkpoint["epoch"]}
+        for name, fn in (planted or {}).items():
+            outputs[name] = np.asarray(fn(est, split), dtype=np.float64)
+            fields[name] = {"receptive_field": None, "network_key": "planted", "epochs_done": None}
+        ids = np.arange(len(est.x)) if split == "train" else None
+        metrics = cell_metrics(est, plan, outputs, query_image_ids=ids,
+                               query_inputs=problem.noiseless_input(queries[split].to(torch.float64)),
+                               bank_inputs=bank_inputs, train_losses=losses)
+        head = {**common, "split": split, "estimate_key": keys["estimates"][split]}
+        floor = {r["network"]: r for r in metrics["floor"]}
+        for name in ("none", *outputs):
+            # the LE-MMSE's own per-image values repeat in every network's rows: take the first network's
+            shown = next(iter(outputs), None) if name == "none" else name
+            net_images = [r for r in metrics["images"] if r["network"] == shown]
+            row = {**head, "network": name, "receptive_field": cfg.patch_size, "network_key": None,
+                   "epochs_done": None, **fields.get(name, {})}
+            for column in IMAGE_COLUMNS:
+                if name != "none" or not column.startswith(("psnr_net", "mse_net")):
+                    row[column] = _mean(net_images, column)
+            if name == "none":
+                row.update(metrics["cell"][0])
+            reference = floor.get("LE-MMSE" if name == "none" else name)
+            row.update({c: (reference[c] if reference else (False if c.startswith("below") else math.nan))
+                        for c in FLOOR_COLUMNS})
+            bins = [r for r in metrics["density"] if (r["network"] or "none") == name]
+            if bins:
+                low = next(r for r in bins if r["pixels"])["mean"]
+                high = next(r for r in reversed(bins) if r["pixels"])["mean"]
+                row.update({"density_metric": bins[0]["metric"], "density_low": low, "density_high": high})
+            cells.append(row)
+            for r in net_images:
+                images.append({**head, "network": name, "image": r["image"],
+                               **{c: r.get(c) for c in IMAGE_COLUMNS
+                                  if name != "none" or not c.startswith(("psnr_net", "mse_net"))}})
+        density += [{**head, **r, "network": r["network"] or "none"} for r in metrics["density"]]
+    return cells, images, density
+
+
+def example_figures(out: str, part: str, cells: list[Cell], work: Work, storage_options: dict | None = None) -> None:
+    """``figures/<part>_examples.png`` (test queries: input z, LE-MMSE, each network, ground truth, PSNR
+    under each tile) and ``figures/<part>_ess.png`` (their per-pixel ESS) of the part's first cell, with the
+    networks of every cell of the part that shares its test estimates."""
+    from ..runs.training import load_network
+    from ..storage.bank_store import open_group
+    from .figures import ess_map_figure, image_grid_figure
+
+    cell = cells[0]
+    cfg, test_key = cell.cfg, work.cell_keys[cell.index]["estimates"]["test"]
+    est = EstimateArrays.from_group(open_group(work.estimate_url(test_key), "r", storage_options))
+    shown = {"input z": est.z, "LE-MMSE": est.mean}
+    peers = [c for c in cells if work.cell_keys[c.index]["estimates"]["test"] == test_key]
+    networks = {name: (c.cfg, k) for c in peers for name, k in work.cell_keys[c.index]["networks"].items()}
+    for name, (net_cfg, net_key) in networks.items():
+        shown[name] = network_output(*load_network(checkpoint_path(work, net_cfg, name, net_key), storage_options),
+                                     est)
+    what = f"{cfg.dataset}, {cfg.problem} ({cfg.input}), σ = {cell.sigma:g}, P = {cfg.patch_size}"
+    image_grid_figure(shown, est.x, join(out, "figures", f"{part}_examples.png"), f"Test queries: {what}",
+                      storage_options=storage_options)
+    if est.ess is not None:
+        ess_map_figure(est.z, est.ess, join(out, "figures", f"{part}_ess.png"),
+                       f"Effective number of training patches per pixel: {what}", storage_options=storage_options)
+
+
+def uniform(rows: list[dict]) -> list[dict]:
+    """Rows with every column of any row (missing ones None): Parquet takes its schema from all of them."""
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    return [{c: row.get(c) for c in columns} for row in rows]
+
+
+def record_history(out: str, counters: dict, seconds: float, storage_options: dict | None = None) -> list[dict]:
+    """Append this invocation's counters and wall time to ``<out>/history.json``; returns the history."""
+    raw = read_bytes(join(out, HISTORY), storage_options)
+    history = json.loads(raw) if raw else []
+    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 1), **counters})
+    write_bytes(join(out, HISTORY), json.dumps(history, indent=1).encode(), storage_options)
+    return history
+
+
+def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_dir: str | None = None,
+              size: str | None = None, overwrite: bool = False, storage_options: dict | None = None,
+              verbose: bool = False, planted: Mapping[str, Planted] | None = None) -> dict:
+    """Compute (or reuse) every cell of a validated study and write its tables and report.
+
+    ``planted``: extra "networks" given as functions of the estimate arrays (diagnostics and tests, e.g. a
+    network that returns the clean image must be flagged below the loss floor).  Returns
+    {"counters", "cells", "seconds"}.
+    """
+    from ..cluster.session import ensure_ray
+    from ..storage.ownership import claim_output_folder
+    from .report import render
+
+    t0 = time.perf_counter()
+    work_dir = work_dir or join(out, "work")
+    record = spec_record(name, size, parts, work_dir)
+    check_out(out, work_dir, record, overwrite, storage_options)
+    data, problems = prepare(cells)  # every check that needs the images, before anything is written
+    work = plan_work(cells, problems, work_dir)
+    claim_output_folder(out, storage_options)
+    claim_output_folder(work_dir, storage_options)
+    write_bytes(join(out, STUDY), json.dumps(record, indent=1, default=str).encode(), storage_options)
+    write_bytes(join(out, WORK), json.dumps(work.index(), indent=1, default=str).encode(), storage_options)
+    print(f"study {name}: {len(cells)} cells, {len(work.banks)} banks, {len(work.estimates)} estimate groups, "
+          f"{len(work.networks)} networks (work in {work_dir})", flush=True)
+    ensure_ray(verbose=verbose)
+    counters = compute(cells, work, data, problems, storage_options, verbose)
+    rows: tuple[list, list, list] = ([], [], [])
+    for cell in cells:
+        for table, new in zip(rows, cell_rows(cell, work, data, problems[cell.index], storage_options, planted)):
+            table.extend(new)
+    for table, filename in zip(rows, ("cells.parquet", "images.parquet", "density.parquet")):
+        save_parquet(uniform(table), join(out, filename), storage_options)
+    seconds = time.perf_counter() - t0
+    for part in parts:
+        example_figures(out, part.name, [c for c in cells if c.part == part.name], work, storage_options)
+    record_history(out, counters, seconds, storage_options)
+    render(out, storage_options)
+    print(f"study {name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items())
+          + f" ({seconds:.0f} s); report {join(out, 'report.md')}", flush=True)
+    return {"counters": counters, "cells": rows[0], "seconds": seconds}

@@ -1,0 +1,304 @@
+r"""Figures of a study, as small PNG files (matplotlib, Agg renderer, no global pyplot state).
+
+* :func:`image_grid_figure` -- labelled rows of images (input, LE-MMSE, networks) with the PSNR against the
+  ground truth under each tile, the ground truth as the last row;
+* :func:`ess_map_figure` -- inputs beside their per-pixel effective number of patches (log colour scale);
+* :func:`line_figure` -- curves of one column against another from Parquet-style rows (σ, P or N sweeps),
+  one colour per ``hue`` value, one line style per ``style`` value, optional shaded bands (quartiles);
+* :func:`bar_figure` -- grouped bars with their values printed (e.g. PSNR(net, LE-MMSE) per problem ×
+  network × split);
+* :func:`binned_figure` -- the evidence-binned error curves of :func:`lemmse_ray.studies.analysis.density_rows`.
+
+Every function validates its input before drawing (ValueError naming the parameter) and writes to a local
+path (atomically) or an fsspec URL through :func:`lemmse_ray.storage.files.write_bytes`.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from ..core.metrics import psnr
+from ..storage.files import write_bytes
+
+DPI = 120
+SIZE = (6.0, 4.0)  # inches: 720 × 480 pixels at DPI
+MAX_WIDTH = 10.0  # inches, image grids
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _save(fig: Figure, path: str, storage_options: dict | None) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    write_bytes(str(path), buffer.getvalue(), storage_options)
+
+
+def _check_path(path: Any) -> str:
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path must be a non-empty string (local path or fsspec URL), got {path!r}")
+    return path
+
+
+def _images(value: Any, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim != 4 or array.shape[1] not in (1, 3) or array.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (B, C, H, W) with B ≥ 1 and C = 1 or 3, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    return array
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """One (C, H, W) image, clipped to [0, 1] (noisy inputs leave it), nearest-neighbour, no ticks."""
+    shown = np.clip(image.transpose(1, 2, 0), 0, 1)
+    ax.imshow(shown[..., 0] if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_grid_figure(rows: Mapping[str, Any], x: Any, path: str, title: str, max_images: int = 8,
+                      storage_options: dict | None = None) -> None:
+    """Rows of images labelled by the keys of ``rows`` ({label: (B, C, H, W)}, e.g. "input z", "LE-MMSE",
+    each network), the ground truth ``x`` (B, C, H, W) as the last row, and under each tile its PSNR
+    against ``x`` (dB, data range 1).  The first ``max_images`` images are shown; values are clipped to
+    [0, 1] for display only."""
+    _check_path(path)
+    truth = _images(x, "x")
+    if not isinstance(rows, Mapping) or not rows:
+        raise ValueError("rows must be a non-empty mapping {label: (B, C, H, W) images}")
+    arrays = {}
+    for label, value in rows.items():
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"rows: labels must be non-empty strings, got {label!r}")
+        arrays[label] = _images(value, f"rows[{label!r}]")
+        if arrays[label].shape != truth.shape:
+            raise ValueError(f"rows[{label!r}] has shape {arrays[label].shape}, but x has {truth.shape}")
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
+    n = min(max_images, len(truth))
+    tile = min(1.2, MAX_WIDTH / (n + 1))
+    fig = Figure(figsize=(tile * n + 1.2, (tile + 0.35) * (len(arrays) + 1) + 0.5))
+    axes = fig.subplots(len(arrays) + 1, n, squeeze=False)
+    reference = torch.from_numpy(truth[:n])
+    for r, (label, images) in enumerate(arrays.items()):
+        values = psnr(torch.from_numpy(images[:n]), reference).tolist()
+        for b in range(n):
+            _show(axes[r, b], images[b])
+            axes[r, b].set_xlabel(f"{values[b]:.1f} dB" if math.isfinite(values[b]) else "= x", fontsize=7,
+                                  labelpad=2)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    for b in range(n):
+        _show(axes[-1, b], truth[b])
+    axes[-1, 0].set_ylabel("ground truth x", fontsize=8)
+    fig.suptitle(f"{title}\n(PSNR against x under each tile)", fontsize=9)
+    fig.subplots_adjust(wspace=0.08, hspace=0.35)
+    _save(fig, path, storage_options)
+
+
+def ess_map_figure(z: Any, ess: Any, path: str, title: str, max_images: int = 4,
+                   storage_options: dict | None = None) -> None:
+    """Each input ``z`` (B, C, H, W) beside its per-pixel effective number of patches ``ess`` (B, H, W),
+    on a log colour scale from 1 (one training patch) with a colourbar; first ``max_images`` images."""
+    _check_path(path)
+    inputs = _images(z, "z")
+    if isinstance(ess, torch.Tensor):
+        ess = ess.detach().cpu().numpy()
+    ess = np.asarray(ess, dtype=np.float64)
+    if ess.shape != (inputs.shape[0], *inputs.shape[2:]):
+        raise ValueError(f"ess must have shape {(inputs.shape[0], *inputs.shape[2:])}, got {ess.shape}")
+    if not np.isfinite(ess).all() or (ess < 1 - 1e-6).any():
+        raise ValueError("ess values must be finite and ≥ 1")
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
+    n = min(max_images, len(inputs))
+    norm = LogNorm(vmin=1.0, vmax=max(float(ess[:n].max()), 2.0))
+    fig = Figure(figsize=(2.2 * n + 1.0, 4.6))
+    axes = fig.subplots(2, n, squeeze=False)
+    for b in range(n):
+        _show(axes[0, b], inputs[b])
+        axes[0, b].set_title(f"image {b}", fontsize=8)
+        shown = axes[1, b].imshow(np.clip(ess[b], 1.0, None), norm=norm, cmap="viridis", interpolation="nearest")
+        axes[1, b].set_xticks([])
+        axes[1, b].set_yticks([])
+    axes[0, 0].set_ylabel("input z", fontsize=8)
+    axes[1, 0].set_ylabel("ESS per pixel", fontsize=8)
+    bar = fig.colorbar(shown, ax=axes[1, :].tolist(), shrink=0.9, pad=0.02)
+    bar.set_label("ESS (training patches, log scale)", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path, storage_options)
+
+
+def _column(rows: Sequence[Mapping], name: str, param: str, numeric: bool = True) -> list:
+    missing = [i for i, row in enumerate(rows) if name not in row]
+    if missing:
+        raise ValueError(f"{param}: column {name!r} is missing from row {missing[0]}")
+    values = [row[name] for row in rows]
+    if numeric:
+        for v in values:
+            if v is None or isinstance(v, (bool, str)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ValueError(f"{param}: column {name!r} must hold numbers, got {v!r}")
+    return values
+
+
+def _label(row: Mapping, columns: Sequence[str]) -> str:
+    return ", ".join(str(row[c]) for c in columns)
+
+
+def _as_columns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    columns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(c, str) and c for c in columns):
+        raise ValueError(f"{name} must be a column name or a sequence of column names, got {value!r}")
+    return columns
+
+
+def _axes(title: str, xlabel: str, ylabel: str, size: tuple[float, float] = SIZE):
+    for name, text in (("title", title), ("xlabel", xlabel), ("ylabel", ylabel)):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{name} must be a non-empty string")
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    return fig, ax
+
+
+def line_figure(rows: Sequence[Mapping], x: str, y: str, path: str, title: str, xlabel: str, ylabel: str,
+                hue: str | Sequence[str] | None = None, style: str | Sequence[str] | None = None,
+                logx: bool = False, logy: bool = False, band: tuple[str, str] | None = None,
+                legend_title: str | None = None, storage_options: dict | None = None) -> None:
+    """Curves of column ``y`` against column ``x`` of ``rows`` (dicts, e.g. Parquet rows).
+
+    One colour (and marker) per value of the ``hue`` column(s), one line style per value of the ``style``
+    column(s) (e.g. ``"split"``: train solid, test dashed); points sorted by ``x``.  ``band`` = (lo, hi)
+    columns shades the range between them (quartiles, ± standard error).  ``logx``/``logy`` use log axes
+    (every plotted value must then be > 0); use them when values span decades (σ, N, ESS).  The legend
+    title defaults to the hue and style column names."""
+    _check_path(path)
+    if not isinstance(rows, Sequence) or not rows or not all(isinstance(r, Mapping) for r in rows):
+        raise ValueError("rows must be a non-empty sequence of dicts")
+    hues, styles = _as_columns(hue, "hue"), _as_columns(style, "style")
+    xs, ys = _column(rows, x, "x"), _column(rows, y, "y")
+    if band is not None:
+        if not (isinstance(band, (tuple, list)) and len(band) == 2):
+            raise ValueError(f"band must be a (lo, hi) pair of column names, got {band!r}")
+        los, his = _column(rows, band[0], "band"), _column(rows, band[1], "band")
+    for c in hues + styles:
+        _column(rows, c, "hue" if c in hues else "style", numeric=False)
+    if logx and any(not v > 0 for v in xs):
+        raise ValueError(f"logx: column {x!r} has values ≤ 0")
+    if logy and any(not v > 0 for v in ys + (los + his if band is not None else []) if math.isfinite(v)):
+        raise ValueError(f"logy: column {y!r} (or the band) has values ≤ 0")
+    fig, ax = _axes(title, xlabel, ylabel)
+    hue_values = list(dict.fromkeys(_label(r, hues) for r in rows))
+    style_values = list(dict.fromkeys(_label(r, styles) for r in rows))
+    colours = [f"C{i % 10}" for i in range(len(hue_values))]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((_label(row, hues), _label(row, styles)), []).append(i)
+    for (h, s), index in groups.items():
+        index = sorted(index, key=lambda i: xs[i])
+        hi_, si = hue_values.index(h), style_values.index(s)
+        label = ", ".join(part for part in (h, s) if part) or y
+        ax.plot([xs[i] for i in index], [ys[i] for i in index], color=colours[hi_],
+                linestyle=LINESTYLES[si % len(LINESTYLES)], marker=MARKERS[hi_ % len(MARKERS)], markersize=4,
+                label=label)
+        if band is not None:
+            ax.fill_between([xs[i] for i in index], [los[i] for i in index], [his[i] for i in index],
+                            color=colours[hi_], alpha=0.15, linewidth=0)
+    if logx:
+        ax.set_xscale("log")
+        ticks = sorted(set(xs))
+        if len(ticks) <= 12:  # label the sampled values themselves (σ, N), not crowded minor ticks
+            ax.set_xticks(ticks, [f"{v:g}" for v in ticks], fontsize=8)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    if logy:
+        ax.set_yscale("log")
+    if len(groups) > 1 or hues or styles:
+        if legend_title is None:
+            legend_title = " / ".join(part for part in (", ".join(hues), ", ".join(styles)) if part) or None
+        ax.legend(fontsize=7, title=legend_title, title_fontsize=7, loc="best")
+    _save(fig, path, storage_options)
+
+
+def bar_figure(rows: Sequence[Mapping], category: str, value: str, hue: str | Sequence[str], path: str,
+               title: str, ylabel: str, xlabel: str | None = None, decimals: int = 1,
+               storage_options: dict | None = None) -> None:
+    """Grouped bars: one group per value of ``category`` (e.g. problem), one bar per value of the ``hue``
+    column(s) (e.g. network and split), height ``value`` printed on the bar.  A missing (category, hue)
+    pair leaves a gap; two rows for one pair are an error (aggregate first)."""
+    _check_path(path)
+    if not isinstance(rows, Sequence) or not rows or not all(isinstance(r, Mapping) for r in rows):
+        raise ValueError("rows must be a non-empty sequence of dicts")
+    hues = _as_columns(hue, "hue")
+    if not hues:
+        raise ValueError("hue must name at least one column")
+    cats = [str(c) for c in _column(rows, category, "category", numeric=False)]
+    values = _column(rows, value, "value")
+    for c in hues:
+        _column(rows, c, "hue", numeric=False)
+    labels = [_label(r, hues) for r in rows]
+    cat_values, hue_values = list(dict.fromkeys(cats)), list(dict.fromkeys(labels))
+    table: dict[tuple[str, str], float] = {}
+    for c, h, v in zip(cats, labels, values):
+        if (c, h) in table:
+            raise ValueError(f"rows: two rows for {category}={c!r}, {h}; aggregate them first")
+        table[(c, h)] = float(v)
+    width = 0.8 / len(hue_values)
+    fig, ax = _axes(title, xlabel or category, ylabel, (max(SIZE[0], 1.0 + 0.35 * len(cats)), SIZE[1]))
+    for j, h in enumerate(hue_values):
+        pos = [i + (j - (len(hue_values) - 1) / 2) * width for i, c in enumerate(cat_values) if (c, h) in table]
+        heights = [table[(c, h)] for c in cat_values if (c, h) in table]
+        bars = ax.bar(pos, heights, width=width * 0.95, label=h, color=f"C{j % 10}")
+        ax.bar_label(bars, labels=[f"{v:.{decimals}f}" for v in heights], fontsize=6, rotation=90, padding=2)
+    ax.set_xticks(range(len(cat_values)), cat_values, rotation=20 if len(cat_values) > 4 else 0, fontsize=8)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=7, title=", ".join(hues), title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path, storage_options)
+
+
+METRIC_LABELS = {"mse_lemmse_x": "|LE-MMSE − x|²", "mse_net_lemmse": "|{network} − LE-MMSE|²"}
+
+
+def binned_figure(rows: Sequence[Mapping], path: str, title: str,
+                  xlabel: str = "log-evidence percentile within its class", ylabel: str = "MSE per pixel",
+                  logy: bool | None = None, storage_options: dict | None = None) -> None:
+    """The curves of :func:`lemmse_ray.studies.analysis.density_rows` (columns ``metric``, ``network``, ``lo``,
+    ``hi``, ``mean``, ``se``): mean error per bin at the bin centre, ± one standard error shaded; empty
+    bins are skipped.  ``logy=None`` uses a log axis when every mean is > 0 and they span more than a
+    factor 10."""
+    if not isinstance(rows, Sequence) or not rows or not all(isinstance(r, Mapping) for r in rows):
+        raise ValueError("rows must be a non-empty sequence of dicts")
+    for name in ("metric", "network", "lo", "hi", "mean", "se"):
+        _column(rows, name, "rows", numeric=name in ("lo", "hi"))
+    means = [r["mean"] for r in rows if r["mean"] is not None and math.isfinite(r["mean"])]
+    if logy is None:
+        logy = bool(means) and min(means) > 0 and max(means) > 10 * min(means)
+    points = []
+    for row in rows:
+        if row["metric"] not in METRIC_LABELS:
+            raise ValueError(f"rows: unknown metric {row['metric']!r}; expected one of {tuple(METRIC_LABELS)}")
+        mean = row["mean"]
+        if mean is None or not math.isfinite(mean):
+            continue
+        se = row["se"] if row["se"] is not None and math.isfinite(row["se"]) else 0.0
+        lo = mean - se
+        points.append({"center": (row["lo"] + row["hi"]) / 2, "mean": mean, "lo": lo if not logy or lo > 0 else mean,
+                       "hi": mean + se, "curve": METRIC_LABELS[row["metric"]].format(network=row["network"])})
+    if not points:
+        raise ValueError("rows: every bin is empty")
+    line_figure(points, "center", "mean", path, title, xlabel, ylabel, hue="curve", logy=logy, band=("lo", "hi"),
+                legend_title="error (mean ± s.e.)", storage_options=storage_options)
