@@ -220,6 +220,13 @@ def kernel_kind(plan: ClassPlan) -> KernelKind:
     """The kernel-kind object of ``plan`` (``plan.kind``: ``"whitened"``, ``"masked"`` or ``"mixture"``)."""
     return KINDS[plan.kind]
 
+def key_bytes(plan: ClassPlan, rows: int, dtype: torch.dtype) -> int:
+    """Bytes of the key features, values and row ids of ``rows`` bank rows held for scanning (an upper bound:
+    the widest class's features)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    return rows * ((kernel_kind(plan).feature_width(plan) + plan.geometry.shape[0]) * itemsize + 8)
+
+
 
 def prepare_queries(z: torch.Tensor, mask: torch.Tensor | None, problem: Problem, plan: ClassPlan,
                     centers: np.ndarray, sigma: float, dtype: torch.dtype = torch.float32,

@@ -21,6 +21,7 @@ import ray
 import torch
 
 from ..bank.features import (
+    key_bytes,
     key_features,
     keys_to,
     queries_to,
@@ -34,10 +35,10 @@ from ..core.validation import DTYPES
 from ..kernels.resolver import check_kernel
 from ..storage.bank_store import (
     Bank,
+    stored_row_bytes,
 )
 from ..storage.ownership import open_group
 from ..storage.redact import public
-from .plan import key_bytes, stored_row_bytes
 from .session import actor_options, default_n_actors, exact_device
 
 MAX_RESTARTS = 3

@@ -27,6 +27,7 @@ import torch
 from ..bank.features import (
     QuerySet,
     kernel_kind,
+    key_bytes,
     key_features,
     keys_to,
     met_pairs,
@@ -38,7 +39,11 @@ from ..bank.rows import BankArrays
 from ..core.classes import ClassPlan, plan_classes
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
-from ..storage.bank_store import BankLayout
+from ..core.validation import DTYPES
+from ..storage.bank_store import Bank, BankLayout, stored_row_bytes
+from ..storage.ownership import open_group
+from .actors import actor_shards
+from .session import actor_options, exact_device
 
 CALIBRATION_ROWS = 1 << 14
 CALIBRATION_SECONDS = 2.0
@@ -82,27 +87,12 @@ class Plan:
         return asdict(self)
 
 
-def stored_row_bytes(plan: ClassPlan, dtype: torch.dtype) -> int:
-    """Bytes of one bank row as stored (uncompressed): keys, ½‖k‖², values, class id (int32), source (2 int64)."""
-    itemsize = torch.finfo(dtype).bits // 8
-    return (plan.width + 1 + plan.geometry.shape[0]) * itemsize + 4 + 16
-
-
-def key_bytes(plan: ClassPlan, rows: int, dtype: torch.dtype) -> int:
-    """Bytes of the key features, values and row ids of ``rows`` bank rows held for scanning (an upper bound:
-    the widest class's features)."""
-    itemsize = torch.finfo(dtype).bits // 8
-    return rows * ((kernel_kind(plan).feature_width(plan) + plan.geometry.shape[0]) * itemsize + 8)
-
-
 def count(problem: Problem, plan: ClassPlan, n_images: int, inputs: list[tuple[torch.Tensor, torch.Tensor | None]],
           n_actors: int, batch_images: int, shard_rows: int, dtype: torch.dtype = torch.float32,
           actor_memory: int | None = None) -> Plan:
     """The counts of estimating every ``(z, mask)`` of ``inputs`` (one output each) against the bank of
     ``n_images`` training images, with ``n_actors`` actors (the driver's split of shards) and batches of
     ``batch_images``."""
-    from .actors import actor_shards
-
     layout = BankLayout(n_images, plan.rows_per_image(), shard_rows)
     class_rows = np.diff(layout.offsets)
     per_batch = []
@@ -132,10 +122,6 @@ def calibration_scan(problem: Problem, geometry: dict, queries: QuerySet, dtype:
                      topk: int = 0) -> dict:
     """Where an actor runs: the kernel's pairs/s on random rows of the widest class met by ``queries``, and the
     read rate of the bank's first shard (when the bank exists)."""
-    from ..storage.bank_store import Bank
-    from ..storage.ownership import open_group
-    from .driver import DTYPES
-    from .session import exact_device
 
     device = exact_device()
     plan = plan_classes(problem, PatchGeometry(tuple(geometry["shape"]), geometry["patch_size"],
@@ -193,7 +179,6 @@ def calibrate(problem: Problem, plan: ClassPlan, centers: np.ndarray, z: torch.T
     """Measure pairs/s per actor (the median of ``n_actors`` concurrent scans) and the store's read rate where
     actors run, and the driver's per-batch overhead on one batch of ``z`` (see the module docstring).  Needs
     Ray."""
-    from .session import actor_options
 
     args = (None if mask is None else mask[:batch_images], problem, plan, centers, sigma, dtype)
     ray.get(_echo.remote(ray.put(prepare_queries(z[:batch_images], *args))))  # starts a worker: not timed

@@ -79,6 +79,12 @@ def plan_hash(plan: ClassPlan) -> str:
             digest.update(np.round(cls.whitening, 9).tobytes())
     return digest.hexdigest()
 
+def stored_row_bytes(plan: ClassPlan, dtype: torch.dtype) -> int:
+    """Bytes of one bank row as stored (uncompressed): keys, ½‖k‖², values, class id (int32), source (2 int64)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    return (plan.width + 1 + plan.geometry.shape[0]) * itemsize + 4 + 16
+
+
 
 @dataclass
 class BankLayout:
