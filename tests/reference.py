@@ -1,11 +1,27 @@
 """Brute-force float64 reference for the exact LE-MMSE estimators.
 
-Written from the mathematical contract only (``/tmp/spec/api_math.md``), with explicit
-matrices and loops.  It deliberately imports NOTHING from ``lemmse_ray``: the tests compare
-the library against this file, so the two must stay independent.
+Written from the mathematics of ``docs/theory.md``, independently of the package's code: it imports NOTHING
+from ``lemmse_ray``, builds every operator as an explicit matrix and loops over queries, rows and (agnostic
+random masks) mask patterns.  The tests compare the library against this file, so the two must stay
+independent.  What it implements, by section of ``docs/theory.md``:
 
-Conventions (from the contract)
--------------------------------
+* §1 Setting: the measurement ``y = A x + sigma e`` (identity, pixel mask, circular blur, or any function
+  given as a callable), the input ``z = B y`` (direct, adjoint, thresholded pseudo-inverse, Tikhonov), and the patch
+  ``Pi_k`` under the boundary rule (``zeros`` or ``circular``);
+* §2 The estimator: the mixture over every (training image, position) pair, component
+  ``N(p; Pi_j B A x_i, sigma^2 S_j)`` with ``S_j = Pi_j B B^T Pi_j^T``; for random masks the aware form
+  (likelihood of the kept pixels times the mask prior) and the agnostic one (the per-pixel two-term
+  mixture, here summed over every mask pattern of the patch);
+* §3 The class rule, without forming classes: each component's support is found from the
+  eigen-decomposition of ``S_j`` (pseudo-inverse and pseudo-determinant on it) and, among the components
+  whose support holds the query, only those of the smallest dimension count; for aware random masks, rows
+  of every border pattern compete, each with its own mask prior (a kept pixel on padding has probability 0);
+* §4 Statistics: mean, variance, ess, max_weight, entropy, log_evidence and the top-k rows of one query,
+  from its normalised weights;
+* §6, a patch that covers the whole image: :func:`global_mmse`, the global empirical MMSE of denoising.
+
+Conventions (the layout of the library's inputs and outputs)
+-------------------------------------------------------------
 * Images are (C, H, W); a flattened image uses index ``(c*H + u)*W + v``.
 * The patch ``Pi_k z`` at pixel k = (r, c) is C x P x P flattened in (channel, row, col)
   order; patch coordinate (ch, a, b) <-> pixel (r + a - P//2, c + b - P//2).
@@ -81,7 +97,7 @@ def candidate_positions(H: int, W: int, P: int, padding: str, candidates: str):
 # explicit operator matrices
 # --------------------------------------------------------------------------------------
 def conv_matrix(kernel: np.ndarray, C: int, H: int, W: int) -> np.ndarray:
-    """Circular convolution written literally from the contract:
+    """Circular convolution written literally:
     (A x)[c,u,v] = sum_{a,b} h[a,b] x[c, (u - a + kh//2) mod H, (v - b + kw//2) mod W]."""
     h = np.asarray(kernel, dtype=np.float64)
     kh, kw = h.shape
