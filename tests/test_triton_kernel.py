@@ -201,23 +201,32 @@ def test_kernel_validation():
         start_actors(None, 1, "float64", kernel="triton")
 
 
+def _plan(problem=None):
+    from lemmse_ray.core.classes import plan_classes
+    from lemmse_ray.core.patches import PatchGeometry
+
+    return plan_classes(problem or lm.Denoising(), PatchGeometry((1, 5, 5), 3, "zeros", "all"))
+
+
 def test_triton_unavailable_is_a_clear_error(monkeypatch):
     import lemmse_ray.kernels.triton_kernel as tk
 
     monkeypatch.setattr(tk, "interpreted", lambda: False)  # as on a CPU without the interpreter
     with pytest.raises(ValueError, match="CUDA"):
-        backends.check_triton_runs("cpu")
+        backends.resolve("triton", _plan(), dtype=torch.float32, device="cpu")
     monkeypatch.setattr(backends, "triton_installed", lambda: False)
     with pytest.raises(ValueError, match="triton package"):
-        backends.check_triton_runs("cpu")
+        backends.resolve("triton", _plan(), dtype=torch.float32, device="cpu")
 
 
 def test_auto_selection():
-    k32 = torch.zeros((4, 3), dtype=torch.float32)
-    assert not backends.use_triton("auto", k32, ())  # CPU: torch, even under the interpreter
-    assert not backends.use_triton("torch", k32, ())
-    assert backends.use_triton("triton", k32, ())
-    assert not backends.use_triton("triton", k32, ("variance", "topk"))  # top-k: the torch kernel
+    plan = _plan()
+    chosen = lambda kernel, stats=(): {c.backend for c in backends.resolve(  # noqa: E731
+        kernel, plan, dtype=torch.float32, device="cpu", stats=stats).values()}
+    assert chosen("auto") == {"torch"}  # CPU: torch, even under the interpreter
+    assert chosen("torch") == {"torch"}
+    assert chosen("triton") == {"triton"}
+    assert chosen("triton", ("variance", "topk")) == {"torch"}  # top-k: the torch kernel
 
 
 @pytest.mark.parametrize("name", ["denoising", "aware random-mask inpainting"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ import torch
 from ..core.classes import ClassPlan, PatchClass
 from ..core.partials import Partials, merge_into
 from ..core.problems import Problem
-from ..kernels.resolver import fused_partials, use_triton
+from ..kernels.resolver import Choice, resolve
 from ..kernels.torch_kernels import matmul_partials, mixture_partials
 from .rows import BankArrays
 
@@ -115,8 +116,9 @@ class KernelKind(ABC):
 
     @abstractmethod
     def partials(self, cq: ClassQueries, ck: ClassKeys, plan: ClassPlan, sigma: float, stats: tuple[str, ...],
-                 topk: int, kernel: str, blocks: dict) -> Partials:
-        """Partials of queries ``cq`` over rows ``ck``; ``blocks``: ``block_q``/``block_r`` to pass on."""
+                 topk: int, choice: Choice, blocks: dict) -> Partials:
+        """Partials of queries ``cq`` over rows ``ck`` on the backend of ``choice``
+        (:func:`lemmse_ray.kernels.resolver.resolve`); ``blocks``: ``block_q``/``block_r`` to pass on."""
 
 
 class Whitened(KernelKind):
@@ -141,10 +143,12 @@ class Whitened(KernelKind):
     def key_features(self, arrays, lo, hi, cls, center):
         return torch.cat([arrays.keys[lo:hi, : cls.rank], arrays.half_sqnorm[lo:hi, None]], dim=1)
 
-    def partials(self, cq, ck, plan, sigma, stats, topk, kernel, blocks):
-        if use_triton(kernel, ck.features, stats):
-            return fused_partials(cq.features, ck.features, ck.values, cq.shift, stats)
-        return matmul_partials(cq.features, ck.features, ck.values, cq.shift, ck.row_ids, stats, topk, **blocks)
+    def partials(self, cq, ck, plan, sigma, stats, topk, choice, blocks):
+        if choice.backend == "triton":
+            from ..kernels.triton_kernel import triton_matmul_partials  # imports triton: an optional dependency
+            return triton_matmul_partials(cq.features, ck.features, ck.values, cq.shift, stats)
+        return matmul_partials(cq.features, ck.features, ck.values, cq.shift, ck.row_ids, stats, topk,
+                               epilogue=choice.epilogue, **blocks)
 
 
 class Masked(Whitened):
@@ -208,9 +212,9 @@ class Mixture(KernelKind):
         pixels = torch.from_numpy(np.flatnonzero(~cls.padded_pixels))
         return raw.reshape(hi - lo, channels, -1)[:, :, pixels].permute(0, 2, 1)
 
-    def partials(self, cq, ck, plan, sigma, stats, topk, kernel, blocks):
+    def partials(self, cq, ck, plan, sigma, stats, topk, choice, blocks):
         return mixture_partials(cq.features, ck.features, ck.values, cq.shift, plan.keep_prob, sigma, ck.row_ids,
-                                stats, topk, **blocks)
+                                stats, topk, epilogue=choice.epilogue, **blocks)
 
 
 KINDS: dict[str, KernelKind] = {k.name: k for k in (Whitened(), Masked(), Mixture())}
@@ -272,21 +276,26 @@ def key_features(arrays: BankArrays, plan: ClassPlan, centers: np.ndarray) -> di
 
 
 def scan(keys: dict[int, ClassKeys], plan: ClassPlan, queries: QuerySet, stats: tuple[str, ...] = (),
-         topk: int = 0, kernel: str = "auto", block_q: int | None = None, block_r: int | None = None) -> Partials:
+         topk: int = 0, kernel: str | Mapping[int, Choice] = "auto", block_q: int | None = None,
+         block_r: int | None = None) -> Partials:
     """Partials of every query over the rows behind ``keys`` (classes no query meets are skipped).
 
-    ``kernel``: ``"auto"``, ``"torch"`` or ``"triton"`` for the matrix-product forms (:mod:`lemmse_ray.kernels.resolver`).
+    ``kernel``: the backend of each class, as :func:`lemmse_ray.kernels.resolver.resolve` decides it, or a
+    request (``"auto"``, ``"torch"``, ``"triton"``) resolved here for rows on the keys' device (a scan evaluates
+    patch rows: the sliding kernel is the in-memory bank's, :class:`lemmse_ray.PatchBank`).
     ``block_q``, ``block_r``: query and row block sizes of the torch kernels (unset: each kernel's default);
     the results do not depend on them beyond float rounding.
     """
     kind = kernel_kind(plan)
     blocks = {name: v for name, v in (("block_q", block_q), ("block_r", block_r)) if v is not None}
     first = next(iter(keys.values())).values
+    if isinstance(kernel, str):
+        kernel = resolve(kernel, plan, dtype=first.dtype, device=first.device, stats=stats)
     total = Partials.empty(queries.n, queries.channels, stats, topk, first.dtype, first.device)
     for c, ck in keys.items():
         cq = queries.per_class[c]
         if cq is not None:
-            merge_into(total, cq.index, kind.partials(cq, ck, plan, queries.sigma, stats, topk, kernel, blocks))
+            merge_into(total, cq.index, kind.partials(cq, ck, plan, queries.sigma, stats, topk, kernel[c], blocks))
     return total
 
 

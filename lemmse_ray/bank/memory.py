@@ -25,7 +25,7 @@ from ..core.validation import (
     check_query_mask,
 )
 from ..kernels import sliding
-from ..kernels.resolver import IN_MEMORY_KERNELS, check_kernel, check_triton_runs
+from ..kernels.resolver import check_kernel, image_class, resolve
 from .features import ClassKeys, key_features, prepare_queries, scan
 from .rows import (
     CENTER_IMAGES,
@@ -120,8 +120,7 @@ class PatchBank:
         self.plan = plan_classes(problem, self.geometry)
         inputs = problem.noiseless_input(train)
         self.centers = centers_from_inputs(inputs[:CENTER_IMAGES], self.plan)
-        compiled = self.dtype == torch.float32 and sliding.load() is not None
-        index = sliding.eligible_class(self.plan) if compiled else None
+        index = image_class(self.plan, self.dtype)
         #: the rows of the class the sliding kernel evaluates (:mod:`lemmse_ray.kernels.sliding`), or None
         self.sliding = None if index is None else sliding.SlidingRows.build(train, inputs, self.plan, index)
         others = None if index is None else [c for c in range(self.plan.n_classes) if c != index]
@@ -151,17 +150,6 @@ class PatchBank:
         """(n_rows, 2) int64 (training image, position row·W + col) of every bank row, in row order."""
         return torch.cat([class_source(self.plan, c, 0, self.n_images) for c in range(self.plan.n_classes)])
 
-    def _use_sliding(self, kernel: str, stats: tuple[str, ...]) -> bool:
-        if kernel == "sliding":
-            if self.sliding is None:
-                raise ValueError("kernel='sliding' needs float32, a working C compiler and a class whitened by a "
-                                 "multiple of the identity whose rows are all windows of the images (e.g. "
-                                 "denoising, circular padding or the interior under zero padding)")
-            if "topk" in stats:
-                raise ValueError("kernel='sliding' keeps no top-k rows: use kernel='auto' for stats with 'topk'")
-            return True
-        return kernel == "auto" and self.sliding is not None and "topk" not in stats
-
     def estimate(self, z, sigma: float, mask=None, stats=("variance", "ess"), topk: int = 5,
                  kernel: str = "auto") -> Result:
         """Exact LE-MMSE estimate of the clean images behind estimator inputs ``z`` at noise level ``sigma``.
@@ -173,26 +161,28 @@ class PatchBank:
             stats: any of ``"variance"``, ``"ess"``, ``"max_weight"``, ``"entropy"``, ``"log_evidence"``,
                 ``"topk"``.
             topk: number of most-weighted training patches reported with ``"topk"``.
-            kernel: ``"auto"`` (default), ``"sliding"``, ``"torch"`` or ``"triton"``.  ``"auto"`` evaluates the
-                class of :attr:`sliding` (if any) with the sliding-window kernel of :mod:`lemmse_ray.kernels.sliding`
-                (unless ``"topk"`` is asked for) and every other class with torch's matrix product;
-                ``"sliding"`` requires the sliding kernel; ``"torch"`` uses the matrix product everywhere;
-                ``"triton"`` runs only in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, for tests).
+            kernel: ``"auto"`` (default), ``"sliding"``, ``"torch"`` or ``"triton"``, resolved per class by
+                :func:`lemmse_ray.kernels.resolver.resolve`: ``"auto"`` evaluates the class of :attr:`sliding`
+                (if any) with the sliding-window kernel of :mod:`lemmse_ray.kernels.sliding` (unless ``"topk"``
+                is asked for) and every other class with torch's matrix product; ``"sliding"`` requires the
+                sliding kernel; ``"torch"`` uses the matrix product everywhere; ``"triton"`` runs only in
+                Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, for tests).
 
         Returns:
             :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
         """
         stats = check_stats(stats, topk)
         sigma = check_noise_level(sigma, self.dtype)
-        if check_kernel(kernel, self.dtype, IN_MEMORY_KERNELS) == "triton":
-            check_triton_runs("cpu")
-        use_sliding = self._use_sliding(kernel, stats)
+        images = None if self.sliding is None else self.sliding.index
+        choices = resolve(kernel, self.plan, dtype=self.dtype, device="cpu", stats=stats, images=images,
+                          in_memory=True)
+        use_sliding = images is not None and choices[images].backend == "sliding"
         z, mask = check_queries(z, mask, self.problem, self.shape)
         skip = (self.sliding.index,) if use_sliding else ()
         queries = prepare_queries(z, mask, self.problem, self.plan, self.centers, sigma, self.dtype, skip)
         keys = {c: k for c, k in (self._keys if use_sliding else self.keys).items() if c not in skip}
         if keys:
-            part = scan(keys, self.plan, queries, stats, topk, "torch" if kernel == "sliding" else kernel)
+            part = scan(keys, self.plan, queries, stats, topk, choices)
         else:
             part = Partials.empty(queries.n, queries.channels, stats, topk, self.dtype)
         if use_sliding:
@@ -236,7 +226,7 @@ def estimate(train, z, problem: Problem, sigma: float, patch_size: int = 5, padd
     """
     stats = check_stats(stats, topk)
     check_noise_level(sigma, check_dtype(dtype))
-    check_kernel(kernel, dtype, IN_MEMORY_KERNELS)
+    check_kernel(kernel, dtype)
     train, z, mask, _ = check_inputs(train, z, problem, mask, patch_size, padding, candidates)
     bank = PatchBank(train, problem, patch_size, padding, candidates, dtype)
     return bank.estimate(z, sigma, mask=mask, stats=stats, topk=topk, kernel=kernel)

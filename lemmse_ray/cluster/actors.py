@@ -32,7 +32,7 @@ from ..core.partials import Partials, merge
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
 from ..core.validation import DTYPES
-from ..kernels.resolver import check_kernel
+from ..kernels.resolver import check_kernel, resolve
 from ..storage.bank_store import (
     Bank,
     stored_row_bytes,
@@ -62,9 +62,10 @@ class ShardActor:
     breaks ties by row id, see :func:`lemmse_ray.core.partials.block_topk`).  ``memory=None``: see
     :func:`default_actor_memory`.
 
-    ``kernel`` (``"auto"``, ``"torch"``, ``"triton"``, :mod:`lemmse_ray.kernels.resolver`): with ``"auto"`` a CUDA actor
-    with Triton installed scans float32 banks with the fused Triton kernel.  Whether ``"triton"`` can run is
-    checked where the actor runs (its node's packages and device), at its first scan.
+    ``kernel``: the request each scan resolves where the actor runs (its node's packages and device;
+    :func:`lemmse_ray.kernels.resolver.resolve`, for patch rows): with ``"auto"`` a CUDA actor with Triton installed
+    scans float32 banks with the fused Triton kernel, any other the torch kernels; ``"sliding"`` is refused (the
+    bank stores rows, not images).
     """
 
     def __init__(self, url: str, storage_options: dict | None, problem: Problem, geometry: dict, first: int,
@@ -125,9 +126,10 @@ class ShardActor:
         t0 = time.perf_counter()
         self.calls += 1
         queries = queries_to(queries, self.device)
+        choices = resolve(self.kernel, self.plan, dtype=self.dtype, device=self.device, stats=stats)
         total = None
         for keys in self._shard_keys():
-            part = scan(keys, self.plan, queries, stats, topk, self.kernel)
+            part = scan(keys, self.plan, queries, stats, topk, choices)
             total = part if total is None else merge(total, part)
         return total.to(device="cpu"), time.perf_counter() - t0
 

@@ -28,7 +28,7 @@ from ..bank.features import (
 from ..core.partials import merge
 from ..core.statistics import Result, check_stats, finalize, to_result
 from ..core.validation import DTYPES, as_images, check_noise_level, check_query_mask
-from ..kernels.resolver import check_kernel
+from ..kernels.resolver import resolve
 from ..storage.bank_store import (
     Bank,
 )
@@ -95,7 +95,7 @@ def check_estimate(bank: Bank, z, sigma: float, out_url: str, mask=None, x=None,
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     sigma = check_noise_level(sigma, dtype)
-    check_kernel(kernel, dtype)
+    resolve(kernel, bank.plan, dtype=dtype, device=None, stats=stats)  # the actors resolve again where they run
     for name, value in (("batch_images", batch_images), ("max_in_flight", max_in_flight)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

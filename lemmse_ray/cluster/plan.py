@@ -40,6 +40,7 @@ from ..core.classes import ClassPlan, plan_classes
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
 from ..core.validation import DTYPES
+from ..kernels.resolver import resolve
 from ..storage.bank_store import Bank, BankLayout, stored_row_bytes
 from ..storage.ownership import open_group
 from .actors import actor_shards
@@ -139,10 +140,11 @@ def calibration_scan(problem: Problem, geometry: dict, queries: QuerySet, dtype:
     only = QuerySet(queries.n, queries.channels, queries.sigma,
                     [cq if k == c else None for k, cq in enumerate(queries.per_class)])
     only = queries_to(only, device)
-    scan(feats, plan, only, stats, topk, kernel)  # warm-up
+    choices = resolve(kernel, plan, dtype=dt, device=device, stats=stats)
+    scan(feats, plan, only, stats, topk, choices)  # warm-up
     t0, scans = time.perf_counter(), 0
     while scans < 2 or time.perf_counter() - t0 < CALIBRATION_SECONDS:
-        scan(feats, plan, only, stats, topk, kernel)
+        scan(feats, plan, only, stats, topk, choices)
         if device.type == "cuda":
             torch.cuda.synchronize()
         scans += 1

@@ -1,75 +1,203 @@
-"""Which kernel evaluates the matrix-product logit forms (whitened and random-mask aware).
+r"""The kernel resolver: the one place that decides which backend evaluates each class of a bank.
 
-``kernel`` (an argument of :func:`lemmse_ray.estimate`, :func:`lemmse_ray.bank.features.scan` and the Ray actors):
+Backends (:data:`BACKENDS`), and what each needs:
 
-* ``"torch"`` — :func:`lemmse_ray.kernels.torch_kernels.matmul_partials`: any device, float32 or float64, every statistic.
-* ``"triton"`` — the fused kernel of :mod:`lemmse_ray.kernels.triton_kernel` (optional ``triton`` package): float32 on
-  CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).  A call that asks for
-  ``"topk"`` runs on the torch kernel (the fused kernel keeps no top-k).
-* ``"auto"`` (default) — ``"triton"`` when the bank rows are float32 on a CUDA device and Triton is installed,
-  ``"torch"`` otherwise (always on the CPU).
+* ``"torch"`` — :mod:`lemmse_ray.kernels.torch_kernels`: the logits by a matrix product (whitened and
+  random-mask aware kinds) or the per-pixel mixture kernel (random-mask agnostic); any device, float32 or
+  float64, every statistic.  Its epilogue (:func:`epilogue_library`) is the compiled one of
+  :mod:`lemmse_ray.kernels.epilogue` for float32 on the CPU where it builds, else pure torch.
+* ``"sliding"`` — :mod:`lemmse_ray.kernels.sliding`: the compiled CPU sliding-window kernel, for a class whitened
+  by a multiple of the identity whose rows are all the windows of images that the bank holds *as images*
+  (:func:`image_class`: the in-memory :class:`~lemmse_ray.PatchBank`; banks on disk store patch rows);
+  float32, every statistic but top-k.
+* ``"triton"`` — :mod:`lemmse_ray.kernels.triton_kernel`: the fused Triton kernel of the matrix-product kinds;
+  float32 on CUDA (on the CPU only under ``TRITON_INTERPRET=1``, Triton's interpreter, for tests), the optional
+  ``triton`` package, every statistic but top-k.
 
-The per-pixel mixture kernel (random-mask agnostic inpainting) always runs on torch.
+Requests (:data:`KERNELS`: the ``kernel=`` argument of :func:`lemmse_ray.estimate`,
+:meth:`lemmse_ray.PatchBank.estimate`, :func:`~lemmse_ray.cluster.driver.estimate_on_ray`, the actors and
+:mod:`lemmse_ray.cluster.plan`; ``--kernel`` and ``kernel:`` in YAML and study specs):
 
-The in-memory API (:class:`lemmse_ray.PatchBank`, :func:`lemmse_ray.estimate`) has one more choice,
-``"sliding"``, and its ``"auto"`` uses it where it applies: the compiled CPU kernel of
-:mod:`lemmse_ray.kernels.sliding` for a class whitened by a multiple of the identity whose rows are all the windows of
-the images (no matrix product; float32; every statistic but top-k).
+* ``"auto"`` (default) — per class, the sliding kernel where it can run, else Triton on a CUDA device where it can
+  run, else torch;
+* ``"torch"`` — torch for every class;
+* ``"sliding"`` — the sliding kernel for the class it evaluates; the bank's other classes (e.g. the border
+  classes under zero padding) use torch's matrix product.  Refused when the sliding kernel evaluates no class;
+* ``"triton"`` — Triton for every matrix-product class; the mixture kind, and a request with top-k, use torch.
+  Refused when Triton cannot run here.
+
+A refused request raises :class:`KernelUnavailable` (a ``ValueError``) listing every backend's reasons, e.g.
+``kernel='sliding' needs what this run lacks: sliding: computes in float32 only (dtype torch.float64);
+keeps no top-k rows (stats include 'topk') | torch: available | triton: …``.  Where the device is not known yet
+(``device=None``: the driver of Ray actors, which resolve again where they run) the reasons that depend on the
+machine (device, packages, compiled libraries) are left to that later call.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
-from ..core.partials import Partials
+from ..core.classes import ClassPlan
+from . import epilogue, sliding
 
-KERNELS = ("auto", "torch", "triton")
+BACKENDS = ("torch", "sliding", "triton")
+KERNELS = ("auto", *BACKENDS)
+EPILOGUES = ("auto", "compiled", "torch")
 
 
-IN_MEMORY_KERNELS = (*KERNELS, "sliding")  # PatchBank.estimate and lemmse_ray.estimate
+class KernelUnavailable(ValueError):
+    """A requested kernel cannot evaluate this run; the message lists every backend's reasons."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend of one class and, for torch, its epilogue (``"compiled"`` or ``"torch"``)."""
+
+    backend: str
+    epilogue: str = "torch"
+
+
+def check_kernel(kernel: str, dtype: torch.dtype | None = None) -> str:
+    """Validate the name ``kernel`` (one of :data:`KERNELS`) and, when ``dtype`` is given, that its backend
+    computes in that dtype (the sliding and Triton kernels are float32 only); returns ``kernel``."""
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if dtype is not None and kernel in ("sliding", "triton") and dtype != torch.float32:
+        raise KernelUnavailable(f"kernel={kernel!r} computes in float32 only, got dtype {dtype} "
+                                "(use kernel='auto' or 'torch')")
+    return kernel
 
 
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def check_kernel(kernel: str, dtype: torch.dtype = torch.float32, choices: tuple[str, ...] = KERNELS) -> str:
-    """Validate ``kernel`` among ``choices`` for arithmetic in ``dtype`` (the Triton and sliding kernels are
-    float32 only)."""
-    if not isinstance(kernel, str) or kernel not in choices:
-        raise ValueError(f"kernel must be one of {choices}, got {kernel!r}")
-    if kernel in ("triton", "sliding") and dtype != torch.float32:
-        raise ValueError(f"kernel={kernel!r} computes in float32 only, got dtype {dtype} (use kernel='torch')")
-    return kernel
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) in this process."""
+    from .triton_kernel import interpreted  # imports triton: an optional dependency
+    return interpreted()
 
 
-def check_triton_runs(device: torch.device | str) -> None:
-    """Raise ValueError unless the Triton kernel can run on ``device`` here (installed; CUDA or interpreter)."""
-    if not triton_installed():
-        raise ValueError("kernel='triton' needs the triton package (pip install 'lemmse_ray[triton]'), "
-                         "which is not installed here")
-    if torch.device(device).type != "cuda":
-        from .triton_kernel import interpreted
-        if not interpreted():
-            raise ValueError(f"kernel='triton' runs on CUDA devices, not {device} (on the CPU only under "
-                             "TRITON_INTERPRET=1, Triton's interpreter)")
+def epilogue_library(requested: str, dtype: torch.dtype, device: torch.device | str) -> ctypes.CDLL | None:
+    """The compiled epilogue library of the torch kernels for a request among :data:`EPILOGUES`, or None for
+    the pure-torch epilogue: ``"auto"`` takes the compiled one for float32 on the CPU where it builds,
+    ``"compiled"`` requires it, ``"torch"`` never uses it."""
+    if requested not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {requested!r}")
+    if requested == "torch":
+        return None
+    lib = epilogue.load() if dtype == torch.float32 and torch.device(device).type == "cpu" else None
+    if lib is None and requested == "compiled":
+        raise ValueError("epilogue='compiled' needs float32 on CPU and a working C compiler "
+                         "(see lemmse_ray.kernels.compiled)")
+    return lib
 
 
-def use_triton(kernel: str, k_feat: torch.Tensor, stats: tuple[str, ...]) -> bool:
-    """Whether a matrix-product scan of rows ``k_feat`` with ``stats`` runs on the Triton kernel (raises
-    ValueError when ``kernel="triton"`` cannot run here)."""
-    if kernel == "torch" or "topk" in stats:
-        return False
-    if kernel == "triton":
-        check_triton_runs(k_feat.device)
-        return True
-    return k_feat.is_cuda and k_feat.dtype == torch.float32 and triton_installed()
+def image_class(plan: ClassPlan, dtype: torch.dtype, device: torch.device | str = "cpu") -> int | None:
+    """The class of ``plan`` that an in-memory bank should hold as images for the sliding kernel (None: none).
+
+    It is the class :func:`lemmse_ray.kernels.sliding.eligible_class` finds, when the arithmetic is float32 on
+    the CPU and the compiled sliding library builds here."""
+    if dtype != torch.float32 or torch.device(device).type != "cpu" or sliding.load() is None:
+        return None
+    return sliding.eligible_class(plan)
 
 
-def fused_partials(q_feat: torch.Tensor, k_feat: torch.Tensor, values: torch.Tensor, shift: torch.Tensor,
-                   stats: tuple[str, ...] = ()) -> Partials:
-    """:func:`lemmse_ray.kernels.triton_kernel.triton_matmul_partials` (imports Triton on first use)."""
-    from .triton_kernel import triton_matmul_partials
-    return triton_matmul_partials(q_feat, k_feat, values, shift, stats)
+def _sliding_reasons(plan: ClassPlan, images: int | None, in_memory: bool, dtype: torch.dtype,
+                     device: torch.device | None, stats: tuple[str, ...]) -> list[str]:
+    """Why the sliding kernel cannot evaluate this request (empty: it can, for class ``images``)."""
+    reasons = []
+    if dtype != torch.float32:
+        reasons.append(f"computes in float32 only (dtype {dtype})")
+    if "topk" in stats:
+        reasons.append("keeps no top-k rows (stats include 'topk')")
+    if device is not None and device.type != "cpu":
+        reasons.append(f"runs on the CPU, not {device.type}")
+    if device is not None and sliding.load() is None:
+        reasons.append("needs its compiled library: a working C compiler (see lemmse_ray.kernels.compiled), and "
+                       "LEMMSE_RAY_FUSED not set to 0")
+    if sliding.eligible_class(plan) is None:
+        reasons.append("applies only to a class whitened by a multiple of the identity whose rows are all windows "
+                       "of the images (e.g. denoising, circular padding or the interior under zero padding)")
+    elif images is None and not in_memory:
+        reasons.append("this bank stores patch rows, not images (banks on disk and the Ray actors scan rows; the "
+                       "in-memory PatchBank holds images)")
+    return reasons
+
+
+def _triton_reasons(plan: ClassPlan, dtype: torch.dtype, device: torch.device | None,
+                    stats: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Why Triton cannot evaluate this request: (reasons that refuse an explicit request, reasons for which an
+    explicit request still runs, on torch: the mixture kind and top-k)."""
+    refused, delegated = [], []
+    if dtype != torch.float32:
+        refused.append(f"computes in float32 only (dtype {dtype})")
+    if device is not None:
+        if not triton_installed():
+            refused.append("needs the triton package (pip install 'lemmse_ray[triton]'), which is not installed "
+                           "here")
+        elif device.type != "cuda" and not triton_interpreted():
+            refused.append(f"runs on CUDA devices, not {device.type} (on the CPU only under TRITON_INTERPRET=1, "
+                           "Triton's interpreter)")
+    if plan.kind == "mixture":
+        delegated.append("evaluates matrix products only, not the per-pixel mixture (random-mask agnostic "
+                         "inpainting)")
+    if "topk" in stats:
+        delegated.append("keeps no top-k rows (stats include 'topk')")
+    return refused, delegated
+
+
+def _refuse(kernel: str, reasons: dict[str, list[str]]) -> KernelUnavailable:
+    listed = " | ".join(f"{name}: {'; '.join(reasons[name]) or 'available'}" for name in
+                        (kernel, *(b for b in BACKENDS if b != kernel)))
+    return KernelUnavailable(f"kernel={kernel!r} needs what this run lacks: {listed} "
+                             "(kernel='auto' chooses among the available ones)")
+
+
+def resolve(kernel: str, plan: ClassPlan, *, dtype: torch.dtype, device: torch.device | str | None,
+            stats: Iterable[str] = (), images: int | None = None, in_memory: bool = False) -> dict[int, Choice]:
+    """The backend of every class of ``plan`` for a request ``kernel`` (see the module docstring).
+
+    Args:
+        kernel: one of :data:`KERNELS`.
+        plan: the bank's classes.
+        dtype: the kernel arithmetic (torch.float32 or torch.float64).
+        device: where the classes are evaluated; None where it is not known yet (the checks that depend on the
+            machine are then left out: the caller resolves again where the work runs).
+        stats: the requested statistics (top-k is kept by torch only).
+        images: the class the bank holds as images for the sliding kernel (:func:`image_class`), or None.
+        in_memory: whether the bank is an in-memory one, which holds the sliding kernel's class as images when it
+            can (:class:`lemmse_ray.PatchBank`), rather than patch rows (banks on disk, the Ray actors).
+
+    Returns:
+        {class: :class:`Choice`} for every class of ``plan``.
+
+    Raises:
+        KernelUnavailable: when ``kernel`` is explicit and cannot run, listing every backend's reasons.
+    """
+    check_kernel(kernel)
+    stats = tuple(stats)
+    device = None if device is None else torch.device(device)
+    triton_refused, triton_delegated = _triton_reasons(plan, dtype, device, stats)
+    reasons = {"torch": [], "sliding": _sliding_reasons(plan, images, in_memory, dtype, device, stats),
+               "triton": triton_refused + triton_delegated}
+    if (kernel == "sliding" and reasons["sliding"]) or (kernel == "triton" and triton_refused):
+        raise _refuse(kernel, reasons)
+    use_sliding = kernel in ("auto", "sliding") and not reasons["sliding"]
+    use_triton = not reasons["triton"] and (kernel == "triton" or (
+        kernel == "auto" and device is not None and device.type == "cuda"))
+    library = None if device is None else epilogue_library("auto", dtype, device)
+    choices = {}
+    for c in range(plan.n_classes):
+        if use_sliding and c == images:
+            choices[c] = Choice("sliding")
+        elif use_triton:
+            choices[c] = Choice("triton")
+        else:
+            choices[c] = Choice("torch", "torch" if library is None else "compiled")
+    return choices

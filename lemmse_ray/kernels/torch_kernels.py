@@ -34,28 +34,10 @@ from ..core.partials import (
     safe_reference,
 )
 from . import epilogue as fused
+from .resolver import epilogue_library
 
 BLOCK_Q = 1024
-
-
 BLOCK_R = 1024
-
-
-EPILOGUES = ("auto", "compiled", "torch")
-
-
-def compiled_epilogue(epilogue: str, values: torch.Tensor):
-    """The compiled library of :mod:`lemmse_ray.kernels.epilogue` if ``epilogue`` asks for it and it applies (float32 on
-    CPU), else None (the pure-torch epilogue)."""
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if epilogue == "torch":
-        return None
-    lib = fused.load() if values.dtype == torch.float32 and values.device.type == "cpu" else None
-    if lib is None and epilogue == "compiled":
-        raise ValueError("epilogue='compiled' needs float32 on CPU and a working C compiler "
-                         "(see lemmse_ray.kernels.compiled)")
-    return lib
 
 
 def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: torch.Tensor,
@@ -66,10 +48,11 @@ def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: tor
     ``logits(r0, r1)`` returns a writable (Mq, r1−r0) block of logits *in base 2* (:math:`s\log_2 e`):
     ``exp2`` is several times faster than ``exp`` on CPUs, and the statistics are the same numbers
     (:math:`2^{s_2-m_2} = e^{s-m}`); ``m``, ``l_s`` and the top-k logits are converted back at the end.
-    ``epilogue``: ``"auto"`` (the fused compiled epilogue of :mod:`lemmse_ray.kernels.epilogue` for float32 on CPU when
-    it builds, else pure torch), ``"compiled"`` (required) or ``"torch"``.
+    ``epilogue``: ``"auto"``, ``"compiled"`` or ``"torch"``, as decided by
+    :func:`lemmse_ray.kernels.resolver.epilogue_library` (the fused compiled epilogue of
+    :mod:`lemmse_ray.kernels.epilogue` for float32 on the CPU where it builds, else pure torch).
     """
-    lib = compiled_epilogue(epilogue, values)
+    lib = epilogue_library(epilogue, values.dtype, values.device)
     dtype = values.dtype
     channels = values.shape[1]
     want_var, want_l2, want_ls = "variance" in stats, "ess" in stats, "entropy" in stats

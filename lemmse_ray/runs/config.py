@@ -22,6 +22,7 @@ import yaml
 
 from ..core.problems import INPUT_MODES
 from ..core.statistics import STATS
+from ..kernels.resolver import KERNELS, check_kernel
 from ..core.validation import CANDIDATES, DTYPES, PADDINGS, check_noise_level
 from ..data.datasets import DATASETS, EMBEDDED
 from ..models.networks import NETWORKS
@@ -73,6 +74,9 @@ class Config:
                               "statistics stored beside the estimate", choices=STATS, unique=True)
     topk: int = _field(5, "top-k attribution size", min=1, max=1024)
     dtype: str = _field("float32", "kernel arithmetic", choices=tuple(DTYPES))
+    kernel: str = _field("auto", "kernel backend of the estimation: auto (the fastest that applies), torch "
+                                 "(matrix product), sliding (in-memory image banks only) or triton (CUDA)",
+                         choices=KERNELS)
     # networks and training (one network per name and σ)
     networks: list[str] = _field(["patchmlp", "resnet"], "networks to train (one per name and σ)",
                                  choices=NETWORKS, unique=True)
@@ -122,6 +126,10 @@ class Config:
                                             f"{self.batch_size}")
         if not self.out.strip():
             raise ConfigError("out", "must not be empty")
+        try:
+            check_kernel(self.kernel, DTYPES[self.dtype])
+        except ValueError as err:
+            raise ConfigError("kernel", str(err).removeprefix(f"kernel={self.kernel!r} ")) from None
         for sigma in self.sigmas:
             try:
                 check_noise_level(sigma, DTYPES[self.dtype])

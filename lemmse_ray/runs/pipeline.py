@@ -16,6 +16,7 @@ import torch
 from ..cluster.build import build_bank
 from ..cluster.driver import DTYPES, estimate_on_ray
 from ..cluster.plan import Plan, make_plan
+from ..kernels.resolver import resolve
 from ..core.classes import plan_classes
 from ..core.metrics import psnr
 from ..core.patches import PatchGeometry
@@ -58,12 +59,14 @@ def load_data(cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
     """The checks that need the data or the file system, before Ray starts or anything is written: the
-    patch size, problem and classes for the images' shape, and that the output folder, the bank and every
-    estimate output are missing, empty or this project's (and no estimate output is, holds or lies in the
-    bank)."""
+    patch size, problem and classes for the images' shape, the kernel for the bank's classes (the actors scan
+    patch rows: :func:`lemmse_ray.kernels.resolver.resolve` without a device, which they resolve where they
+    run), and that the output folder, the bank and every estimate output are missing, empty or this project's
+    (and no estimate output is, holds or lies in the bank)."""
     shape = tuple(train.shape[1:])
     problem.check_shape(shape)
-    plan_classes(problem, PatchGeometry(shape, cfg.patch_size, cfg.padding, cfg.candidates))
+    plan = plan_classes(problem, PatchGeometry(shape, cfg.patch_size, cfg.padding, cfg.candidates))
+    resolve(cfg.kernel, plan, dtype=DTYPES[cfg.dtype], device=None, stats=cfg.stats)
     check_output_folder(cfg.out, cfg.storage_options)
     owned_group(cfg.bank_url, "bank", BANK_MEMBERS, cfg.storage_options)
     for split in SPLITS:
@@ -134,7 +137,7 @@ def plan_step(cfg: Config, train: torch.Tensor, problem: Problem, queries: dict[
     inputs = [(z, mask, sigma) for _, _, sigma, _, z, mask in estimate_inputs(cfg, problem, queries)]
     centers = class_centers(train, problem, plan_classes(problem, geometry)) if calibrated else None
     return make_plan(problem, geometry, train.shape[0], centers, inputs, n_actors, cfg.batch_images, cfg.shard_rows,
-                     DTYPES[cfg.dtype], actor_memory(cfg), bank_url=cfg.bank_url,
+                     DTYPES[cfg.dtype], actor_memory(cfg), kernel=cfg.kernel, bank_url=cfg.bank_url,
                      storage_options=cfg.storage_options, calibrated=calibrated, stats=tuple(cfg.stats), topk=cfg.topk)
 
 

@@ -48,7 +48,7 @@ def _measure(bank, z, mask, sigma, cfg: Config, n_actors: int, out: str) -> dict
     from ..cluster.driver import estimate_on_ray
     from ..runs.pipeline import actor_memory
 
-    actors = start_actors(bank, n_actors, cfg.dtype, actor_memory=actor_memory(cfg))
+    actors = start_actors(bank, n_actors, cfg.dtype, cfg.kernel, actor_memory=actor_memory(cfg))
     try:
         ray.get([a.describe.remote() for a in actors])  # shards loaded: time the steady state only
         group = estimate_on_ray(bank, z, sigma, out, mask=mask, batch_images=cfg.batch_images, actors=actors,
