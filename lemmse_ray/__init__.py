@@ -10,17 +10,10 @@ In memory::
 """
 from .bank.memory import PatchBank, estimate
 from .core.partials import Partials, merge
-from .core.problems import (
-           Deblurring,
-           Denoising,
-           Inpainting,
-           LinearInverseProblem,
-           Problem,
-           from_physics,
-           gaussian_kernel,
-)
+from .core.problems import (Deblurring, Denoising, Inpainting, LinearInverseProblem, Problem, from_physics,
+                            gaussian_kernel)
 from .core.statistics import Result, finalize
+from .core.version import __version__
 
 __all__ = ["Deblurring", "Denoising", "Inpainting", "LinearInverseProblem", "Partials", "PatchBank", "Problem", "Result",
-           "estimate", "finalize", "from_physics", "gaussian_kernel", "merge"]
-__version__ = "0.1.0"
+           "__version__", "estimate", "finalize", "from_physics", "gaussian_kernel", "merge"]

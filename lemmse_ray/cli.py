@@ -11,7 +11,30 @@ import logging
 import sys
 import time
 
+import ray
+
+from .cluster.actors import ActorFailed
+from .cluster.session import ensure_ray
 from .runs.config import Config, add_arguments, from_args, join
+from .runs.evaluation import evaluate_all, summary_table
+from .runs.pipeline import (
+    bank_step,
+    check_run,
+    estimate_step,
+    load_data,
+    make_problem,
+    plan_step,
+    record_timing,
+    report_step,
+    summarize,
+    verify_step,
+    write_report,
+)
+from .runs.training import train_all, trained_networks, unfinished_networks
+from .storage.ownership import claim_output_folder
+from .studies.cli import study_command
+from .studies.report import render
+from .studies.scaling import scaling_study
 
 DESCRIPTION = """\
 Exact LE-MMSE estimates at cluster scale, and the networks that try to match them.
@@ -108,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lemmse: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # a shard actor failed for good (e.g. a damaged shard): one line, exit 1
-        from .cluster.actors import ActorFailed
-        from .cluster.session import ray
         if debug or not isinstance(err, ActorFailed):
             raise
         ray.shutdown()  # first, so that the calls it abandons are not reported after the error line
@@ -120,29 +141,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
     """Run the steps of ``command``; timings go to ``<out>/timings.json`` (kept from the run that computed)."""
     if command == "study":
-        from .studies.cli import study_command
         return study_command(args)
     if command == "report":
-        from .studies.report import render
         render(args.out)
         print(f"report: {join(args.out, 'report.md')}; figures: {join(args.out, 'figures')}", flush=True)
         return 0
-    from .cluster.session import ensure_ray
-    from .runs.pipeline import (
-        bank_step,
-        check_run,
-        estimate_step,
-        load_data,
-        make_problem,
-        plan_step,
-        record_timing,
-        report_step,
-        summarize,
-        verify_step,
-        write_report,
-    )
-    from .storage.ownership import claim_output_folder
-
     steps = COMMANDS[command][1]
     t0 = time.perf_counter()
     train, queries = load_data(cfg)
@@ -160,7 +163,6 @@ def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
         print(plan_step(cfg, train, problem, queries).text(), flush=True)
         return 0
     if "scaling" in steps:
-        from .studies.scaling import scaling_study
         scaling_study(cfg, train, problem, queries, args.max_actors)
         return 0
     if "bank" in steps:
@@ -186,14 +188,11 @@ def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
         tables["estimate"] = summarize(psnr_rows)
         print(tables["estimate"], flush=True)
     if "train" in steps:
-        from .runs.training import train_all, unfinished_networks
         t = time.perf_counter()
         pending = unfinished_networks(cfg)
         train_all(cfg, train, problem)
         record_timing(cfg, "train", time.perf_counter() - t, bool(pending))
     if "evaluate" in steps:
-        from .runs.evaluation import evaluate_all, summary_table
-        from .runs.training import trained_networks
         t = time.perf_counter()
         eval_rows = evaluate_all(cfg, trained_networks(cfg))
         record_timing(cfg, "evaluate", time.perf_counter() - t, True)

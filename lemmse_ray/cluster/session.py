@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+import zarr
+
+from ..core.version import __version__
 
 log = logging.getLogger("lemmse_ray")
 
@@ -58,8 +61,5 @@ def default_n_actors() -> int:
 
 
 def versions() -> dict[str, str]:
-    import zarr
-
-    from .. import __version__
     return {"lemmse_ray": __version__, "torch": torch.__version__, "ray": ray.__version__, "zarr": zarr.__version__,
             "numpy": np.__version__, "python": platform.python_version()}

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..runs.config import join
+from .engine import run_study
 from .presets import PRESETS, preset
 from .spec import (
     Cell,
@@ -49,7 +50,6 @@ def study_command(args: argparse.Namespace) -> int:
         print(describe(cells))
         print(f"{len(cells)} cells in {len(parts)} part(s); outputs would go to {out}", flush=True)
         return 0
-    from .engine import run_study
     run_study(name, parts, cells, out, work_dir=args.work, size=size, overwrite=args.overwrite,
               verbose=args.verbose)
     return 0

@@ -21,7 +21,15 @@ import platform
 import ray
 import torch
 
+from ..cluster.actors import start_actors
+from ..cluster.build import build_bank
+from ..cluster.driver import estimate_on_ray
+from ..cluster.session import default_n_actors
+from ..core.classes import plan_classes
+from ..core.patches import PatchGeometry
+from ..core.validation import DTYPES
 from ..runs.config import Config, join
+from ..runs.pipeline import actor_memory, simulate
 from ..storage.files import save_parquet
 from .figures import line_figure
 
@@ -44,15 +52,11 @@ def hardware() -> str:
 
 
 def _measure(bank, z, mask, sigma, cfg: Config, n_actors: int, out: str) -> dict:
-    from ..cluster.actors import start_actors
-    from ..cluster.driver import estimate_on_ray
-    from ..runs.pipeline import actor_memory
-
     actors = start_actors(bank, n_actors, cfg.dtype, cfg.kernel, actor_memory=actor_memory(cfg))
     try:
         ray.get([a.describe.remote() for a in actors])  # shards loaded: time the steady state only
         group = estimate_on_ray(bank, z, sigma, out, mask=mask, batch_images=cfg.batch_images, actors=actors,
-                                stats=(), dtype=getattr(torch, cfg.dtype), overwrite=True, progress=False)
+                                stats=(), dtype=DTYPES[cfg.dtype], overwrite=True, progress=False)
         entry = group.attrs["history"][-1]
     finally:
         for actor in actors:
@@ -65,10 +69,6 @@ def scaling_study(cfg: Config, train: torch.Tensor, problem, queries: dict[str, 
                   max_actors: int | None = None) -> list[dict]:
     """Strong and weak scaling from 1 to ``max_actors`` actors (default: one per GPU, else one per CPU) on the
     test queries at the first σ; returns the Parquet rows (see the module docstring)."""
-    from ..cluster.build import build_bank
-    from ..cluster.session import default_n_actors
-    from ..runs.pipeline import DTYPES, simulate
-
     max_actors = default_n_actors() if max_actors is None else max_actors
     if isinstance(max_actors, bool) or not isinstance(max_actors, int) or max_actors < 1:
         raise ValueError(f"max_actors must be a positive integer, got {max_actors!r}")
@@ -122,9 +122,6 @@ def scaling_study(cfg: Config, train: torch.Tensor, problem, queries: dict[str, 
 
 
 def _rows_per_image(cfg: Config, images: torch.Tensor, problem) -> int:
-    from ..core.classes import plan_classes
-    from ..core.patches import PatchGeometry
-
     plan = plan_classes(problem, PatchGeometry(tuple(images.shape[1:]), cfg.patch_size, cfg.padding,
                                                cfg.candidates))
     return int(plan.rows_per_image().sum())
