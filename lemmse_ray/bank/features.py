@@ -34,6 +34,7 @@ import torch
 from ..core.classes import ClassPlan, PatchClass
 from ..core.partials import Partials, merge_into
 from ..core.problems import Problem
+from ..core.statistics import sums_of
 from ..kernels.resolver import fused_partials, use_triton
 from ..kernels.torch_kernels import matmul_partials, mixture_partials
 from .rows import BankArrays
@@ -282,7 +283,7 @@ def scan(keys: dict[int, ClassKeys], plan: ClassPlan, queries: QuerySet, stats: 
     kind = kernel_kind(plan)
     blocks = {name: v for name, v in (("block_q", block_q), ("block_r", block_r)) if v is not None}
     first = next(iter(keys.values())).values
-    total = Partials.empty(queries.n, queries.channels, stats, topk, first.dtype, first.device)
+    total = Partials.empty(queries.n, queries.channels, sums_of(stats), topk, first.dtype, first.device)
     for c, ck in keys.items():
         cq = queries.per_class[c]
         if cq is not None:
