@@ -106,7 +106,7 @@ def accuracy(args, device: torch.device, cpu: bool) -> tuple[list[dict], dict[st
     from lemmse_ray.bank.rows import class_centers, memory_bank
     from lemmse_ray.core.classes import plan_classes
     from lemmse_ray.core.partials import Partials, merge_into
-    from lemmse_ray.core.statistics import finalize
+    from lemmse_ray.core.statistics import finalize, sums_of
     from lemmse_ray.core.patches import PatchGeometry
     from lemmse_ray.bank.features import key_features, keys_to, prepare_queries, queries_to, scan
     from lemmse_ray.kernels.triton_kernel import triton_matmul_partials
@@ -114,7 +114,7 @@ def accuracy(args, device: torch.device, cpu: bool) -> tuple[list[dict], dict[st
     def scan_tf32x3(keys, plan, queries):
         """scan() with the Triton kernel in tf32x3 (scan's kernel="triton" is ieee)."""
         first = next(iter(keys.values())).values
-        total = Partials.empty(queries.n, queries.channels, STATS, 0, first.dtype, first.device)
+        total = Partials.empty(queries.n, queries.channels, sums_of(STATS), 0, first.dtype, first.device)
         for c, ck in keys.items():
             cq = queries.per_class[c]
             if cq is not None:

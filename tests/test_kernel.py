@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lemmse_ray.core.partials import Partials, merge, merge_into
-from lemmse_ray.core.statistics import finalize
+from lemmse_ray.core.statistics import finalize, sums_of
 from lemmse_ray.kernels.torch_kernels import matmul_partials, mixture_partials
 
 ALL_STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
@@ -243,7 +243,7 @@ def test_empty_blocks_are_the_identity(seed, m, r, c, topk, data):
     whole = matmul_block(q, kf, values, shift, np.arange(r), topk, 4, 8)
     none = np.arange(0)
     empties = [matmul_block(q, kf, values, shift, none, topk, 4, 8),
-               Partials.empty(m, c, ALL_STATS, topk, F64)]
+               Partials.empty(m, c, sums_of(ALL_STATS), topk, F64)]
     for empty in empties:
         assert torch.isneginf(empty.m).all() and (empty.l == 0).all()
         assert (empty.top_r == -1).all() and torch.isneginf(empty.top_s).all()
@@ -312,7 +312,7 @@ def test_merge_with_partly_empty_partial():
     """Queries that saw no rows in one partial (m = −inf) take the other partial's statistics unchanged."""
     q, kf, values, shift, logits = matmul_problem(5, 6, 20, 3, 2, 4.0)
     full = matmul_block(q, kf, values, shift, np.arange(10, 20), 3, 4, 4)
-    total = Partials.empty(6, 2, ALL_STATS, 3, F64)
+    total = Partials.empty(6, 2, sums_of(ALL_STATS), 3, F64)
     seen = torch.tensor([0, 2, 5])
     merge_into(total, seen, matmul_partials(t64(q[seen.numpy()]), t64(kf[:10]), t64(values[:10]),
                                             t64(shift[seen.numpy()]), torch.arange(10), ALL_STATS, 3))

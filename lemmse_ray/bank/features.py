@@ -35,6 +35,7 @@ import torch
 from ..core.classes import ClassPlan, PatchClass
 from ..core.partials import Partials, merge_into
 from ..core.problems import Problem
+from ..core.statistics import sums_of
 from ..kernels.resolver import Choice, resolve
 from ..kernels.torch_kernels import matmul_partials, mixture_partials
 from .rows import BankArrays
@@ -291,7 +292,7 @@ def scan(keys: dict[int, ClassKeys], plan: ClassPlan, queries: QuerySet, stats: 
     first = next(iter(keys.values())).values
     if isinstance(kernel, str):
         kernel = resolve(kernel, plan, dtype=first.dtype, device=first.device, stats=stats)
-    total = Partials.empty(queries.n, queries.channels, stats, topk, first.dtype, first.device)
+    total = Partials.empty(queries.n, queries.channels, sums_of(stats), topk, first.dtype, first.device)
     for c, ck in keys.items():
         cq = queries.per_class[c]
         if cq is not None:

@@ -17,7 +17,7 @@ from ..core.classes import ClassPlan, plan_classes
 from ..core.partials import Partials, merge_into
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
-from ..core.statistics import Result, check_stats, finalize, to_result
+from ..core.statistics import Result, check_stats, finalize, sums_of, to_result
 from ..core.validation import (
     as_images,
     check_dtype,
@@ -184,7 +184,7 @@ class PatchBank:
         if keys:
             part = scan(keys, self.plan, queries, stats, topk, choices)
         else:
-            part = Partials.empty(queries.n, queries.channels, stats, topk, self.dtype)
+            part = Partials.empty(queries.n, queries.channels, sums_of(stats), topk, self.dtype)
         if use_sliding:
             windows = torch.from_numpy(np.flatnonzero(sliding.query_windows(self.geometry.padding, self.shape,
                                                                     self.geometry.patch_size)))

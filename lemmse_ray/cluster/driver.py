@@ -26,7 +26,7 @@ from ..bank.features import (
     prepare_queries,
 )
 from ..core.partials import merge
-from ..core.statistics import Result, check_stats, finalize, to_result
+from ..core.statistics import Result, check_stats, finalize, outputs, to_result
 from ..core.validation import DTYPES, as_images, check_noise_level, check_query_mask
 from ..kernels.resolver import resolve
 from ..storage.bank_store import (
@@ -35,7 +35,6 @@ from ..storage.bank_store import (
 from ..storage.ownership import check_apart
 from ..storage.redact import public
 from ..storage.results import (
-    GRID_STATS,
     inputs_hash,
     open_results,
     pending_batches,
@@ -125,12 +124,9 @@ class BankSources:
         return torch.from_numpy(self.bank.source(rows.cpu().numpy()))
 
 
-OUTPUTS = ("mean", "variance", *GRID_STATS, "topk_image", "topk_position", "topk_logits")
-
-
 def result_arrays(res: Result) -> dict[str, np.ndarray]:
-    """The stored outputs of a result (the statistics it holds)."""
-    return {name: getattr(res, name).numpy() for name in OUTPUTS if getattr(res, name) is not None}
+    """The stored outputs of a result: every output of the statistics table that it holds."""
+    return {o.name: getattr(res, o.name).numpy() for o in outputs() if getattr(res, o.name, None) is not None}
 
 
 @dataclass

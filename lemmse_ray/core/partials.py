@@ -6,10 +6,11 @@ and values :math:`v_r \in \mathbb R^C`, a *partial* holds, per query,
 .. math::
     m = \max_r s_r,\quad l = \sum_r e^{s_r-m},\quad o = \sum_r e^{s_r-m} v_r
 
-and optionally :math:`o_2 = \sum e^{s-m} v^2` (posterior variance), :math:`l_2 = \sum e^{2(s-m)}`
-(effective number of patches), :math:`l_s = \sum e^{s-m} s` (entropy) and the top-k rows by logit.
+and optionally the sums :math:`o_2 = \sum e^{s-m} v^2`, :math:`l_2 = \sum e^{2(s-m)}`,
+:math:`l_s = \sum e^{s-m} s` and the top-k rows by logit (``top_s``, ``top_r``): :data:`SUMS`, by field name.
 Partials of disjoint blocks merge exactly and in any order (:func:`merge`);
-:func:`lemmse_ray.core.statistics.finalize` turns the merged partial into the posterior mean and the statistics.
+:func:`lemmse_ray.core.statistics.finalize` turns the merged partial into the posterior mean and the statistics
+(:data:`lemmse_ray.core.statistics.STATISTICS` says which sums each one needs).
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 LN2 = math.log(2.0)
+
+#: The optional sums that :func:`merge` rescales to the common reference :math:`m=\max(m_a, m_b)`, each with the
+#: power :math:`p` of the factor :math:`e^{m_b-m}` it takes: :math:`o_2` and :math:`l_s` are sums of
+#: :math:`e^{s-m}(\cdot)` (:math:`p=1`), :math:`l_2` a sum of :math:`e^{2(s-m)}` (:math:`p=2`).
+RESCALED = {"o2": 1, "l2": 2, "ls": 1}
+#: The top-k logits (descending) and global row ids (−1: none), kept and merged together by :func:`merge_topk`.
+TOPK = ("top_s", "top_r")
+#: Every optional sum of :class:`Partials`, by field name.
+SUMS = (*RESCALED, *TOPK)
 
 
 @dataclass
@@ -39,17 +49,19 @@ class Partials:
     top_r: torch.Tensor | None = None  # (M, k) int64 global row ids (-1: none)
 
     @staticmethod
-    def empty(n: int, channels: int, stats: tuple[str, ...], topk: int, dtype: torch.dtype,
+    def empty(n: int, channels: int, sums: tuple[str, ...], topk: int, dtype: torch.dtype,
               device: torch.device | str = "cpu") -> "Partials":
-        """The identity of :func:`merge`: no rows seen (m = −inf, l = 0)."""
+        """The identity of :func:`merge`: no rows seen (m = −inf, l = 0), with the optional ``sums`` (names of
+        :data:`SUMS`; :func:`lemmse_ray.core.statistics.sums_of` gives those of a set of statistics)."""
+        check_sums(sums)
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         return Partials(
             m=torch.full((n,), -math.inf, dtype=dtype, device=device), l=zeros(n), o=zeros(n, channels),
-            o2=zeros(n, channels) if "variance" in stats else None,
-            l2=zeros(n) if "ess" in stats else None,
-            ls=zeros(n) if "entropy" in stats else None,
-            top_s=torch.full((n, topk), -math.inf, dtype=dtype, device=device) if "topk" in stats else None,
-            top_r=torch.full((n, topk), -1, dtype=torch.int64, device=device) if "topk" in stats else None,
+            o2=zeros(n, channels) if "o2" in sums else None,
+            l2=zeros(n) if "l2" in sums else None,
+            ls=zeros(n) if "ls" in sums else None,
+            top_s=torch.full((n, topk), -math.inf, dtype=dtype, device=device) if "top_s" in sums else None,
+            top_r=torch.full((n, topk), -1, dtype=torch.int64, device=device) if "top_r" in sums else None,
         )
 
     def __len__(self) -> int:
@@ -72,6 +84,16 @@ class Partials:
             return t.to(device=device) if name == "top_r" or dtype is None else t.to(dtype=dtype, device=device)
         return Partials(**{f.name: (None if (t := getattr(self, f.name)) is None else move(f.name, t))
                            for f in fields(self)})
+
+
+def check_sums(sums: tuple[str, ...]) -> tuple[str, ...]:
+    """``sums`` if they name optional sums of :class:`Partials` (the top-k logits and row ids together)."""
+    unknown = [name for name in sums if name not in SUMS]
+    if unknown:
+        raise ValueError(f"sums: unknown partial sums {unknown}; choose from {SUMS}")
+    if len(set(sums) & set(TOPK)) == 1:
+        raise ValueError(f"sums: the top-k sums {TOPK} go together, got {tuple(sums)}")
+    return sums
 
 
 def safe_reference(m: torch.Tensor) -> torch.Tensor:
@@ -110,17 +132,19 @@ def merge_topk(s1, r1, s2, r2, k):
 
 def merge(a: Partials, b: Partials) -> Partials:
     r"""Exact merge of partials over disjoint row sets: with :math:`m=\max(m_a,m_b)`,
-    :math:`l = l_a e^{m_a-m} + l_b e^{m_b-m}`, likewise :math:`o, o_2, l_s`, and :math:`l_2` with squared factors."""
+    :math:`l = l_a e^{m_a-m} + l_b e^{m_b-m}`, likewise :math:`o`, and each sum of :data:`RESCALED` present with
+    the factors raised to its power; the top-k by :func:`merge_topk`."""
     m = torch.maximum(a.m, b.m)
     ref = safe_reference(m)
     fa, fb = torch.exp(a.m - ref), torch.exp(b.m - ref)
     out = Partials(m=m, l=fa * a.l + fb * b.l, o=fa[:, None] * a.o + fb[:, None] * b.o)
-    if a.o2 is not None:
-        out.o2 = fa[:, None] * a.o2 + fb[:, None] * b.o2
-    if a.l2 is not None:
-        out.l2 = fa * fa * a.l2 + fb * fb * b.l2
-    if a.ls is not None:
-        out.ls = fa * a.ls + fb * b.ls
+    for name, power in RESCALED.items():
+        sum_a, sum_b = getattr(a, name), getattr(b, name)
+        if sum_a is not None:
+            ga, gb = (fa, fb) if power == 1 else (fa * fa, fb * fb)
+            if sum_a.dim() == 2:  # per channel
+                ga, gb = ga[:, None], gb[:, None]
+            setattr(out, name, ga * sum_a + gb * sum_b)
     if a.top_s is not None:
         out.top_s, out.top_r = merge_topk(a.top_s, a.top_r, b.top_s, b.top_r, a.top_s.shape[1])
     return out

@@ -144,3 +144,30 @@ def check_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """The name of a :data:`DTYPES` dtype (``"float32"``, ``"float64"``)."""
     return str(dtype).replace("torch.", "")
+
+
+def as_float64(value: Any, name: str) -> np.ndarray:
+    """``value`` (array-like or tensor) as a float64 numpy array."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a numeric array") from None
+
+
+def as_int64(value: Any, name: str) -> np.ndarray:
+    """``value`` (an integer array or tensor) as an int64 numpy array."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+def check_shape(array: np.ndarray, shape: tuple, name: str) -> np.ndarray:
+    """``array`` if its shape is ``shape``."""
+    if array.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
+    return array

@@ -43,6 +43,7 @@ from typing import Iterable
 import torch
 
 from ..core.classes import ClassPlan
+from ..core.statistics import unsupported
 from . import epilogue, sliding
 
 BACKENDS = ("torch", "sliding", "triton")
@@ -108,14 +109,20 @@ def image_class(plan: ClassPlan, dtype: torch.dtype, device: torch.device | str 
     return sliding.eligible_class(plan)
 
 
+def _statistics_reasons(stats: tuple[str, ...], backend: str) -> list[str]:
+    """The requested statistics ``backend`` does not produce (:data:`lemmse_ray.core.statistics.STATISTICS`
+    declares which backends produce each one; top-k rows: torch only)."""
+    return ["keeps no top-k rows (stats include 'topk')" if name == "topk" else f"does not compute {name!r}"
+            for name in unsupported(stats, backend)]
+
+
 def _sliding_reasons(plan: ClassPlan, images: int | None, in_memory: bool, dtype: torch.dtype,
                      device: torch.device | None, stats: tuple[str, ...]) -> list[str]:
     """Why the sliding kernel cannot evaluate this request (empty: it can, for class ``images``)."""
     reasons = []
     if dtype != torch.float32:
         reasons.append(f"computes in float32 only (dtype {dtype})")
-    if "topk" in stats:
-        reasons.append("keeps no top-k rows (stats include 'topk')")
+    reasons += _statistics_reasons(stats, "sliding")
     if device is not None and device.type != "cpu":
         reasons.append(f"runs on the CPU, not {device.type}")
     if device is not None and sliding.load() is None:
@@ -133,7 +140,7 @@ def _sliding_reasons(plan: ClassPlan, images: int | None, in_memory: bool, dtype
 def _triton_reasons(plan: ClassPlan, dtype: torch.dtype, device: torch.device | None,
                     stats: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Why Triton cannot evaluate this request: (reasons that refuse an explicit request, reasons for which an
-    explicit request still runs, on torch: the mixture kind and top-k)."""
+    explicit request still runs, on torch: the mixture kind and statistics it does not compute, e.g. top-k)."""
     refused, delegated = [], []
     if dtype != torch.float32:
         refused.append(f"computes in float32 only (dtype {dtype})")
@@ -147,8 +154,7 @@ def _triton_reasons(plan: ClassPlan, dtype: torch.dtype, device: torch.device | 
     if plan.kind == "mixture":
         delegated.append("evaluates matrix products only, not the per-pixel mixture (random-mask agnostic "
                          "inpainting)")
-    if "topk" in stats:
-        delegated.append("keeps no top-k rows (stats include 'topk')")
+    delegated += _statistics_reasons(stats, "triton")
     return refused, delegated
 
 

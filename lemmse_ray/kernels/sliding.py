@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..core.partials import LN2, LOG2E, Partials
+from ..core.statistics import sums_of, unsupported
 from . import compiled
 
 MAX_CHANNELS = 30
@@ -444,19 +445,20 @@ def sliding_partials(rows: SlidingRows, z: torch.Tensor, sigma: float, stats: tu
     """Partials (natural logarithms, as :mod:`lemmse_ray.core.partials`) of every window of every estimator input
     ``z`` (B, C, H, W) over the rows of ``rows``, query order (image, window row, window column).
 
-    ``stats``: any of ``"variance"``, ``"ess"``, ``"max_weight"``, ``"entropy"``, ``"log_evidence"`` (not
-    ``"topk"``).  ``threads``: OpenMP threads (default ``torch.get_num_threads()``); the result does not depend
+    ``stats``: any statistics of :data:`lemmse_ray.core.statistics.STATISTICS` but top-k (it accumulates the
+    sums they need).  ``threads``: OpenMP threads (default ``torch.get_num_threads()``); the result does not depend
     on it.  Query images go through the kernel in batches of at most ``max_floats`` output floats.
     """
     lib = library()
-    if "topk" in stats:
-        raise ValueError("the sliding kernel keeps no top-k rows")
+    if refused := unsupported(stats, "sliding"):
+        raise ValueError(f"the sliding kernel does not compute {', '.join(refused)} (it keeps no top-k rows)")
     images = rows.query_images(z)
     n_img, channels, height_a, width_a = images.shape
     groups, _, height_b, width_b, _ = rows.keys.shape
     p = rows.patch_size
     n_q = (height_a - p + 1) * (width_a - p + 1)
-    want_var, want_l2, want_ls = "variance" in stats, "ess" in stats, "entropy" in stats
+    sums = sums_of(stats)
+    want_var, want_l2, want_ls = "o2" in sums, "l2" in sums, "ls" in sums
     n_fields = 2 + channels * (1 + want_var) + want_l2 + want_ls
     if channels > MAX_CHANNELS:
         raise ValueError(f"the sliding kernel handles at most {MAX_CHANNELS} channels, got {channels}")

@@ -33,6 +33,7 @@ from ..core.partials import (
     merge_topk,
     safe_reference,
 )
+from ..core.statistics import sums_of
 from . import epilogue as fused
 from .resolver import epilogue_library
 
@@ -55,9 +56,10 @@ def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: tor
     lib = epilogue_library(epilogue, values.dtype, values.device)
     dtype = values.dtype
     channels = values.shape[1]
-    want_var, want_l2, want_ls = "variance" in stats, "ess" in stats, "entropy" in stats
+    sums = sums_of(stats)
+    want_var, want_l2, want_ls = "o2" in sums, "l2" in sums, "ls" in sums
     device = values.device
-    part = Partials.empty(n_queries, channels, stats, topk, dtype, device)
+    part = Partials.empty(n_queries, channels, sums, topk, dtype, device)
     acc = torch.zeros((n_queries, 2 * channels + 1 if want_var else channels + 1), dtype=dtype, device=device)
     if lib is not None:
         values_t = values.T.contiguous()

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..core.partials import LN2, LOG2E, Partials, add_shift, merge, merge_into
+from ..core.statistics import sums_of, unsupported
 
 PRECISIONS = ("ieee", "tf32x3")
 
@@ -174,14 +175,15 @@ def triton_matmul_partials(q_feat: torch.Tensor, k_feat: torch.Tensor, values: t
 
     Same contract as :func:`lemmse_ray.kernels.torch_kernels.matmul_partials` without top-k: ``q_feat`` (M, F),
     ``k_feat`` (R, F), ``values`` (R, C), ``shift`` (M,), all float32 on one device (CUDA, or the CPU under
-    ``TRITON_INTERPRET=1``).  ``stats`` may hold ``"variance"``, ``"ess"``, ``"entropy"`` (the other
-    statistics need nothing more).  ``n_splits``: row ranges (default: :func:`default_splits`);
+    ``TRITON_INTERPRET=1``).  ``stats``: any statistics of :data:`lemmse_ray.core.statistics.STATISTICS` but
+    top-k (it accumulates the sums they need).  ``n_splits``: row ranges (default: :func:`default_splits`);
     ``block_f``: feature chunk (default: the whole padded width up to 128, else 64).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if "topk" in stats:
-        raise ValueError("stats: the Triton kernel does not compute top-k (use the torch kernel)")
+    if refused := unsupported(stats, "triton"):
+        raise ValueError(f"stats: the Triton kernel does not compute {', '.join(refused)} (it keeps no top-k rows: "
+                         "use the torch kernel)")
     tensors = {"q_feat": q_feat, "k_feat": k_feat, "values": values, "shift": shift}
     for name, t in tensors.items():
         if t.dtype != torch.float32:
@@ -202,7 +204,8 @@ def triton_matmul_partials(q_feat: torch.Tensor, k_feat: torch.Tensor, values: t
     n_splits = triton.cdiv(n_rows, rows_per_split)  # every range non-empty
     if block_f is None:
         block_f = _power_of_two(width_f) if width_f <= 128 else 64
-    want_var, want_l2, want_ls = "variance" in stats, "ess" in stats, "entropy" in stats
+    sums = sums_of(stats)
+    want_var, want_l2, want_ls = "o2" in sums, "l2" in sums, "ls" in sums
     width = channels + 1 + (channels if want_var else 0)
 
     q = (q_feat * LOG2E).contiguous()

@@ -22,6 +22,7 @@ import torch
 from ..core.metrics import mse, psnr
 from ..storage.bank_store import open_group
 from ..storage.files import save_parquet, save_png
+from ..storage.results import EstimateArrays
 from .config import Config, join
 from .pipeline import SPLITS, estimate_url
 from .report import group_means, image_grid
@@ -51,9 +52,9 @@ def evaluate_all(cfg: Config, networks: dict[tuple[str, float], str], n_show: in
         for sigma in sorted({sigma for _, sigma in loaded}):
             url = estimate_url(cfg, split, sigma)
             group = open_group(url, "r", cfg.storage_options)
-            z, x, mean = (torch.from_numpy(np.asarray(group[name][...], dtype=np.float32))
-                          for name in ("z", "x", "mean"))
-            mask = torch.from_numpy(np.asarray(group["mask"][...], dtype=np.float32)) if "mask" in group else None
+            est = EstimateArrays.from_group(group, stats=())
+            z, x, mean = (torch.from_numpy(a.astype(np.float32)) for a in (est.z, est.x, est.mean))
+            mask = None if est.mask is None else torch.from_numpy(est.mask.astype(np.float32))
             problem = group.attrs["config"]["problem"]
             figure = [z[:n_show], mean[:n_show]]
             for (name, net_sigma), (net, checkpoint) in loaded.items():

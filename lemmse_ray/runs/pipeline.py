@@ -27,6 +27,7 @@ from ..storage.bank_store import Bank, open_group
 from ..storage.files import read_bytes, save_parquet, save_png, save_text, write_bytes
 from ..storage.ownership import check_apart, check_output_folder, owned_group
 from ..storage.results import MEMBERS as RESULT_MEMBERS
+from ..storage.results import EstimateArrays
 from .config import Config, join
 from .report import group_means, image_grid
 
@@ -221,8 +222,8 @@ def report_step(cfg: Config, urls: dict, n_show: int = 8) -> list[dict]:
     """PSNR table (Parquet) and figures (PNG: input z / LE-MMSE / ground truth) from the estimate outputs."""
     rows = []
     for (split, sigma), url in urls.items():
-        group = open_group(url, "r", cfg.storage_options)
-        z, mean, x = (torch.from_numpy(group[name][...]) for name in ("z", "mean", "x"))
+        est = EstimateArrays.from_group(open_group(url, "r", cfg.storage_options), stats=())
+        z, mean, x = (torch.from_numpy(a) for a in (est.z, est.mean, est.x))
         for i, (p_est, p_in) in enumerate(zip(psnr(mean, x).tolist(), psnr(z, x).tolist())):
             rows.append({"split": split, "sigma": sigma, "image": i, "problem": cfg.problem, "input": cfg.input,
                          "patch_size": cfg.patch_size, "psnr_lemmse_x": p_est, "psnr_z_x": p_in})

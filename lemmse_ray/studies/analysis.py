@@ -13,16 +13,14 @@ distribution, uniform over the :math:`N_\text{rows}` bank rows) and the top-k lo
 s_{(k)}` with their rows' (training image, position).
 
 Every function has a pure-array core (numpy or torch in, plain numbers out) so that tests can feed
-synthetic data; :class:`EstimateArrays` gathers the arrays of a stored Zarr group
-(:meth:`EstimateArrays.from_group`) or of an in-memory :class:`~lemmse_ray.Result`
-(:meth:`EstimateArrays.from_result`).  Row-returning functions give lists of plain dicts (one Parquet
+synthetic data; :class:`~lemmse_ray.storage.results.EstimateArrays` gathers the arrays of a stored Zarr group
+or of an in-memory :class:`~lemmse_ray.Result`.  Row-returning functions give lists of plain dicts (one Parquet
 table each); the columns are listed in each docstring.  PSNR and MSE follow deepinv: per image, data
 range 1, mean over channels and pixels.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,121 +28,20 @@ import torch
 
 from ..core.classes import ClassPlan
 from ..core.metrics import mse, psnr
+from ..core.statistics import STATISTICS
+from ..core.validation import as_float64, as_int64, check_shape
+from ..storage.results import EstimateArrays
 
 QUANTILES = {"q25": 0.25, "median": 0.5, "q75": 0.75}
-CONCENTRATION_STATS = ("ess", "max_weight", "entropy", "topk_mass", "ess_fraction")
+#: The stored per-pixel measures of concentration (the table's), in its order.
+CONCENTRATION_OUTPUTS = tuple(o.name for s in STATISTICS.values() if s.concentration for o in s.outputs)
+#: The columns of :func:`concentration_row`: the stored measures, then the top-k mass and the ESS fraction.
+CONCENTRATION_STATS = (*CONCENTRATION_OUTPUTS, "topk_mass", "ess_fraction")
 FLOOR_SIGMAS = 3.0  # a network this many standard errors below the loss floor is flagged
 
 
-def _f64(value: Any, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    try:
-        return np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a numeric array") from None
-
-
-def _int(value: Any, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    array = np.asarray(value)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer array, got dtype {array.dtype}")
-    return array.astype(np.int64)
-
-
-def _check_shape(array: np.ndarray, shape: tuple, name: str) -> np.ndarray:
-    if array.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
-    return array
-
-
-@dataclass
-class EstimateArrays:
-    """The arrays of one estimate output, float64 (statistics that were not stored are ``None``).
-
-    ``x``, ``z``, ``mean``, ``variance``: (B, C, H, W); ``mask``: (B, 1, H, W); ``ess``, ``max_weight``,
-    ``entropy``, ``log_evidence``: (B, H, W); ``topk_image``, ``topk_position`` (row·W + col, int64),
-    ``topk_logits``: (B, H, W, k); ``n_rows``: number of bank rows :math:`N_\\text{rows}`.
-    """
-
-    x: np.ndarray
-    z: np.ndarray
-    mean: np.ndarray
-    variance: np.ndarray | None = None
-    mask: np.ndarray | None = None
-    ess: np.ndarray | None = None
-    max_weight: np.ndarray | None = None
-    entropy: np.ndarray | None = None
-    log_evidence: np.ndarray | None = None
-    topk_image: np.ndarray | None = None
-    topk_position: np.ndarray | None = None
-    topk_logits: np.ndarray | None = None
-    n_rows: int | None = None
-
-    def __post_init__(self) -> None:
-        self.x = _f64(self.x, "x")
-        if self.x.ndim != 4:
-            raise ValueError(f"x must have shape (B, C, H, W), got {self.x.shape}")
-        batch, _, height, width = self.x.shape
-        self.z = _check_shape(_f64(self.z, "z"), self.x.shape, "z")
-        self.mean = _check_shape(_f64(self.mean, "mean"), self.x.shape, "mean")
-        if self.variance is not None:
-            self.variance = _check_shape(_f64(self.variance, "variance"), self.x.shape, "variance")
-        if self.mask is not None:
-            self.mask = _check_shape(_f64(self.mask, "mask"), (batch, 1, height, width), "mask")
-        for name in ("ess", "max_weight", "entropy", "log_evidence"):
-            if getattr(self, name) is not None:
-                setattr(self, name, _check_shape(_f64(getattr(self, name), name), (batch, height, width), name))
-        if self.topk_logits is not None:
-            self.topk_logits = _f64(self.topk_logits, "topk_logits")
-            if self.topk_logits.shape[:3] != (batch, height, width) or self.topk_logits.ndim != 4:
-                raise ValueError(f"topk_logits must have shape {(batch, height, width)} + (k,), "
-                                 f"got {self.topk_logits.shape}")
-        for name in ("topk_image", "topk_position"):
-            if getattr(self, name) is not None:
-                value = _int(getattr(self, name), name)
-                expected = self.topk_logits.shape if self.topk_logits is not None else value.shape
-                if value.shape[:3] != (batch, height, width) or value.shape != expected:
-                    raise ValueError(f"{name} must have the shape of topk_logits {expected}, got {value.shape}")
-                setattr(self, name, value)
-        if self.n_rows is not None and (int(self.n_rows) != self.n_rows or self.n_rows < 1):
-            raise ValueError(f"n_rows must be a positive integer, got {self.n_rows!r}")
-
-    @classmethod
-    def from_group(cls, group) -> "EstimateArrays":
-        """Read an estimate Zarr group (see :mod:`lemmse_ray.storage.results`); every batch must be finished."""
-        if "done" in group and not bool(np.all(group["done"][...] == 1)):
-            raise ValueError("group: the estimate output has unfinished batches; run the estimation to the end")
-        for name in ("x", "z", "mean"):
-            if name not in group:
-                raise ValueError(f"group: the estimate output holds no {name!r} array")
-        arrays = {name: np.asarray(group[name][...]) for name in
-                  ("x", "z", "mean", "variance", "mask", "ess", "max_weight", "entropy", "log_evidence",
-                   "topk_image", "topk_position", "topk_logits") if name in group}
-        return cls(**arrays, n_rows=dict(group.attrs.get("config", {})).get("n_rows"))
-
-    @classmethod
-    def from_result(cls, result, z, x, mask=None) -> "EstimateArrays":
-        """Arrays of an in-memory :func:`lemmse_ray.estimate` result for inputs ``z`` of clean images ``x``."""
-        names = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk_image", "topk_position",
-                 "topk_logits")
-        return cls(x=x, z=z, mean=result.mean, mask=mask, n_rows=result.info.get("n_rows"),
-                   **{name: getattr(result, name) for name in names})
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return tuple(self.x.shape)
-
-    def require(self, *names: str) -> None:
-        for name in names:
-            if getattr(self, name) is None:
-                raise ValueError(f"estimates: the statistic {name!r} was not stored; add it to stats")
-
-
 def _outputs(outputs: Mapping[str, Any] | None, shape: tuple) -> dict[str, np.ndarray]:
-    return {name: _check_shape(_f64(out, f"outputs[{name!r}]"), shape, f"outputs[{name!r}]")
+    return {name: check_shape(as_float64(out, f"outputs[{name!r}]"), shape, f"outputs[{name!r}]")
             for name, out in (outputs or {}).items()}
 
 
@@ -192,15 +89,15 @@ def topk_mass(topk_logits, max_weight=None, log_evidence=None, n_rows: int | Non
     ``n_rows`` are required.  Entries of ``topk_logits`` at −inf (fewer than k rows met) add nothing.
     Shapes (..., k) and (...) → (...).
     """
-    logits = _f64(topk_logits, "topk_logits")
+    logits = as_float64(topk_logits, "topk_logits")
     if logits.ndim < 1 or logits.shape[-1] < 1:
         raise ValueError(f"topk_logits must have a last axis of k ≥ 1 logits, got shape {logits.shape}")
     if max_weight is not None:
-        top = _check_shape(_f64(max_weight, "max_weight"), logits.shape[:-1], "max_weight")
+        top = check_shape(as_float64(max_weight, "max_weight"), logits.shape[:-1], "max_weight")
         return top * np.exp(logits - logits[..., :1]).sum(axis=-1)
     if log_evidence is None or n_rows is None:
         raise ValueError("max_weight, or log_evidence and n_rows, are required to normalise the top-k weights")
-    evidence = _check_shape(_f64(log_evidence, "log_evidence"), logits.shape[:-1], "log_evidence")
+    evidence = check_shape(as_float64(log_evidence, "log_evidence"), logits.shape[:-1], "log_evidence")
     if int(n_rows) != n_rows or n_rows < 1:
         raise ValueError(f"n_rows must be a positive integer, got {n_rows!r}")
     log_z = evidence + math.log(n_rows)
@@ -222,7 +119,7 @@ def rows_met(plan: ClassPlan, n_images: int, mask=None) -> np.ndarray:
         return per_class[plan.position_class].reshape(height, width)
     if mask is None:
         raise ValueError("mask is required for random-mask aware inputs (the rows met depend on it)")
-    kept = plan.geometry.extract_mask(torch.from_numpy(_f64(mask, "mask"))).numpy()  # (B, H·W, P²)
+    kept = plan.geometry.extract_mask(torch.from_numpy(as_float64(mask, "mask"))).numpy()  # (B, H·W, P²)
     padded = np.stack([c.padded_pixels for c in plan.classes]).astype(np.float64)  # (n_classes, P²)
     compatible = (kept @ padded.T) == 0  # (B, H·W, n_classes)
     return (compatible * rows).sum(axis=-1).reshape(len(kept), height, width)
@@ -244,7 +141,7 @@ def concentration_row(est: EstimateArrays, plan: ClassPlan | None = None) -> dic
     Missing statistics give no columns.
     """
     row: dict[str, Any] = {"pixels": int(np.prod(est.shape)) // est.shape[1]}
-    values = {name: getattr(est, name) for name in ("ess", "max_weight", "entropy")}
+    values = {name: getattr(est, name) for name in CONCENTRATION_OUTPUTS}
     if est.topk_logits is not None and (est.max_weight is not None or
                                         (est.log_evidence is not None and est.n_rows is not None)):
         values["topk_mass"] = topk_mass(est.topk_logits, est.max_weight, est.log_evidence, est.n_rows)
@@ -278,11 +175,11 @@ def copied_own(top_image, top_position, query_image_ids) -> np.ndarray:
     Exact duplicates of the own patch have the same logit and are ordered by row id, so this can miss
     copies; :func:`copied_patch` counts them.
     """
-    top_image, top_position = _int(top_image, "top_image"), _int(top_position, "top_position")
+    top_image, top_position = as_int64(top_image, "top_image"), as_int64(top_position, "top_position")
     if top_image.ndim != 3 or top_position.shape != top_image.shape:
         raise ValueError(f"top_image and top_position must be (B, H, W) arrays of one shape, "
                          f"got {top_image.shape} and {top_position.shape}")
-    ids = _check_shape(_int(query_image_ids, "query_image_ids"), top_image.shape[:1], "query_image_ids")
+    ids = check_shape(as_int64(query_image_ids, "query_image_ids"), top_image.shape[:1], "query_image_ids")
     batch, height, width = top_image.shape
     own = np.arange(height * width).reshape(height, width)
     in_bank = (ids >= 0)[:, None, None]  # −1: a query image outside the bank, and a missing row, never match
@@ -301,17 +198,17 @@ def copied_patch(top_image, top_position, query_inputs, bank_inputs, plan: Class
     (N, C, H, W) :math:`= BAx_i` are ``problem.noiseless_input`` of the query and training images (the clean
     images for random masks).
     """
-    top_image, top_position = _int(top_image, "top_image"), _int(top_position, "top_position")
-    query = _f64(query_inputs, "query_inputs")
-    bank = _f64(bank_inputs, "bank_inputs")
+    top_image, top_position = as_int64(top_image, "top_image"), as_int64(top_position, "top_position")
+    query = as_float64(query_inputs, "query_inputs")
+    bank = as_float64(bank_inputs, "bank_inputs")
     geometry = plan.geometry
     if query.ndim != 4 or tuple(query.shape[1:]) != tuple(geometry.shape):
         raise ValueError(f"query_inputs must have shape (B, {', '.join(map(str, geometry.shape))}), got {query.shape}")
     if bank.ndim != 4 or tuple(bank.shape[1:]) != tuple(geometry.shape):
         raise ValueError(f"bank_inputs must have shape (N, {', '.join(map(str, geometry.shape))}), got {bank.shape}")
     batch, _, height, width = query.shape
-    _check_shape(top_image, (batch, height, width), "top_image")
-    _check_shape(top_position, (batch, height, width), "top_position")
+    check_shape(top_image, (batch, height, width), "top_image")
+    check_shape(top_position, (batch, height, width), "top_position")
     if top_image.min() < 0 or top_image.max() >= len(bank):
         raise ValueError(f"top_image: row image ids must lie in [0, {len(bank)}) (bank_inputs has {len(bank)} images)")
     coords = geometry.coords  # (H·W, d), −1 = padded (exact 0)
@@ -363,7 +260,7 @@ def loss_floor(variance) -> tuple[float, float, np.ndarray]:
     (unbiased when the train queries are a random sample of the training images with fresh noise: the
     distribution the networks are trained on).
     """
-    var = _f64(variance, "variance")
+    var = as_float64(variance, "variance")
     if var.ndim != 4 or len(var) == 0:
         raise ValueError(f"variance must have shape (B, C, H, W) with B ≥ 1, got {var.shape}")
     per_image = var.reshape(len(var), -1).mean(axis=1)
@@ -385,9 +282,9 @@ def floor_check(variance, output, x, train_loss: float | None = None, network: s
     ``train_loss`` (NaN if not given), ``below_floor_mse``, ``below_floor_train_loss``, ``below_floor``.
     """
     floor, floor_se, per_image = loss_floor(variance)
-    shape = (len(per_image), *_f64(variance, "variance").shape[1:])
-    errors = mse(torch.from_numpy(_check_shape(_f64(output, "output"), shape, "output")),
-                 torch.from_numpy(_check_shape(_f64(x, "x"), shape, "x"))).numpy()
+    shape = (len(per_image), *as_float64(variance, "variance").shape[1:])
+    errors = mse(torch.from_numpy(check_shape(as_float64(output, "output"), shape, "output")),
+                 torch.from_numpy(check_shape(as_float64(x, "x"), shape, "x"))).numpy()
     gap, gap_se = _mean_se(errors - per_image)
     below_mse = bool(gap < -FLOOR_SIGMAS * gap_se) if len(errors) > 1 else False
     loss = math.nan if train_loss is None else float(train_loss)
@@ -433,14 +330,14 @@ def class_keys(plan: ClassPlan, batch: int, mask=None) -> np.ndarray:
         return position.astype(np.int64).copy()
     if mask is None:
         raise ValueError("mask is required for random-mask aware inputs (the class key counts kept pixels)")
-    mask = _check_shape(_f64(mask, "mask"), (batch, 1, height, width), "mask")
+    mask = check_shape(as_float64(mask, "mask"), (batch, 1, height, width), "mask")
     kept = plan.geometry.extract_mask(torch.from_numpy(mask)).numpy().sum(axis=-1).round().astype(np.int64)
     return position * (plan.geometry.patch_size ** 2 + 1) + kept.reshape(batch, height, width)
 
 
 def _check_keys(values, keys) -> tuple[np.ndarray, np.ndarray]:
-    values = _f64(values, "values")
-    keys = _check_shape(_int(keys, "keys"), values.shape, "keys")
+    values = as_float64(values, "values")
+    keys = check_shape(as_int64(keys, "keys"), values.shape, "keys")
     return values.ravel(), keys.ravel()
 
 
@@ -478,11 +375,11 @@ def binned_rows(percentile, error, n_bins: int = 10, extra: Mapping[str, Any] | 
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-    pct = _f64(percentile, "percentile").ravel()
-    err = _check_shape(_f64(error, "error"), np.shape(percentile), "error").ravel()
+    pct = as_float64(percentile, "percentile").ravel()
+    err = check_shape(as_float64(error, "error"), np.shape(percentile), "error").ravel()
     if pct.size and (pct.min() < 0 or pct.max() > 1):
         raise ValueError("percentile values must lie in [0, 1]")
-    others = {name: _check_shape(_f64(v, f"extra[{name!r}]"), np.shape(percentile), f"extra[{name!r}]").ravel()
+    others = {name: check_shape(as_float64(v, f"extra[{name!r}]"), np.shape(percentile), f"extra[{name!r}]").ravel()
               for name, v in (extra or {}).items()}
     which = np.minimum((pct * n_bins).astype(np.int64), n_bins - 1)
     rows = []
@@ -501,7 +398,7 @@ def binned_rows(percentile, error, n_bins: int = 10, extra: Mapping[str, Any] | 
 
 def pixel_error(a, b) -> np.ndarray:
     r"""(B, H, W) squared error per pixel, mean over channels: :math:`\frac1C\sum_c (a_c[k]-b_c[k])^2`."""
-    a, b = _f64(a, "a"), _f64(b, "b")
+    a, b = as_float64(a, "a"), as_float64(b, "b")
     if a.ndim != 4 or a.shape != b.shape:
         raise ValueError(f"a and b must be (B, C, H, W) arrays of one shape, got {a.shape} and {b.shape}")
     return ((a - b) ** 2).mean(axis=1)

@@ -35,7 +35,8 @@ from ..core.problems import Problem
 from ..runs.config import Config, join
 from ..runs.pipeline import SPLITS, check_run, load_data, make_problem, simulate
 from ..storage.files import read_bytes, save_parquet, write_bytes
-from .analysis import EstimateArrays, cell_metrics, final_train_loss
+from ..storage.results import EstimateArrays
+from .analysis import cell_metrics, final_train_loss
 from .spec import Cell, Part, canonical
 
 STUDY = "study.json"
