@@ -134,6 +134,8 @@ def _sliding_reasons(plan: ClassPlan, images: int | None, in_memory: bool, dtype
     elif images is None and not in_memory:
         reasons.append("this bank stores patch rows, not images (banks on disk and the Ray actors scan rows; the "
                        "in-memory PatchBank holds images)")
+    elif images is None and not reasons:
+        reasons.append("this bank holds no images (it was built where the sliding kernel was unavailable)")
     return reasons
 
 
