@@ -13,8 +13,7 @@ import time
 
 import ray
 
-from .cluster.actors import ActorFailed
-from .cluster.session import ensure_ray
+from .cluster.session import ClusterError, check_actor_count, ensure_ray
 from .runs.config import Config, add_arguments, from_args, join
 from .runs.evaluation import evaluate_all, summary_table
 from .runs.pipeline import (
@@ -130,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lemmse: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # a shard actor failed for good (e.g. a damaged shard): one line, exit 1
-        if debug or not isinstance(err, ActorFailed):
+    except ClusterError as err:  # e.g. a shard actor failed for good (a damaged shard): one line, exit 1
+        if debug:
             raise
         ray.shutdown()  # first, so that the calls it abandons are not reported after the error line
         print(f"lemmse: error: {err}", file=sys.stderr)
@@ -151,11 +150,15 @@ def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
     train, queries = load_data(cfg)
     problem = make_problem(cfg, tuple(train.shape[1:]))
     check_run(cfg, train, problem)
+    if set(steps) & {"bank", "estimate", "train", "verify", "plan", "scaling"}:
+        ensure_ray(verbose=args.verbose)
+    if set(steps) & {"estimate", "plan"} and cfg.n_actors is not None:
+        check_actor_count(cfg.n_actors, "--n-actors")
+    if "scaling" in steps and args.max_actors is not None:
+        check_actor_count(args.max_actors, "--max-actors")
     claim_output_folder(cfg.out, cfg.storage_options)
     print(f"{cfg.dataset}: {train.shape[0]} training images of {tuple(train.shape[1:])}; problem {problem}",
           flush=True)
-    if set(steps) & {"bank", "estimate", "train", "verify", "plan", "scaling"}:
-        ensure_ray(verbose=args.verbose)
     tables: dict[str, str] = {}
     if "verify" in steps:
         return verify_step(cfg, train, problem, repair=args.repair)

@@ -39,7 +39,8 @@ from ..storage.bank_store import (
 )
 from ..storage.ownership import open_group
 from ..storage.redact import public
-from .session import actor_options, default_n_actors, exact_device
+from .session import (START_TIMEOUT_S, ClusterError, actor_options, await_actors, default_n_actors,
+                      exact_device, wait_for_units)
 
 MAX_RESTARTS = 3
 
@@ -47,7 +48,7 @@ MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 3
 
 
-class ActorFailed(RuntimeError):
+class ActorFailed(ClusterError):
     """A shard actor failed for good (an error in its code, or more deaths than ``max_restarts``)."""
 
 
@@ -176,8 +177,13 @@ def check_limit(name: str, value) -> None:
 
 def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32", kernel: str = "auto",
                  max_restarts: int = MAX_RESTARTS, max_task_retries: int = MAX_TASK_RETRIES,
-                 actor_memory: int | None = None) -> list:
+                 actor_memory: int | None = None, start_timeout_s: float = START_TIMEOUT_S) -> list:
     """One actor per contiguous range of shards (default: one per GPU, else one per CPU, at most one per shard).
+
+    ``n_actors`` may not exceed the GPUs (GPU cluster) or CPUs the cluster has or can scale to
+    (:func:`~lemmse_ray.cluster.session.check_actor_count`); the start waits at most ``start_timeout_s`` for
+    busy ones to be freed, and at most :data:`~lemmse_ray.cluster.session.AUTOSCALE_TIMEOUT_S` for the nodes an
+    autoscaler adds (:class:`~lemmse_ray.cluster.session.ClusterError` past either).
 
     ``kernel``: the actors' kernel (see :class:`ShardActor`).  ``actor_memory``: bytes each actor may hold its
     shards' key features in; past it the actor streams them from the store for every query batch (``None``:
@@ -196,10 +202,15 @@ def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32"
         n_actors = default_n_actors()
     if isinstance(n_actors, bool) or not isinstance(n_actors, int) or n_actors < 1:
         raise ValueError(f"n_actors must be a positive integer, got {n_actors!r}")
+    ranges = actor_shards(bank.n_shards, n_actors)
+    autoscaling = wait_for_units(len(ranges), start_timeout_s)
     geometry = bank.plan.geometry.spec()
-    return [ShardActor.options(**options, max_restarts=max_restarts, max_task_retries=max_task_retries).remote(
-                bank.url, bank.storage_options, bank.problem, geometry, first, last, dtype, kernel, actor_memory)
-            for first, last in actor_shards(bank.n_shards, n_actors)]
+    actors = [ShardActor.options(**options, max_restarts=max_restarts, max_task_retries=max_task_retries).remote(
+                  bank.url, bank.storage_options, bank.problem, geometry, first, last, dtype, kernel, actor_memory)
+              for first, last in ranges]
+    if autoscaling:
+        await_actors(actors)
+    return actors
 
 
 def check_actor_memory(actor_memory) -> None:

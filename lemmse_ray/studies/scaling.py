@@ -24,7 +24,7 @@ import torch
 from ..cluster.actors import start_actors
 from ..cluster.build import build_bank
 from ..cluster.driver import estimate_on_ray
-from ..cluster.session import default_n_actors
+from ..cluster.session import check_actor_count, default_n_actors
 from ..core.classes import plan_classes
 from ..core.patches import PatchGeometry
 from ..core.validation import DTYPES
@@ -72,6 +72,7 @@ def scaling_study(cfg: Config, train: torch.Tensor, problem, queries: dict[str, 
     max_actors = default_n_actors() if max_actors is None else max_actors
     if isinstance(max_actors, bool) or not isinstance(max_actors, int) or max_actors < 1:
         raise ValueError(f"max_actors must be a positive integer, got {max_actors!r}")
+    check_actor_count(max_actors, "max_actors")
     if train.shape[0] < max_actors:
         raise ValueError(f"max_actors={max_actors} exceeds the {train.shape[0]} training images (weak scaling "
                          "gives each actor at least one)")
