@@ -11,7 +11,6 @@ import time
 
 import pytest
 import ray
-import torch
 
 import lemmse_ray as lm
 from lemmse_ray.cluster.actors import start_actors
