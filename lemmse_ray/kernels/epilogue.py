@@ -136,14 +136,52 @@ def load() -> ctypes.CDLL | None:
     return build(compiler(), cache_dir()) if enabled() else None
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}, strides {value.stride()}, on {value.device.type}"
+    return f"a {type(value).__name__}"
+
+
+def check_arguments(s: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, acc: torch.Tensor, want_var: bool,
+                    l2: torch.Tensor | None, ls: torch.Tensor | None) -> None:
+    """Refuse (ValueError naming the argument) a call of :func:`epilogue` that would make the C function read or
+    write outside its buffers, or read them as what they are not.
+
+    The C function reads ``cols`` values of every row of ``s`` and of ``values_t`` and writes ``m[i]``,
+    ``acc[i, :C+1(+C)]``, ``l2[i]``, ``ls[i]`` for every row ``i``, all as float32 in host memory, from the
+    sizes of ``s`` alone.  A torch view's elements all lie in its storage, so it is enough that: every tensor
+    is float32 on the CPU; ``s`` (Mq, n) and ``values_t`` (C, n) are 2-D with the same n and unit stride along
+    it (their rows may be strided: blocks of wider matrices); ``m``, ``l2``, ``ls`` are (Mq,) and ``acc``
+    (Mq, C+1[+C]) contiguous (outputs, written by several threads).
+    """
+    for label, t in (("s", s), ("values_t", values_t)):
+        if not (isinstance(t, torch.Tensor) and t.ndim == 2 and t.dtype == torch.float32 and t.device.type == "cpu"
+                and (t.shape[1] <= 1 or t.stride(1) == 1)):
+            raise ValueError(f"{label} must be a 2-D float32 CPU tensor with unit stride along its last dimension, "
+                             f"got {_describe(t)}")
+    rows, cols = s.shape
+    channels = values_t.shape[0]
+    if values_t.shape[1] != cols:
+        raise ValueError(f"values_t must have {cols} columns, one per column of the logits s, got {values_t.shape[1]}")
+    width = channels + 1 + (channels if want_var else 0)
+    for label, t, shape in (("m", m, (rows,)), ("acc", acc, (rows, width)), ("l2", l2, (rows,)),
+                            ("ls", ls, (rows,))):
+        if t is None and label in ("l2", "ls"):
+            continue
+        if not (isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == torch.float32
+                and t.device.type == "cpu" and t.is_contiguous()):
+            raise ValueError(f"{label} must be a contiguous float32 CPU tensor of shape {shape}, got {_describe(t)}")
+
+
 def epilogue(lib: ctypes.CDLL, s: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, acc: torch.Tensor,
              want_var: bool, l2: torch.Tensor | None, ls: torch.Tensor | None) -> None:
     """In place: fold the block of base-2 logits ``s`` (Mq, n) with values ``values_t`` (C, n) into the running
     max ``m`` (Mq,), sums ``acc`` (Mq, C+1[+C]) = [o, l, o2] and optional ``l2``, ``ls`` (Mq,).
 
     All float32 CPU tensors with unit stride along their last dimension; ``acc``, ``m``, ``l2``, ``ls``
-    contiguous.
+    contiguous.  Anything else is refused before the C call (:func:`check_arguments`).
     """
+    check_arguments(s, values_t, m, acc, want_var, l2, ls)
     rows, cols = s.shape
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     lib.lemmse_epilogue_f32(rows, cols, s.data_ptr(), s.stride(0), values_t.shape[0], values_t.data_ptr(),

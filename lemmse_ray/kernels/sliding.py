@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -440,6 +441,65 @@ class SlidingRows:
         return images.to(torch.float32).contiguous()
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return (f"a {'contiguous' if value.is_contiguous() else 'non-contiguous'} {value.dtype} tensor of shape "
+                f"{tuple(value.shape)} on {value.device.type}")
+    return f"a {type(value).__name__}"
+
+
+def check_arguments(rows: SlidingRows, z: torch.Tensor, sigma: float, threads: int | None, max_floats: int,
+                    lanes: int) -> None:
+    """Refuse (ValueError naming the argument) a call of :func:`sliding_partials` that would make the compiled
+    kernel ``lanes`` wide read or write outside its buffers, or compute garbage.
+
+    The C function trusts every size it is given: the query images' channels are read as the keys' (30 query
+    channels against a 1-channel bank read past the key buffer), the window counts follow from the patch
+    size, and every tensor is read as contiguous float32 in host memory.  So, before the call: the keys and
+    values are contiguous 5-D float32 CPU tensors, the values the windows of the keys, interleaved by the
+    kernel's lanes, with at most :data:`MAX_CHANNELS` channels and ``rows.n_images`` images in their groups;
+    ``z`` a (B, C, H, W) CPU tensor with the keys' channels and images no smaller than a patch; ``sigma``
+    positive and finite; ``threads`` and ``max_floats`` positive.
+    """
+    if not isinstance(rows, SlidingRows):
+        raise ValueError(f"rows must be SlidingRows, got {_describe(rows)}")
+    for label, t in (("rows.keys", rows.keys), ("rows.values", rows.values)):
+        if not (isinstance(t, torch.Tensor) and t.ndim == 5 and t.dtype == torch.float32 and t.device.type == "cpu"
+                and t.is_contiguous()):
+            raise ValueError(f"{label} must be a contiguous 5-D float32 tensor on the CPU, got {_describe(t)}")
+    groups, channels, height, width, interleaved = rows.keys.shape
+    if interleaved != lanes:
+        raise ValueError(f"rows.keys is interleaved by {interleaved}, the compiled kernel has {lanes} lanes")
+    if channels > MAX_CHANNELS:
+        raise ValueError(f"rows.keys has {channels} channels: the sliding kernel handles at most {MAX_CHANNELS}")
+    p = rows.patch_size
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1 or p % 2 == 0 or p > min(height, width):
+        raise ValueError(f"rows.patch_size must be odd, from 1 to the key images' size {min(height, width)}, "
+                         f"got {p!r}")
+    windows = (groups, channels, height - p + 1, width - p + 1, lanes)
+    if tuple(rows.values.shape) != windows:
+        raise ValueError(f"rows.values must have the shape {windows} of the windows of rows.keys, "
+                         f"got {tuple(rows.values.shape)}")
+    n = rows.n_images
+    if not isinstance(n, int) or isinstance(n, bool) or not max(1, (groups - 1) * lanes + 1) <= n <= groups * lanes:
+        raise ValueError(f"rows.n_images must be the number of images in the {groups} groups of {lanes} of "
+                         f"rows.keys ({(groups - 1) * lanes + 1} to {groups * lanes}), got {n!r}")
+    if not isinstance(z, torch.Tensor) or z.ndim != 4:
+        raise ValueError(f"z must be a (B, C, H, W) tensor, got {_describe(z)}")
+    if z.device.type != "cpu":
+        raise ValueError(f"z must be on the CPU, got {_describe(z)}")
+    if z.shape[1] != channels:
+        raise ValueError(f"z has {z.shape[1]} channels, the rows {channels}")
+    pad = p - 1 if rows.padding == "circular" else 0
+    if min(z.shape[2], z.shape[3]) + pad < p:
+        raise ValueError(f"z's images ({z.shape[2]}×{z.shape[3]}) are smaller than a patch ({p}×{p})")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+    for label, value in (("threads", 1 if threads is None else threads), ("max_floats", max_floats)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+
+
 def sliding_partials(rows: SlidingRows, z: torch.Tensor, sigma: float, stats: tuple[str, ...] = (),
                      threads: int | None = None, max_floats: int = 1 << 23) -> Partials:
     """Partials (natural logarithms, as :mod:`lemmse_ray.core.partials`) of every window of every estimator input
@@ -447,9 +507,11 @@ def sliding_partials(rows: SlidingRows, z: torch.Tensor, sigma: float, stats: tu
 
     ``stats``: any statistics of :data:`lemmse_ray.core.statistics.STATISTICS` but top-k (it accumulates the
     sums they need).  ``threads``: OpenMP threads (default ``torch.get_num_threads()``); the result does not depend
-    on it.  Query images go through the kernel in batches of at most ``max_floats`` output floats.
+    on it.  Query images go through the kernel in batches of at most ``max_floats`` output floats.  A call
+    the kernel cannot serve within its buffers is refused first (:func:`check_arguments`).
     """
     lib = library()
+    check_arguments(rows, z, sigma, threads, max_floats, int(lib.lemmse_sliding_lanes()))
     if refused := unsupported(stats, "sliding"):
         raise ValueError(f"the sliding kernel does not compute {', '.join(refused)} (it keeps no top-k rows)")
     images = rows.query_images(z)
@@ -460,15 +522,11 @@ def sliding_partials(rows: SlidingRows, z: torch.Tensor, sigma: float, stats: tu
     sums = sums_of(stats)
     want_var, want_l2, want_ls = "o2" in sums, "l2" in sums, "ls" in sums
     n_fields = 2 + channels * (1 + want_var) + want_l2 + want_ls
-    if channels > MAX_CHANNELS:
-        raise ValueError(f"the sliding kernel handles at most {MAX_CHANNELS} channels, got {channels}")
     chunk = max(2, -(-groups // 64))  # bank groups per work item: independent of the number of threads
     n_chunks = -(-groups // chunk)
     per_call = max(1, max_floats // (n_q * n_fields * (n_chunks + 1)))
     scale = -LOG2E / (2.0 * sigma * sigma)
     width = rows.keys.shape[-1]
-    if width != lib.lemmse_sliding_lanes():
-        raise ValueError(f"rows interleaved by {width}, the compiled kernel has {lib.lemmse_sliding_lanes()} lanes")
     last = rows.n_images - (groups - 1) * width
     out = torch.empty((n_img, n_q, n_fields), dtype=torch.float32)
     threads = threads or torch.get_num_threads()

@@ -1,0 +1,143 @@
+"""The compiled kernels' entry points check their arguments before the C call (issue 16, item 8).
+
+Every bad call below, made before these checks, ran the C code on the wrong buffers: it read past them (NaN or
+garbage in the result) or wrote through a pointer of another type.  Each must now raise a ValueError naming
+the argument, before the C call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+import lemmse_ray as lm
+from lemmse_ray.kernels import epilogue, sliding
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Libraries built by this module go to a private cache, not the shared default one."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LEMMSE_RAY_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
+
+
+def images(n, channels=1, size=8, seed=0):
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# --- the sliding kernel ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rows(private_cache) -> sliding.SlidingRows:
+    if sliding.load() is None:
+        pytest.skip("no compiled sliding kernel here (no C compiler)")
+    bank = lm.PatchBank(images(6), lm.Denoising(), patch_size=3)
+    assert bank.sliding is not None
+    return bank.sliding
+
+
+def test_valid_sliding_call(rows):
+    part = sliding.sliding_partials(rows, images(2, seed=1), 0.2, ("variance",), threads=1, max_floats=64)
+    assert part.o.shape == (2 * 36, 1) and bool(torch.isfinite(part.o).all())
+
+
+def _with(rows, **changes):
+    return dataclasses.replace(rows, **changes)
+
+
+BAD_SLIDING = {
+    "z with 30 channels against a 1-channel bank": (lambda r: (r, images(1, 30)), {}, "z"),
+    "z not (B, C, H, W)": (lambda r: (r, images(1)[0]), {}, "z"),
+    "z not a tensor": (lambda r: (r, images(1).numpy()), {}, "z"),
+    "z on another device": (lambda r: (r, torch.empty(1, 1, 8, 8, device="meta")), {}, "z"),
+    "z smaller than a patch": (lambda r: (r, images(1, size=2)), {}, "z"),
+    "keys in float64": (lambda r: (_with(r, keys=r.keys.double()), images(1)), {}, "rows.keys"),
+    "keys not contiguous": (lambda r: (_with(r, keys=r.keys.transpose(2, 3)), images(1)), {}, "rows.keys"),
+    "keys not 5-D": (lambda r: (_with(r, keys=r.keys[0]), images(1)), {}, "rows.keys"),
+    "values of another shape": (lambda r: (_with(r, values=r.values[:, :, 1:].contiguous()), images(1)), {},
+                                "rows.values"),
+    "values in float64": (lambda r: (_with(r, values=r.values.double()), images(1)), {}, "rows.values"),
+    "more images than the lanes hold": (lambda r: (_with(r, n_images=r.keys.shape[0] * r.keys.shape[-1] + 1),
+                                                   images(1)), {}, "rows.n_images"),
+    "a patch larger than the images": (lambda r: (_with(r, patch_size=11), images(1)), {}, "rows.patch_size"),
+    "31 channels": (lambda r: (_with(r, keys=r.keys.repeat(1, 31, 1, 1, 1), values=r.values.repeat(1, 31, 1, 1, 1)),
+                               images(1, 31)), {}, "rows.keys has 31 channels: the sliding kernel handles at most 30"),
+    "sigma zero": (lambda r: (r, images(1)), {"sigma": 0.0}, "sigma"),
+    "negative threads": (lambda r: (r, images(1)), {"threads": -1}, "threads"),
+    "no room for one image": (lambda r: (r, images(1)), {"max_floats": 0}, "max_floats"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SLIDING))
+def test_bad_sliding_call_is_refused(rows, case):
+    make, kwargs, name = BAD_SLIDING[case]
+    bank_rows, z = make(rows)
+    with pytest.raises(ValueError, match="^" + re.escape(name)):
+        sliding.sliding_partials(bank_rows, z, kwargs.pop("sigma", 0.2), **kwargs)
+
+
+# --- the epilogue ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lib(private_cache):
+    library = epilogue.load()
+    if library is None:
+        pytest.skip("no compiled epilogue here (no C compiler)")
+    return library
+
+
+def epilogue_args(rows=4, cols=64, channels=3):
+    g = torch.Generator().manual_seed(2)
+    return {"s": torch.randn(rows, cols, generator=g), "values_t": torch.rand(channels, cols, generator=g),
+            "m": torch.full((rows,), float("-inf")), "acc": torch.zeros(rows, 2 * channels + 1),
+            "want_var": True, "l2": torch.zeros(rows), "ls": torch.zeros(rows)}
+
+
+def test_valid_epilogue_call_on_views(lib):
+    """Row-strided views (a block of a wider logits or values matrix) are valid and give the numbers of their
+    contiguous copies."""
+    args = epilogue_args()
+    wide_s, wide_v = torch.randn(4, 100), torch.rand(3, 100)
+    wide_s[:, :64], wide_v[:, :64] = args["s"], args["values_t"]
+    epilogue.epilogue(lib, **args)
+    views = {**epilogue_args(), "s": wide_s[:, :64], "values_t": wide_v[:, :64]}
+    epilogue.epilogue(lib, **views)
+    for name in ("m", "acc", "l2", "ls"):
+        assert torch.equal(args[name], views[name]), name
+    assert bool(torch.isfinite(args["acc"]).all())
+
+
+BAD_EPILOGUE = {
+    "fewer value columns than logit columns": ({"values_t": lambda a: a["values_t"][:, :16]}, "values_t"),
+    "float64 logits": ({"s": lambda a: a["s"].double()}, "s"),
+    "float64 values": ({"values_t": lambda a: a["values_t"].double()}, "values_t"),
+    "float64 running max": ({"m": lambda a: a["m"].double()}, "m"),
+    "float64 sums": ({"acc": lambda a: a["acc"].double()}, "acc"),
+    "float64 ls": ({"ls": lambda a: a["ls"].double()}, "ls"),
+    "logits without unit stride": ({"s": lambda a: a["s"].T.contiguous().T}, "s"),
+    "values without unit stride": ({"values_t": lambda a: a["values_t"].T.contiguous().T}, "values_t"),
+    "sums not contiguous": ({"acc": lambda a: a["acc"].T.contiguous().T}, "acc"),
+    "sums too narrow for the variance": ({"acc": lambda a: a["acc"][:, :4].contiguous()}, "acc"),
+    "running max too short": ({"m": lambda a: a["m"][:2]}, "m"),
+    "l2 too short": ({"l2": lambda a: a["l2"][:2]}, "l2"),
+    "logits not 2-D": ({"s": lambda a: a["s"][None]}, "s"),
+    "logits on another device": ({"s": lambda a: torch.empty(4, 64, device="meta")}, "s"),
+    "values not a tensor": ({"values_t": lambda a: a["values_t"].numpy()}, "values_t"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EPILOGUE))
+def test_bad_epilogue_call_is_refused(lib, case):
+    changes, name = BAD_EPILOGUE[case]
+    args = epilogue_args()
+    untouched = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    args.update({key: change(args) for key, change in changes.items()})
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}\b"):
+        epilogue.epilogue(lib, **args)
+    for key in ("m", "acc"):  # refused before the C call: nothing was written
+        if key not in changes:
+            assert torch.equal(args[key], untouched[key]), key
