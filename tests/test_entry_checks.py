@@ -1,4 +1,5 @@
-"""The compiled kernels' entry points check their arguments before the C call (issue 16, item 8).
+"""The compiled kernels' entry points check their arguments before the C call (issue 16, item 8), and the
+default kernel falls back above the sliding kernel's channel limit (item 9).
 
 Every bad call below, made before these checks, ran the C code on the wrong buffers: it read past them (NaN or
 garbage in the result) or wrote through a pointer of another type.  Each must now raise a ValueError naming
@@ -13,7 +14,12 @@ import pytest
 import torch
 
 import lemmse_ray as lm
+from lemmse_ray.core.classes import plan_classes
+from lemmse_ray.core.patches import PatchGeometry
 from lemmse_ray.kernels import epilogue, sliding
+from lemmse_ray.kernels.resolver import KernelUnavailable, image_class, resolve
+
+F32 = torch.float32
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -141,3 +147,30 @@ def test_bad_epilogue_call_is_refused(lib, case):
     for key in ("m", "acc"):  # refused before the C call: nothing was written
         if key not in changes:
             assert torch.equal(args[key], untouched[key]), key
+
+
+# --- item 9: above 30 channels, auto falls back ----------------------------------------------------------------
+
+def _plan(channels):
+    return plan_classes(lm.Denoising(), PatchGeometry((channels, 6, 6), 3, "zeros", "all"))
+
+
+def test_auto_falls_back_to_the_matrix_product_above_the_channel_limit():
+    """A 31-channel denoising bank: ``kernel="auto"`` gives the numbers of ``kernel="torch"``."""
+    train, z = images(6, 31, 6), images(1, 31, 6, seed=3)
+    runs = [lm.estimate(train, z, lm.Denoising(), sigma=0.2, patch_size=3, stats=("variance", "ess"), kernel=k)
+            for k in ("auto", "torch")]
+    for name in ("mean", "variance", "ess"):
+        assert torch.equal(getattr(runs[0], name), getattr(runs[1], name)), name
+    assert runs[0].info["sliding_class"] is None
+
+
+def test_explicit_sliding_above_the_channel_limit_names_the_reason():
+    if sliding.load() is None:
+        pytest.skip("no compiled sliding kernel here (no C compiler)")
+    assert image_class(_plan(30), F32) is not None
+    assert image_class(_plan(31), F32) is None
+    with pytest.raises(KernelUnavailable, match="sliding: handles at most 30 channels"):
+        resolve("sliding", _plan(31), dtype=F32, device="cpu", in_memory=True)
+    with pytest.raises(KernelUnavailable, match="at most 30 channels"):
+        lm.estimate(images(6, 31, 6), images(1, 31, 6), lm.Denoising(), sigma=0.2, patch_size=3, kernel="sliding")

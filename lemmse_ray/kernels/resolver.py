@@ -9,7 +9,7 @@ Backends (:data:`BACKENDS`), and what each needs:
 * ``"sliding"`` — :mod:`lemmse_ray.kernels.sliding`: the compiled CPU sliding-window kernel, for a class whitened
   by a multiple of the identity whose rows are all the windows of images that the bank holds *as images*
   (:func:`image_class`: the in-memory :class:`~lemmse_ray.PatchBank`; banks on disk store patch rows);
-  float32, every statistic but top-k.
+  float32, at most 30 channels, every statistic but top-k.
 * ``"triton"`` — :mod:`lemmse_ray.kernels.triton_kernel`: the fused Triton kernel of the matrix-product kinds;
   float32 on CUDA (on the CPU only under ``TRITON_INTERPRET=1``, Triton's interpreter, for tests), the optional
   ``triton`` package, every statistic but top-k.
@@ -103,8 +103,10 @@ def image_class(plan: ClassPlan, dtype: torch.dtype, device: torch.device | str 
     """The class of ``plan`` that an in-memory bank should hold as images for the sliding kernel (None: none).
 
     It is the class :func:`lemmse_ray.kernels.sliding.eligible_class` finds, when the arithmetic is float32 on
-    the CPU and the compiled sliding library builds here."""
-    if dtype != torch.float32 or torch.device(device).type != "cpu" or sliding.load() is None:
+    the CPU, the images have at most :data:`~lemmse_ray.kernels.sliding.MAX_CHANNELS` channels and the compiled
+    sliding library builds here."""
+    if (dtype != torch.float32 or torch.device(device).type != "cpu"
+            or plan.geometry.shape[0] > sliding.MAX_CHANNELS or sliding.load() is None):
         return None
     return sliding.eligible_class(plan)
 
@@ -128,6 +130,8 @@ def _sliding_reasons(plan: ClassPlan, images: int | None, in_memory: bool, dtype
     if device is not None and sliding.load() is None:
         reasons.append("needs its compiled library: a working C compiler (see lemmse_ray.kernels.compiled), and "
                        "LEMMSE_RAY_FUSED not set to 0")
+    if plan.geometry.shape[0] > sliding.MAX_CHANNELS:
+        reasons.append(f"handles at most {sliding.MAX_CHANNELS} channels (the images have {plan.geometry.shape[0]})")
     if sliding.eligible_class(plan) is None:
         reasons.append("applies only to a class whitened by a multiple of the identity whose rows are all windows "
                        "of the images (e.g. denoising, circular padding or the interior under zero padding)")
