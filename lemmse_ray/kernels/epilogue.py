@@ -22,7 +22,7 @@ pure-torch epilogue to float32 rounding, not bit for bit.
 The library is built (:mod:`lemmse_ray.kernels.compiled`) with the system C compiler (``$CC``, else ``cc``/``gcc``) with OpenMP — which resolves
 to the OpenMP runtime torch has already loaded, so both share one thread pool and ``torch.get_num_threads()``
 threads are used — and cached under ``$LEMMSE_RAY_CACHE`` (default ``~/.cache/lemmse_ray``), keyed by the
-source, the flags and the CPU.  Where no compiler is found, the build fails, or ``LEMMSE_RAY_FUSED=0``,
+source, the flags and the CPU, privately and checked before it is loaded (:mod:`lemmse_ray.kernels.compiled`).  Where no compiler is found, the build fails, or ``LEMMSE_RAY_FUSED=0``,
 :func:`load` returns ``None`` and the kernel uses its pure-torch epilogue.
 """
 
