@@ -239,6 +239,25 @@ exec {CC} -shared -fPIC "$out.c" -o "$out"
         assert len(log.read_text().splitlines()) == 2 * process  # one build of each library per process
 
 
+def test_only_the_entry_found_damaged_is_discarded(tmp_path):
+    """Concurrent processes (Ray workers) may find the same entry damaged: one discards and rebuilds it, and a
+    slower one must then not discard the entry just installed, only the very one (device, inode) it found."""
+    cache = tmp_path / "cache"
+    assert compiled.compile_library(CC, str(cache), "probe", PROBE, SIGNATURES) is not None
+    (entry,) = [p for p in cache.iterdir() if p.name.startswith("probe-")]
+    other = tmp_path / "other"
+    other.mkdir()
+    directory = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found_earlier = (other.stat().st_dev, other.stat().st_ino)  # not the entry there now
+        compiled._discard(directory, str(cache), entry.name, found_earlier)
+        assert entry.exists()
+        compiled._discard(directory, str(cache), entry.name, (entry.stat().st_dev, entry.stat().st_ino))
+        assert not entry.exists() and list(cache.iterdir()) == []
+    finally:
+        os.close(directory)
+
+
 def test_compile_library_without_the_symbol_returns_none(tmp_path):
     with pytest.warns(UserWarning, match="lemmse_absent") as caught:
         assert compiled.compile_library(CC, str(tmp_path / "cache"), "absent", PROBE,

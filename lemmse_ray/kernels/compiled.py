@@ -83,7 +83,11 @@ class _Untrusted(_Refused):
 
 
 class _Damaged(_Refused):
-    """An entry of this user that fails a check or does not work: discarded and rebuilt."""
+    """An entry of this user that fails a check or does not work: discarded and rebuilt.  ``identity``: the
+    entry's (device, inode) when it was found, so that only that entry is discarded, never one that another
+    process has installed since."""
+
+    identity: tuple[int, int] | None = None
 
 
 class _Terminated(BaseException):
@@ -142,8 +146,8 @@ def _cached(cc: str, cache_dir: str, entry: str, name: str, source: str,
         except _Untrusted as err:
             _warn_once(os.path.join(cache_dir, entry), err)
             return _private_build(cc, entry, name, source, signatures)
-        except _Damaged:
-            _discard(directory, cache_dir, entry)
+        except _Damaged as err:
+            _discard(directory, cache_dir, entry, err.identity)
         _build(cc, cache_dir, entry, name, source)
         return _load(directory, cache_dir, entry, name, signatures)
     finally:
@@ -219,6 +223,16 @@ def _load(directory: int, cache_dir: str, entry: str, name: str,
           signatures: dict[str, tuple[list, type | None]]) -> ctypes.CDLL:
     """Load the library of ``entry`` once it passes every check of the module docstring (FileNotFoundError:
     no entry; _Untrusted: another user's; _Damaged: ours but unusable) and set its signatures."""
+    found = os.stat(entry, dir_fd=directory, follow_symlinks=False)
+    try:
+        return _load_entry(directory, cache_dir, entry, name, signatures)
+    except _Damaged as err:
+        err.identity = (found.st_dev, found.st_ino)
+        raise
+
+
+def _load_entry(directory: int, cache_dir: str, entry: str, name: str,
+                signatures: dict[str, tuple[list, type | None]]) -> ctypes.CDLL:
     path = os.path.join(cache_dir, entry)
     library = os.path.join(path, f"{name}.so")
     with contextlib.ExitStack() as opened:
@@ -263,13 +277,17 @@ def _digest(fd: int, library: str) -> str:
     return digest.hexdigest()
 
 
-def _discard(directory: int, cache_dir: str, entry: str) -> None:
-    """Remove this user's damaged ``entry``: renamed first to a build directory's name (so that a process
-    killed meanwhile leaves a stale build directory, removed later), then deleted."""
+def _discard(directory: int, cache_dir: str, entry: str, identity: tuple[int, int] | None) -> None:
+    """Remove this user's damaged ``entry``, if it is still the one found damaged (``identity``): renamed first
+    to a build directory's name (so that a process killed meanwhile leaves a stale build directory, removed
+    later), then deleted.  An entry another process has discarded or installed meanwhile is left alone."""
     trash = BUILD_PREFIX + secrets.token_hex(4)
     try:
+        st = os.stat(entry, dir_fd=directory, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != identity:
+            return
         os.rename(entry, trash, src_dir_fd=directory, dst_dir_fd=directory)
-    except FileNotFoundError:  # discarded meanwhile by another process
+    except FileNotFoundError:
         return
     path = os.path.join(cache_dir, trash)
     if stat.S_ISDIR(os.lstat(path).st_mode):
