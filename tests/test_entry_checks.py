@@ -18,6 +18,7 @@ from lemmse_ray.core.classes import plan_classes
 from lemmse_ray.core.patches import PatchGeometry
 from lemmse_ray.kernels import epilogue, sliding
 from lemmse_ray.kernels.resolver import KernelUnavailable, image_class, resolve
+from lemmse_ray.kernels.torch_kernels import matmul_partials, mixture_partials
 
 F32 = torch.float32
 
@@ -147,6 +148,50 @@ def test_bad_epilogue_call_is_refused(lib, case):
     for key in ("m", "acc"):  # refused before the C call: nothing was written
         if key not in changes:
             assert torch.equal(args[key], untouched[key]), key
+
+
+# --- the torch kernels' entry points, whose blocks reach the compiled epilogue ---------------------------------
+
+def matmul_args(rows=4096, features=3, channels=1, queries=2):
+    g = torch.Generator().manual_seed(4)
+    return {"q_feat": torch.randn(queries, features, generator=g), "k_feat": torch.randn(rows, features, generator=g),
+            "values": torch.rand(rows, channels, generator=g), "shift": torch.zeros(queries)}
+
+
+BAD_MATMUL = {
+    "fewer value rows than key rows": ({"values": lambda a: a["values"][:16]}, "values"),
+    "float64 queries with float32 keys": ({"q_feat": lambda a: a["q_feat"].double()}, "k_feat"),
+    "float64 values": ({"values": lambda a: a["values"].double()}, "values"),
+    "keys of another width": ({"k_feat": lambda a: a["k_feat"][:, :2]}, "k_feat"),
+    "one shift too few": ({"shift": lambda a: a["shift"][:1]}, "shift"),
+    "row ids of another length": ({"row_ids": lambda a: torch.arange(7)}, "row_ids"),
+    "integer queries": ({"q_feat": lambda a: torch.ones(2, 3, dtype=torch.int64),
+                         "k_feat": lambda a: torch.ones(4096, 3, dtype=torch.int64),
+                         "values": lambda a: torch.ones(4096, 1, dtype=torch.int64),
+                         "shift": lambda a: torch.ones(2, dtype=torch.int64)}, "q_feat"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MATMUL))
+def test_bad_matmul_call_is_refused(case):
+    """The matrix product's entry point with operands that do not agree (before these checks, fewer value rows
+    than key rows made the compiled epilogue read past the values)."""
+    changes, name = BAD_MATMUL[case]
+    args = matmul_args()
+    args.update({key: change(args) for key, change in changes.items()})
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}\b"):
+        matmul_partials(**args)
+
+
+def test_bad_mixture_call_is_refused():
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.rand(2, 9, 1, generator=g), torch.rand(300, 9, 1, generator=g)
+    good = mixture_partials(q, k, torch.rand(300, 1, generator=g), torch.zeros(2), 0.5, 0.2)
+    assert bool(torch.isfinite(good.o).all())
+    with pytest.raises(ValueError, match=r"^values\b"):
+        mixture_partials(q, k, torch.rand(30, 1, generator=g), torch.zeros(2), 0.5, 0.2)
+    with pytest.raises(ValueError, match=r"^k_pix\b"):
+        mixture_partials(q, k[:, :4], torch.rand(300, 1, generator=g), torch.zeros(2), 0.5, 0.2)
 
 
 # --- item 9: above 30 channels, auto falls back ----------------------------------------------------------------

@@ -112,10 +112,44 @@ def _by_query_blocks(n_queries: int, block_q: int, run: Callable[[int, int], Par
                        for f in fields(parts[0])})
 
 
+def check_operands(q_name: str, q: torch.Tensor, k_name: str, k: torch.Tensor, values: torch.Tensor,
+                   shift: torch.Tensor, row_ids: torch.Tensor | None, ndim: int) -> None:
+    """Refuse (ValueError naming the argument) operands of :func:`matmul_partials` (``ndim`` 2) or
+    :func:`mixture_partials` (``ndim`` 3) that do not agree, before any block reaches the compiled epilogue,
+    which reads as many values per channel as there are key rows (fewer value rows than key rows read past the
+    buffer) and reads every operand in the dtype of the logits: one dtype (float32 or float64) and one device,
+    queries (M, …) and keys (R, …) with the same trailing sizes, ``values`` (R, C), ``shift`` (M,),
+    ``row_ids`` (R,)."""
+    named = {q_name: q, k_name: k, "values": values, "shift": shift, "row_ids": row_ids}
+    for name, t in named.items():
+        if t is None and name == "row_ids":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, {q_name} on {q.device}")
+        if name != "row_ids" and t.dtype != q.dtype:
+            raise ValueError(f"{name} is {t.dtype}, {q_name} {q.dtype}: the operands share one dtype")
+    if q.dtype not in (torch.float32, torch.float64) or q.ndim != ndim:
+        raise ValueError(f"{q_name} must be a {ndim}-D float32 or float64 tensor, got {q.dtype} {tuple(q.shape)}")
+    if k.ndim != ndim or k.shape[1:] != q.shape[1:]:
+        raise ValueError(f"{k_name} must have the trailing sizes {tuple(q.shape[1:])} of {q_name}, "
+                         f"got {tuple(k.shape)}")
+    rows = k.shape[0]
+    if values.ndim != 2 or values.shape[0] != rows:
+        raise ValueError(f"values must have one row per row of {k_name} ({rows}), got {tuple(values.shape)}")
+    if tuple(shift.shape) != (q.shape[0],):
+        raise ValueError(f"shift must have one value per row of {q_name} ({q.shape[0]}), got {tuple(shift.shape)}")
+    if row_ids is not None and tuple(row_ids.shape) != (rows,):
+        raise ValueError(f"row_ids must have one id per row of {k_name} ({rows}), got {tuple(row_ids.shape)}")
+
+
 def matmul_partials(q_feat: torch.Tensor, k_feat: torch.Tensor, values: torch.Tensor, shift: torch.Tensor,
                     row_ids: torch.Tensor | None = None, stats: tuple[str, ...] = (), topk: int = 0,
                     block_q: int = BLOCK_Q, block_r: int = BLOCK_R, epilogue: str = "auto") -> Partials:
-    """Partials for logits :math:`s = Q_f K_f^\\top + \\text{shift}` (shapes (M, F), (R, F), (R, C), (M,))."""
+    """Partials for logits :math:`s = Q_f K_f^\\top + \\text{shift}` (shapes (M, F), (R, F), (R, C), (M,);
+    refused otherwise, :func:`check_operands`)."""
+    check_operands("q_feat", q_feat, "k_feat", k_feat, values, shift, row_ids, 2)
     n_rows = k_feat.shape[0]
     buffer = torch.empty((block_q, block_r), dtype=q_feat.dtype, device=q_feat.device)
 
@@ -140,8 +174,10 @@ def mixture_partials(q_pix: torch.Tensor, k_pix: torch.Tensor, values: torch.Ten
                      block_r: int = 2048, epilogue: str = "auto") -> Partials:
     """Partials for the per-pixel mixture logits (random-mask agnostic inpainting).
 
-    ``q_pix`` (M, A, C) query pixels and ``k_pix`` (R, A, C) key pixels over the A non-padded pixels.
+    ``q_pix`` (M, A, C) query pixels and ``k_pix`` (R, A, C) key pixels over the A non-padded pixels (refused
+    otherwise, :func:`check_operands`).
     """
+    check_operands("q_pix", q_pix, "k_pix", k_pix, values, shift, row_ids, 3)
     n_rows, pixels, _ = k_pix.shape
     logit_q = math.log(keep_prob) - math.log1p(-keep_prob)
     inv = 1.0 / sigma ** 2
