@@ -176,7 +176,16 @@ def _private_directory(path: str) -> int:
             continue
         except OSError as err:
             raise _Untrusted(f"the library cache {path} cannot be created ({err.strerror})") from None
-        os.chmod(directory, 0o700)  # the umask may have removed bits of 0o700 (never added any)
+        # the umask may have removed bits of 0o700 (never added any); through a descriptor, so that a link put in
+        # its place meanwhile (in a parent others can write) is not followed
+        try:
+            made = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            raise _Untrusted(f"the library cache {path} cannot be created ({err.strerror})") from None
+        try:
+            os.fchmod(made, 0o700)
+        finally:
+            os.close(made)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
