@@ -1,11 +1,12 @@
-"""Building a patch bank in its Zarr store with Ray tasks (``docs/theory.md`` §8).
+"""Building a patch bank in its Zarr store with Ray tasks (``docs/theory.md`` §8), and repairing one.
 
 :func:`build_bank` plans the bank (classes, centres, shard layout), creates or reopens its group, and runs one
 task per missing shard; each task computes its rows from the training images it needs and writes the whole
 shard, then flags it done (idempotent: re-running completes the missing shards only).  A task holds its
 shard's lock (:mod:`lemmse_ray.storage.locks`) and skips a shard that another process finished meanwhile, so
 two processes building one bank (two studies sharing ``--work``) share its shards: none is computed twice on a
-local path.
+local path.  :func:`repair_bank` rebuilds the damaged shards of a bank from the images it was built from, and
+refuses other images before it changes anything.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from ..storage.bank_store import (
     BankError,
     BankLayout,
     bank_attributes,
+    clear_done,
     create_bank_group,
     differences,
     fingerprint,
     open_bank,
     shard_images,
     shard_rows_for,
+    verify_bank,
     write_shard,
 )
 from ..storage.locks import shard_lock
@@ -123,3 +126,39 @@ def build_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: 
              bank.build_stats["rows_per_s"], bank.n_shards - len(missing), len(missing) - written)
     return bank
 
+
+def repair_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: str = "zeros",
+                candidates: str = "all", shard_rows: int = 1 << 16, dtype: torch.dtype = torch.float32,
+                storage_options: dict | None = None, progress: bool = True,
+                bad: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Rebuild the bad shards of the bank at ``url`` (damaged, or never finished) from ``train``, the images it
+    was built from, with the arguments it was built with.  Returns (the bad shards, those still bad after).
+    ``bad``: the bad shards when the caller has just verified the bank (:func:`verify_bank`), else found here.
+
+    A repair restores the bank that is there: it first checks that these arguments describe it — the
+    fingerprint of the training images, the problem, the patch geometry, the classes, the shard size and
+    dtype — and a difference is a ``ValueError`` naming it, before any done flag is cleared.  It never
+    replaces the bank (there is no ``overwrite``): rebuilt from other images it would be a new bank under a
+    repair's name, and a typo in the images would cost the bank; replacing one is :func:`build_bank` with
+    ``overwrite=True`` (``lemmse build-bank --overwrite``).
+    """
+    train = as_images(train, "train")
+    plan, centers, layout, attrs = bank_request(train, problem, patch_size, padding, candidates, shard_rows, dtype)
+    if bad is None:
+        bad = [row["shard"] for row in verify_bank(url, storage_options) if row["status"] != "ok"]
+    stored = dict(open_group(url, "r", storage_options).attrs)
+    diff = differences(stored, public(attrs))
+    if "fingerprint" in diff:
+        raise ValueError(f"train: the bank at {url} was built from other training images (fingerprint "
+                         f"{stored.get('fingerprint', '?')[:12]}…, these images {attrs['fingerprint'][:12]}…; it "
+                         f"differs in {', '.join(diff)}): repair it with the images it was built from (the same "
+                         "dataset, n_train, subset and seed); nothing was changed")
+    if diff:
+        raise ValueError(f"bank: the bank at {url} was built with other settings (it differs in {', '.join(diff)}): "
+                         "repair it with the settings it was built with; nothing was changed")
+    if bad:
+        clear_done(url, bad, storage_options)
+        build_bank(url, train, problem, patch_size, padding, candidates, shard_rows, dtype, storage_options,
+                   progress=progress)
+    still = [row["shard"] for row in verify_bank(url, storage_options) if row["status"] != "ok"]
+    return bad, still

@@ -19,11 +19,9 @@ have theirs), and the row arrays' fill value cannot occur in a bank (NaN for flo
 flipped byte, a truncated or missing shard object or chunk of a shard flagged done is a :class:`BankError`
 naming the bank, the array and the shard, never silently read as zeros.  :func:`verify_bank` reads and checks
 every shard of every row array (``class_ids`` must also follow the class offsets); :func:`clear_done` unflags
-shards so that :func:`lemmse_ray.cluster.build.build_bank` rewrites them.  A repair is::
-
-    bad = [row["shard"] for row in verify_bank(url) if row["status"] != "ok"]
-    clear_done(url, bad)
-    build_bank(url, train, problem, ...)  # the same arguments as the first build
+shards so that :func:`lemmse_ray.cluster.build.build_bank` rewrites them.  A repair is
+:func:`lemmse_ray.cluster.build.repair_bank` (the same arguments as the first build): it compares them with
+the bank's attributes (:func:`differences`), then clears the bad shards and rebuilds them.
 
 A Zarr *shard* of ``shard_rows`` rows is the unit of work and of writing: the builder writes each shard
 whole and only then sets its ``done`` flag, so a crash leaves at most unflagged shards, which a re-run
