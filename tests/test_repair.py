@@ -1,7 +1,8 @@
-"""Bank repair (issue 16, item 13).
+"""Bank repair and seeds (issue 16, item 13).
 
 ``verify-bank --repair`` rebuilds the bad shards of the bank that is there, from the images it was built
 from: other images or settings are refused on one line before anything changes, ``--overwrite`` included.
+Seeds are bounded so that every generator seed derived from them fits (one line naming ``--seed``).
 
 The refusals need no Ray: the bank is built in this process (create the group, build each shard), and a
 Ray start inside the refused path fails the test.  One test repairs for real, through Ray.
@@ -11,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
 import zarr
 
 import lemmse_ray.cli as cli
 from lemmse_ray.cluster.build import bank_request, build_shard
 from lemmse_ray.cluster.driver import DTYPES
-from lemmse_ray.runs.config import Config
-from lemmse_ray.runs.pipeline import load_data, make_problem, verify_step
+from lemmse_ray.runs.config import MAX_SEED, Config, ConfigError
+from lemmse_ray.runs.pipeline import SPLITS, load_data, make_problem, query_seed, simulate, verify_step
 from lemmse_ray.storage.bank_store import create_bank_group, verify_bank
 
 ARGV = ["--dataset", "digits", "--n-train", "6", "--n-queries", "2", "--patch-size", "3", "--shard-rows", "64"]
@@ -120,3 +124,34 @@ def test_repair_with_overwrite_rebuilds_only_the_bad_shard(tmp_path, capsys, ray
         {p: pristine[p][0] for p in pristine if "/c/2" in str(p)}
     assert [r["status"] for r in verify_bank(cfg.bank_url)] == ["ok"] * 6
 
+
+# --- seeds ---------------------------------------------------------------------------------------------------
+
+def test_seed_is_bounded_with_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=rf"^seed must be <= {MAX_SEED}, got {MAX_SEED + 1}$"):
+        Config(seed=MAX_SEED + 1)
+    huge = "99999999999999999999999"
+    spec = tmp_path / "run.yaml"
+    spec.write_text(yaml.safe_dump({"seed": int(huge)}))
+    for argv, named in ((["build-bank", "--seed", huge], "--seed"),
+                        (["build-bank", "--config", str(spec)], f"seed in {spec}"),
+                        (["study", "agreement", "--set", f"seed={huge}", "--dry-run"], "seed")):
+        out = tmp_path / "out"
+        assert cli.main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lemmse: error: {named} must be <= {MAX_SEED}, got {huge}") and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_the_largest_seed_seeds_every_generator(tmp_path):
+    """With the largest seed and many σ, every draw of a run seeds torch's generators (seeds in [0, 2**64))."""
+    cfg = config(tmp_path, seed=MAX_SEED, sigmas=[0.01 * k for k in range(1, 51)])
+    train, queries = load_data(cfg)  # a seeded random subset and seeded test queries
+    problem = make_problem(cfg, tuple(train.shape[1:]))
+    for split in SPLITS:
+        for index in (0, len(cfg.sigmas) - 1):
+            assert 0 <= query_seed(cfg, split, index) < 2**64
+            _, z, _ = simulate(cfg, problem, queries[split], split, index)
+            assert torch.isfinite(z).all()
+    torch.Generator().manual_seed(MAX_SEED)
+    assert np.array([MAX_SEED], dtype=np.int64)[0] == MAX_SEED  # the study tables store it as int64

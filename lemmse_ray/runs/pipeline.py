@@ -95,7 +95,8 @@ def make_problem(cfg: Config, shape: tuple[int, int, int]) -> Problem:
 
 
 def query_seed(cfg: Config, split: str, sigma_index: int) -> int:
-    """Seed of the one fixed noise (and mask) draw of a split at a noise level."""
+    """Seed of the one fixed noise (and mask) draw of a split at a noise level; below 2**64, the generators'
+    limit, for every ``cfg.seed`` up to :data:`lemmse_ray.runs.config.MAX_SEED`."""
     return cfg.seed * 1_000_003 + SPLITS.index(split) * 1009 + sigma_index
 
 
