@@ -28,6 +28,11 @@ from ..data.datasets import DATASETS, EMBEDDED
 from ..models.networks import NETWORKS
 
 PROBLEMS = ("denoising", "inpainting", "deblurring")
+# The largest seed.  torch's generators take seeds in [0, 2**64); the noise and mask draws are seeded with
+# seed * 1_000_003 + 1009 * split + σ index (lemmse_ray.runs.pipeline.query_seed), and 1_000_003 < 2**20, so
+# every seed below 2**44 keeps that below 2**64 for any number of σ a run can hold.  Also below 2**63: the
+# study tables store the seed as a Parquet int64.
+MAX_SEED = 2**44 - 1
 
 
 def _field(default: Any, help: str, **rules: Any) -> Any:
@@ -98,7 +103,8 @@ class Config:
                                                "the actor streams its shards from the store for every query batch "
                                                "(unset: 80 percent of its GPU's free memory, or half the host's "
                                                "available memory per CPU)", min=0)
-    seed: int = _field(0, "seed of the training subset, the test queries and the noise and mask draws", min=0)
+    seed: int = _field(0, "seed of the training subset, the test queries and the noise and mask draws", min=0,
+                       max=MAX_SEED)
     out: str = _field("results/quickstart", "output folder or URL", metavar="URL")
     bank: str | None = _field(None, "bank URL (unset: <out>/bank.zarr)", metavar="URL")
     storage_options: dict | None = _field(None, "fsspec options for URLs (YAML only; never written to outputs)")

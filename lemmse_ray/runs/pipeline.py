@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..cluster.build import build_bank
+from ..cluster.build import build_bank, repair_bank
 from ..cluster.driver import DTYPES, estimate_on_ray
 from ..cluster.plan import Plan, make_plan
 from ..kernels.resolver import resolve
@@ -23,7 +23,7 @@ from ..core.patches import PatchGeometry
 from ..core.problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
 from ..data.datasets import load_dataset, query_indices, subset_indices
 from ..storage.bank_store import MEMBERS as BANK_MEMBERS
-from ..storage.bank_store import Bank, open_group
+from ..storage.bank_store import Bank, open_group, verify_bank
 from ..storage.files import read_bytes, save_parquet, save_png, save_text, write_bytes
 from ..storage.ownership import check_apart, check_output_folder, owned_group
 from ..storage.results import MEMBERS as RESULT_MEMBERS
@@ -96,7 +96,8 @@ def make_problem(cfg: Config, shape: tuple[int, int, int]) -> Problem:
 
 
 def query_seed(cfg: Config, split: str, sigma_index: int) -> int:
-    """Seed of the one fixed noise (and mask) draw of a split at a noise level."""
+    """Seed of the one fixed noise (and mask) draw of a split at a noise level; below 2**64, the generators'
+    limit, for every ``cfg.seed`` up to :data:`lemmse_ray.runs.config.MAX_SEED`."""
     return cfg.seed * 1_000_003 + SPLITS.index(split) * 1009 + sigma_index
 
 
@@ -195,10 +196,12 @@ def estimate_step(cfg: Config, bank: Bank, problem: Problem,
 
 
 def verify_step(cfg: Config, train: torch.Tensor, problem: Problem, repair: bool = False) -> int:
-    """Check every shard of ``cfg.bank_url`` and print a table; with ``repair`` clear the done flag of the bad
-    shards and rebuild them from ``train``.  Returns 0 when the bank is (now) whole, else 1."""
-    from ..storage.bank_store import clear_done, verify_bank
+    """Check every shard of ``cfg.bank_url`` and print a table; with ``repair`` rebuild the bad shards from
+    ``train`` (:func:`lemmse_ray.cluster.build.repair_bank`).  Returns 0 when the bank is (now) whole, else 1.
 
+    A repair needs the images and settings the bank was built from: others are refused (``ValueError``
+    naming the difference) before anything changes, ``cfg.overwrite`` included — a repair restores the bank
+    that is there and never replaces it with one of other data (``build-bank --overwrite`` does that)."""
     rows = verify_bank(cfg.bank_url, cfg.storage_options)
     bad = [r["shard"] for r in rows if r["status"] != "ok"]
     print(f"{'shard':>6} {'rows':>23}  status")
@@ -211,9 +214,8 @@ def verify_step(cfg: Config, train: torch.Tensor, problem: Problem, repair: bool
     if not repair:
         print(f"re-run with --repair to rebuild shards {', '.join(map(str, bad))}", flush=True)
         return 1
-    clear_done(cfg.bank_url, bad, cfg.storage_options)
-    bank_step(cfg, train, problem)
-    still = [r["shard"] for r in verify_bank(cfg.bank_url, cfg.storage_options) if r["status"] != "ok"]
+    bad, still = repair_bank(cfg.bank_url, train, problem, cfg.patch_size, cfg.padding, cfg.candidates,
+                             cfg.shard_rows, DTYPES[cfg.dtype], cfg.storage_options, bad=bad)
     print(f"repaired {len(bad) - len(still)} of {len(bad)} shards", flush=True)
     return 1 if still else 0
 

@@ -19,17 +19,19 @@ have theirs), and the row arrays' fill value cannot occur in a bank (NaN for flo
 flipped byte, a truncated or missing shard object or chunk of a shard flagged done is a :class:`BankError`
 naming the bank, the array and the shard, never silently read as zeros.  :func:`verify_bank` reads and checks
 every shard of every row array (``class_ids`` must also follow the class offsets); :func:`clear_done` unflags
-shards so that :func:`lemmse_ray.cluster.build.build_bank` rewrites them.  A repair is::
-
-    bad = [row["shard"] for row in verify_bank(url) if row["status"] != "ok"]
-    clear_done(url, bad)
-    build_bank(url, train, problem, ...)  # the same arguments as the first build
+shards so that :func:`lemmse_ray.cluster.build.build_bank` rewrites them.  A repair is
+:func:`lemmse_ray.cluster.build.repair_bank` (the same arguments as the first build): it compares them with
+the bank's attributes (:func:`differences`), then clears the bad shards and rebuilds them.
 
 A Zarr *shard* of ``shard_rows`` rows is the unit of work and of writing: the builder writes each shard
 whole and only then sets its ``done`` flag, so a crash leaves at most unflagged shards, which a re-run
 rewrites; finished shards are left alone.  Attributes hold the problem spec, patch geometry, class offsets,
 ranks and a hash of the whitening matrices, shard size, a fingerprint of the training images and the format
 version; opening a bank validates all of them against the request.  The bank does not depend on σ.
+The group is created or reopened under its creation lock, and the builder writes each shard under its shard
+lock (:mod:`lemmse_ray.storage.locks`), so processes sharing a bank create it once and build each shard once; a
+half-made bank (attributes without all its arrays) is rebuilt by :func:`create_bank_group` and refused, on
+one line, by the readers (:func:`check_whole`).
 """
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ from zarr.core.sync import sync
 from ..bank.rows import BankArrays, class_rows
 from ..core.classes import ClassPlan
 from ..core.problems import Problem
-from .ownership import create_group, kind_of, open_group, owned_group
+from .locks import creation_lock
+from .ownership import create_group, half_made, kind_of, open_group, whole_group
 from .redact import public
 
 FORMAT_VERSION = 2  # 2: checksummed chunks, fill values that cannot occur in a bank
@@ -141,24 +144,37 @@ def check_format(url: str, attrs: dict) -> None:
                         "--overwrite)")
 
 
+def differences(stored: dict, attrs: dict) -> list[str]:
+    """The attributes in which a stored bank (``stored``) differs from the requested one (``attrs``)."""
+    return sorted(k for k in attrs if stored.get(k) != attrs[k])
+
+
 def create_bank_group(url: str, attrs: dict, centers: np.ndarray, storage_options: dict | None = None,
                       overwrite: bool = False) -> zarr.Group:
     """Create the bank's arrays, or reopen an identical unfinished/finished bank (to resume).
 
     Only a missing path, an empty folder or a bank of this project is written to (see
     :mod:`lemmse_ray.storage.ownership`).  An existing bank with different attributes is replaced only with
-    ``overwrite=True``; an interrupted creation (marker without attributes) is recreated.
+    ``overwrite=True``; a half-made one (its creation interrupted, or raced on an object store) is rebuilt,
+    with a warning.  All of it runs under the bank's creation lock (:mod:`lemmse_ray.storage.locks`): a process
+    creating the bank that another is creating waits for it, then reopens the finished group.
     """
     attrs = public(attrs)
-    existing = owned_group(url, "bank", MEMBERS, storage_options)
-    if existing is not None and not overwrite and "format_version" in existing.attrs:
-        old = dict(existing.attrs)
-        check_format(url, old)
-        diff = sorted(k for k in attrs if old.get(k) != attrs[k])
-        if diff:
-            raise ValueError(f"url: {url} already holds a different bank (differs in {', '.join(diff)}); "
-                             "choose another url or pass overwrite=True")
-        return open_group(url, "r+", storage_options)
+    with creation_lock(url):
+        existing = whole_group(url, "bank", MEMBERS, MEMBERS, storage_options)
+        if existing is not None and not overwrite:
+            old = dict(existing.attrs)
+            check_format(url, old)
+            diff = differences(old, attrs)
+            if diff:
+                raise ValueError(f"url: {url} already holds a different bank (differs in {', '.join(diff)}); "
+                                 "choose another url or pass overwrite=True")
+            return open_group(url, "r+", storage_options)
+        return _create_bank_arrays(url, attrs, centers, storage_options)
+
+
+def _create_bank_arrays(url: str, attrs: dict, centers: np.ndarray, storage_options: dict | None) -> zarr.Group:
+    """A new bank group at ``url`` (under its creation lock): its arrays, then its attributes."""
     group = create_group(url, "bank", storage_options)
     n, width, channels, shard = attrs["n_rows"], attrs["width"], attrs["channels"], attrs["shard_rows"]
     inner = INNER_ROWS if shard % INNER_ROWS == 0 else shard  # inner chunks must tile the shard
@@ -329,6 +345,7 @@ def open_bank(url: str, problem: Problem, plan: ClassPlan, storage_options: dict
         raise ValueError(f"bank: no bank at {url}") from None
     if kind_of(group) != "bank":
         raise ValueError(f"bank: {url} is not a lemmse_ray bank")
+    check_whole(url, group)
     attrs = dict(group.attrs)
     check_format(url, attrs)
     if attrs["problem"] != problem.spec():
@@ -347,13 +364,23 @@ def open_bank(url: str, problem: Problem, plan: ClassPlan, storage_options: dict
     return bank
 
 
+def check_whole(url: str, group: zarr.Group) -> None:
+    """``BankError`` if the bank ``group`` at ``url`` is half-made (:func:`lemmse_ray.storage.ownership.half_made`):
+    opened for reading, it cannot be rebuilt here, and it must not end in a ``KeyError`` later."""
+    why = half_made(group, "bank", MEMBERS)
+    if why:
+        raise BankError(f"bank: {url} is half-made ({why}); build it again (build_bank, or lemmse build-bank, "
+                        "rebuilds it)")
+
+
 def _open_checked(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
     try:
         group = open_group(url, mode, storage_options)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
         raise ValueError(f"url: no bank at {url}") from None
-    if kind_of(group) != "bank" or "format_version" not in group.attrs:
-        raise ValueError(f"url: {url} is not a (finished creating) lemmse_ray bank")
+    if kind_of(group) != "bank":
+        raise ValueError(f"url: {url} is not a lemmse_ray bank")
+    check_whole(url, group)
     check_format(url, dict(group.attrs))
     return group
 

@@ -6,17 +6,30 @@ written last.  So a group with the marker but without its attributes is an inter
 and anything else (a user's files, another program's Zarr group, a group of the other kind) is never deleted
 or overwritten, ``overwrite=True`` included: the refusal is a ``ValueError`` naming the path and what was
 found there.  Groups written before the marker existed are recognised by their attributes.
+
+A group is reopened, created or replaced under its creation lock (:mod:`lemmse_ray.storage.locks`), so two
+processes never create one group at once on a local path.  A group of ours that is *half-made* — its
+attributes never written (a creation killed half-way), or some array it was created with missing (two
+creations raced: on an object store, or by an earlier version without the lock) — holds nothing finished:
+:func:`whole_group` logs it and treats it as missing, so that it is rebuilt, never read into a ``KeyError``.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 
 import fsspec
 import zarr
 
+from .locks import wait_for_writers
+
+log = logging.getLogger("lemmse_ray")
+
 MARKER = "lemmse_ray"
+# The attributes a finished creation writes (last); groups written before the marker are recognised by them.
 LEGACY = {"bank": ("format_version", "plan_hash"), "estimate": ("config", "n_batches")}
+ARRAYS = "arrays"  # attribute: the arrays a group was created with (recorded where they depend on the request)
 NAMES = {"bank": "a lemmse_ray bank", "estimate": "a lemmse_ray estimate output"}
 
 
@@ -85,8 +98,38 @@ def owned_group(url: str, kind: str, members: Iterable[str], storage_options: di
     return group
 
 
+def half_made(group: zarr.Group, kind: str, required: Iterable[str]) -> str | None:
+    """Why our ``group`` of ``kind`` is half-made, or None if it is whole.
+
+    Half-made: the attributes that a creation writes last are missing, or an array it creates is: those the
+    group records in its :data:`ARRAYS` attribute, else ``required``."""
+    attrs = group.attrs
+    if not all(key in attrs for key in LEGACY[kind]):
+        return "its creation never finished: no attributes"
+    missing = [name for name in attrs.get(ARRAYS, required) if name not in group]
+    if missing:
+        return f"array{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} missing"
+    return None
+
+
+def whole_group(url: str, kind: str, members: Iterable[str], required: Iterable[str],
+                storage_options: dict | None = None) -> zarr.Group | None:
+    """:func:`owned_group`, with a half-made group (:func:`half_made`) logged and taken as missing, so that
+    the caller rebuilds it.  Call it under the group's creation lock
+    (:func:`lemmse_ray.storage.locks.creation_lock`)."""
+    group = owned_group(url, kind, members, storage_options)
+    why = None if group is None else half_made(group, kind, required)
+    if why is None:
+        return group
+    log.warning("%s is %s, half-made (%s); it holds nothing finished and is rebuilt", url, NAMES[kind], why)
+    return None
+
+
 def create_group(url: str, kind: str, storage_options: dict | None = None) -> zarr.Group:
-    """A new, empty group marked as ``kind`` (replacing what :func:`owned_group` allowed)."""
+    """A new, empty group marked as ``kind``, replacing what :func:`owned_group` allowed once no process is
+    writing into it.  Call it under the group's creation lock (:mod:`lemmse_ray.storage.locks`)."""
+    if _entries(url, storage_options):
+        wait_for_writers(url)
     return open_group(url, "w", storage_options, attributes={MARKER: kind})
 
 
@@ -112,10 +155,10 @@ def check_apart(out_url: str, bank_url: str) -> None:
 
 
 OUTPUT_MARKER = "lemmse_ray.json"
-# What the run commands write directly under an output folder (folders last): a folder holding only these
-# names was written by this project (before the marker file existed).
+# What the run commands write directly under an output folder (folders last; the bank's lock file lies beside
+# it): a folder holding only these names was written by this project (before the marker file existed).
 OUTPUT_ENTRIES = (OUTPUT_MARKER, "report.md", "psnr.parquet", "evaluation.parquet", "summary.parquet",
-                  "timings.json", "bank.zarr", "estimates", "networks", "figures")
+                  "timings.json", "bank.zarr.lock", "bank.zarr", "estimates", "networks", "figures")
 
 
 def check_output_folder(url: str, storage_options: dict | None = None) -> None:

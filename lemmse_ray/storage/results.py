@@ -27,7 +27,8 @@ import zarr
 from ..core.statistics import FLOAT, INT64, OUTPUTS, PER_TOPK, Result, output_fields, outputs
 from ..core.validation import as_float64, as_int64, check_shape
 from .bank_store import CHECKSUMMED
-from .ownership import create_group, open_group, owned_group
+from .locks import creation_lock
+from .ownership import ARRAYS, create_group, open_group, whole_group
 from .redact import public
 
 log = logging.getLogger("lemmse_ray")
@@ -42,6 +43,9 @@ def inputs_hash(z: torch.Tensor, mask: torch.Tensor | None) -> str:
     return digest.hexdigest()
 
 
+ALWAYS = ("mean", "done")  # arrays of every estimate group (groups from before the ``arrays`` record hold these)
+
+
 def open_results(url: str, config: dict[str, Any], shape: tuple[int, int, int, int], batch_images: int,
                  stats: tuple[str, ...], topk: int, dtype: str, storage_options: dict | None = None,
                  overwrite: bool = False) -> zarr.Group:
@@ -49,11 +53,22 @@ def open_results(url: str, config: dict[str, Any], shape: tuple[int, int, int, i
 
     A finished or partial output with another configuration is replaced only with ``overwrite=True``.  A
     resumed output keeps its stored batch layout (logged when ``batch_images`` differs): read it back from
-    ``group.attrs["batch_images"]``.
+    ``group.attrs["batch_images"]``.  It all runs under the group's creation lock
+    (:mod:`lemmse_ray.storage.locks`): a process opening a group that another is creating waits for it, then
+    reopens the finished group; a half-made group (an array it was created with missing, or no attributes) is
+    rebuilt, with a warning.
     """
+    with creation_lock(url):
+        return _open_or_create(url, config, shape, batch_images, stats, topk, dtype, storage_options, overwrite)
+
+
+def _open_or_create(url: str, config: dict[str, Any], shape: tuple[int, int, int, int], batch_images: int,
+                    stats: tuple[str, ...], topk: int, dtype: str, storage_options: dict | None,
+                    overwrite: bool) -> zarr.Group:
+    """:func:`open_results`, under the group's creation lock."""
     config = public(config)
-    existing = owned_group(url, "estimate", MEMBERS, storage_options)
-    if existing is not None and not overwrite and "config" in existing.attrs:
+    existing = whole_group(url, "estimate", MEMBERS, ALWAYS, storage_options)
+    if existing is not None and not overwrite:
         old = dict(existing.attrs["config"])
         if old != config:
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
@@ -77,7 +92,8 @@ def open_results(url: str, config: dict[str, Any], shape: tuple[int, int, int, i
         create(o.name, o.shape(channels, height, width, topk), dtype if o.dtype == FLOAT else "int64")
     group.create_array("done", shape=(n_batches,), dtype="uint8", chunks=(1,), fill_value=0,
                        compressors=CHECKSUMMED)
-    group.attrs.update({"config": config, "batch_images": batch_images, "n_batches": n_batches, "history": []})
+    group.attrs.update({"config": config, "batch_images": batch_images, "n_batches": n_batches, "history": [],
+                        ARRAYS: sorted(group.array_keys())})  # last: the group is whole once they are written
     return group
 
 
