@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import zarr
+from zarr.errors import ContainsArrayError
 
 from ..core.statistics import FLOAT, INT64, OUTPUTS, PER_TOPK, Result, output_fields, outputs
 from ..core.validation import as_float64, as_int64, check_shape
@@ -98,13 +99,18 @@ def _open_or_create(url: str, config: dict[str, Any], shape: tuple[int, int, int
 
 
 def write_inputs(group: zarr.Group, z: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor | None) -> None:
-    """Store the estimator inputs (and masks, clean images) once."""
+    """Store the estimator inputs (and masks, clean images) once.  Another process resuming the same output may
+    create one first: its inputs are the same (the inputs' hash is part of the configuration), so it is kept."""
     for name, value in (("z", z), ("mask", mask), ("x", x)):
         if value is None or name in group:
             continue
         arr = value.detach().cpu().numpy()
-        group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(min(len(arr), 64), *arr.shape[1:]),
-                           compressors=CHECKSUMMED)[...] = arr
+        try:
+            created = group.create_array(name, shape=arr.shape, dtype=arr.dtype,
+                                         chunks=(min(len(arr), 64), *arr.shape[1:]), compressors=CHECKSUMMED)
+        except ContainsArrayError:
+            continue
+        created[...] = arr
 
 
 def write_batch(group: zarr.Group, batch: int, start: int, values: dict[str, np.ndarray]) -> None:
