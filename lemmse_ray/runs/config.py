@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -18,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..core.problems import INPUT_MODES
 from ..core.statistics import STATS
 from ..kernels.resolver import KERNELS, check_kernel
 from ..core.validation import CANDIDATES, DTYPES, PADDINGS, check_noise_level
 from ..data.datasets import DATASETS, EMBEDDED
 from ..models.networks import NETWORKS
+from ..storage.inputs import read_yaml
 
 PROBLEMS = ("denoising", "inpainting", "deblurring")
 # The largest seed.  torch's generators take seeds in [0, 2**64); the noise and mask draws are seeded with
@@ -111,7 +111,7 @@ class Config:
     overwrite: bool = _field(False, "replace this project's results of another configuration")
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(Config)
+        hints = _hints()
         for f in dataclasses.fields(self):
             value = _coerce(f.name, hints[f.name], getattr(self, f.name))
             _check_rules(f.name, value, f.metadata)
@@ -145,6 +145,13 @@ class Config:
     @property
     def bank_url(self) -> str:
         return self.bank or join(self.out, "bank.zarr")
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    """The field types of :class:`Config`, resolved once (resolving them took most of the time of building a
+    Config, which a study does once per cell)."""
+    return typing.get_type_hints(Config)
 
 
 class ConfigError(ValueError):
@@ -279,12 +286,7 @@ def from_args(args: argparse.Namespace) -> Config:
     source: dict[str, str] = {}
     path = getattr(args, "config", None)
     if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as err:
-            raise ValueError(f"--config: cannot read {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ValueError(f"--config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        loaded = read_yaml(path, "--config")  # capped: size, alias expansion, nesting
         loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ValueError(f"--config: {path} must hold a mapping of field: value")
