@@ -24,7 +24,7 @@ from ..core.problems import Deblurring, Denoising, Inpainting, Problem, gaussian
 from ..data.datasets import load_dataset, query_indices, subset_indices
 from ..storage.bank_store import MEMBERS as BANK_MEMBERS
 from ..storage.bank_store import Bank, open_group, verify_bank
-from ..storage.files import read_bytes, save_parquet, save_png, save_text, write_bytes
+from ..storage.files import read_bytes, save_json, save_parquet, save_png, save_text
 from ..storage.ownership import check_apart, check_output_folder, owned_group
 from ..storage.results import MEMBERS as RESULT_MEMBERS
 from ..storage.results import EstimateArrays
@@ -260,7 +260,7 @@ def record_timing(cfg: Config, step: str, seconds: float, computed: bool) -> Non
         timings[step] = {"seconds": previous["seconds"] + seconds, "invocations": previous["invocations"] + 1}
     elif step not in timings:
         timings[step] = {"seconds": None, "invocations": 0}  # computed before timings were kept
-    write_bytes(path, json.dumps(timings, indent=1).encode(), cfg.storage_options)
+    save_json(timings, path, cfg.storage_options)
 
 
 def timing_text(cfg: Config) -> str:

@@ -55,6 +55,7 @@ from ..core.validation import check_choice, check_sigma
 from ..models.networks import NETWORKS, build_network, network_config
 from ..storage.bank_store import fingerprint
 from ..storage.files import read_bytes, save_parquet, write_bytes
+from ..storage.redact import public
 from .config import Config, join
 
 log = logging.getLogger("lemmse_ray")
@@ -238,7 +239,8 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
     path = join(folder, CHECKPOINT)
     run = {"images": fingerprint(train_images), "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch,
            "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "n_workers": cfg.n_workers}
-    identity = {"network": network_config(net), "problem": problem.spec(), "sigma": sigma, "config": run}
+    # the checkpoint's metadata, as every record, without secrets (it holds none today: a guard)
+    identity = public({"network": network_config(net), "problem": problem.spec(), "sigma": sigma, "config": run})
 
     existing = read_checkpoint(path, cfg.storage_options)
     resume = existing is not None and not cfg.overwrite

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import time
 from typing import Callable, Mapping
@@ -34,7 +33,9 @@ from ..core.patches import PatchGeometry
 from ..core.problems import Problem
 from ..runs.config import Config, join
 from ..runs.pipeline import SPLITS, check_run, load_data, make_problem, simulate
-from ..storage.files import read_bytes, save_parquet, write_bytes
+from ..storage.files import save_json, save_parquet
+from ..storage.inputs import read_json
+from ..storage.redact import public
 from ..storage.results import EstimateArrays
 from .analysis import cell_metrics, final_train_loss
 from .spec import Cell, Part, canonical
@@ -121,24 +122,33 @@ def plan_work(cells: list[Cell], problems: dict[int, Problem], work_dir: str) ->
 
 
 def spec_record(name: str, size: str | None, parts: list[Part], work_dir: str) -> dict:
-    return {"name": name, "size": size, "work": work_dir,
-            "parts": [{"name": p.name, "description": p.description, "base": p.base, "grid": p.grid,
-                       "zip": p.zip, "figures": p.figures, "varying": p.varying} for p in parts]}
+    """The record of ``study.json``: the study's parts as a spec holds them, without secrets
+    (:func:`lemmse_ray.storage.redact.public`: ``storage_options`` dropped, credentials and URL passwords
+    redacted), so that the record written and the record compared with an existing one are the same."""
+    return public({"name": name, "size": size, "work": work_dir,
+                   "parts": [{"name": p.name, "description": p.description, "base": p.base, "grid": p.grid,
+                              "zip": p.zip, "figures": p.figures, "varying": p.varying} for p in parts]})
 
 
 def check_out(out: str, work_dir: str, record: dict, overwrite: bool, storage_options: dict | None = None) -> None:
     """Refuse an ``out`` or work folder that this project did not write (:mod:`lemmse_ray.storage.ownership`), and an
-    ``out`` holding another study unless ``overwrite`` (which replaces only its tables and report)."""
+    ``out`` holding another study unless ``overwrite`` (which replaces only its tables and report).  Its
+    ``study.json`` and ``history.json`` are read with caps (:func:`lemmse_ray.storage.inputs.read_json`):
+    a damaged one is refused here, before any work."""
     from ..storage.ownership import check_output_folder
 
     check_output_folder(out, storage_options)
     check_output_folder(work_dir, storage_options)
-    raw = read_bytes(join(out, STUDY), storage_options)
-    if raw is None:
+    existing = read_json(join(out, STUDY), "out", storage_options=storage_options)
+    history = read_json(join(out, HISTORY), "out", storage_options=storage_options)
+    if history is not None and not isinstance(history, list):
+        raise ValueError(f"out: {join(out, HISTORY)} is not a list of runs; move it away to start a new history")
+    if existing is None:
         return
-    existing = json.loads(raw)
-    if canonical(existing["parts"]) != canonical(record["parts"]) and not overwrite:
-        raise ValueError(f"out: {out} holds the study {existing['name']!r} of another spec; choose another "
+    if not isinstance(existing, dict):  # not a record of ours: another spec, as far as we can tell
+        existing = {"name": "?", "parts": None}
+    if canonical(existing.get("parts")) != canonical(record["parts"]) and not overwrite:
+        raise ValueError(f"out: {out} holds the study {str(existing.get('name'))!r} of another spec; choose another "
                          "--out, or pass --overwrite to replace its tables and report (finished work is kept and "
                          "reused)")
 
@@ -354,10 +364,9 @@ def uniform(rows: list[dict]) -> list[dict]:
 
 def record_history(out: str, counters: dict, seconds: float, storage_options: dict | None = None) -> list[dict]:
     """Append this invocation's counters and wall time to ``<out>/history.json``; returns the history."""
-    raw = read_bytes(join(out, HISTORY), storage_options)
-    history = json.loads(raw) if raw else []
+    history = read_json(join(out, HISTORY), "out", storage_options=storage_options) or []  # checked by check_out
     history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 1), **counters})
-    write_bytes(join(out, HISTORY), json.dumps(history, indent=1).encode(), storage_options)
+    save_json(history, join(out, HISTORY), storage_options)
     return history
 
 
@@ -382,10 +391,10 @@ def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_di
     work = plan_work(cells, problems, work_dir)
     claim_output_folder(out, storage_options)
     claim_output_folder(work_dir, storage_options)
-    write_bytes(join(out, STUDY), json.dumps(record, indent=1, default=str).encode(), storage_options)
-    write_bytes(join(out, WORK), json.dumps(work.index(), indent=1, default=str).encode(), storage_options)
+    save_json(record, join(out, STUDY), storage_options)
+    save_json(work.index(), join(out, WORK), storage_options)
     print(f"study {name}: {len(cells)} cells, {len(work.banks)} banks, {len(work.estimates)} estimate groups, "
-          f"{len(work.networks)} networks (work in {work_dir})", flush=True)
+          f"{len(work.networks)} networks (work in {public(work_dir)})", flush=True)
     ensure_ray(verbose=verbose)
     counters = compute(cells, work, data, problems, storage_options, verbose)
     rows: tuple[list, list, list] = ([], [], [])
@@ -400,5 +409,5 @@ def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_di
     record_history(out, counters, seconds, storage_options)
     render(out, storage_options)
     print(f"study {name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items())
-          + f" ({seconds:.0f} s); report {join(out, 'report.md')}", flush=True)
+          + f" ({seconds:.0f} s); report {public(join(out, 'report.md'))}", flush=True)
     return {"counters": counters, "cells": rows[0], "seconds": seconds}
