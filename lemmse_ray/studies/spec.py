@@ -20,29 +20,60 @@ zip and figures) beside an optional shared ``base``.  Every combination is one o
 validated when the spec is read; a configuration with several noise levels ``sigmas`` gives one cell per
 σ (cells of one training set and problem share one bank over all σ).  ``out``, ``bank`` and ``overwrite``
 are set by the study, never by a spec.
+
+Everything a spec can get wrong is refused here, before any work or write, on one line naming the key:
+
+* the file itself -- at most 1 MiB, and YAML aliases may not expand it past a cap (an alias bomb in a
+  description or a caption would otherwise take minutes and gigabytes when printed or recorded;
+  :mod:`lemmse_ray.storage.inputs`); ``--set`` values are read the same way;
+* the number of cells -- computed from the sizes of the grid, the zip and the σ lists before any cell is
+  built (:func:`count_cells`), and refused above :data:`MAX_CELLS`;
+* the figures -- their keys and types when the spec is parsed, and every column they name (``x``, ``y``,
+  ``hue``, ``style``, ``band``, ``category``, ``value`` and the keys of ``where``) against the columns the
+  study will write, with values, in the figure's part (:func:`check_figures`, :func:`study_columns`);
+* ``storage_options`` -- never from ``--set`` (a command line is visible to other users and kept in shell
+  histories; ``lemmse run`` takes them from YAML only, too), one set for the whole study.
+
+The same checks run again when ``lemmse report`` reads a ``study.json`` (:func:`parse_record`): a study
+folder is an input like any other.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import functools
 import itertools
 import json
+import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import yaml
 
+from ..core.statistics import STATS
 from ..data.datasets import DATASETS, EMBEDDED
 from ..models.networks import build_network
 from ..runs.config import Config, ConfigError
+from ..storage.inputs import load_yaml, read_yaml
+from .analysis import QUANTILES
 
 SPEC_KEYS = ("name", "description", "base", "grid", "zip", "figures", "parts")
 RESERVED = ("out", "bank", "overwrite")  # set by the study
-FIGURE_KEYS = {"line": ("x", "y", "xlabel", "ylabel"), "bar": ("category", "value", "ylabel"), "binned": ()}
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 _HINTS = typing.get_type_hints(Config)
+MAX_CELLS = 10_000  # a study's cells (a grid's product); more is refused before expanding
+SIZES = (None, "quick", "full")  # the size of a preset study (None: a spec file)
+
+# Figures: kind -> (required keys, optional keys); every kind also takes file and title (required), caption
+# and where (optional).  Keys naming columns, and those that must name numeric columns:
+FIGURES = {"line": (("x", "y", "xlabel", "ylabel"), ("hue", "style", "band", "logx", "logy")),
+           "bar": (("category", "value", "ylabel", "hue"), ("xlabel",)),
+           "binned": ((), ())}
+TEXT_KEYS = ("file", "title", "caption", "xlabel", "ylabel", "x", "y", "category", "value")
+COLUMN_KEYS = ("x", "y", "category", "value", "hue", "style", "band")
+NUMERIC_KEYS = ("x", "y", "value", "band")
 
 
 def is_list_field(name: str) -> bool:
@@ -59,6 +90,7 @@ class Part:
     zip: dict[str, list]
     figures: list[dict] = field(default_factory=list)
     description: str = ""
+    where: str = ""  # the prefix of its keys in errors: "" or "parts[i]."
 
     @property
     def varying(self) -> list[str]:
@@ -152,20 +184,68 @@ def parse_part(raw: Any, where: str, shared: dict | None = None, default_name: s
     figures = raw.get("figures") or []
     if not isinstance(figures, list) or not all(isinstance(f, dict) for f in figures):
         raise SpecError(f"{prefix}figures must be a list of mappings")
-    for i, figure in enumerate(figures):
-        kind = figure.get("kind")
-        if kind not in FIGURE_KEYS:
-            raise SpecError(f"{prefix}figures[{i}].kind must be one of {', '.join(FIGURE_KEYS)}, got {kind!r}")
-        for name in ("file", "title", *FIGURE_KEYS[kind]):
-            if not isinstance(figure.get(name), str) or not figure[name]:
-                raise SpecError(f"{prefix}figures[{i}].{name} is required (a string) for a {kind} figure")
-        if not figure["file"].replace("-", "").replace("_", "").isalnum():
-            raise SpecError(f"{prefix}figures[{i}].file must be letters, digits, - and _, got {figure['file']!r}")
+    files: set[str] = set()
     name = raw.get("name") or default_name
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+    if not _is_name(name):
         raise SpecError(f"{prefix}name must be letters, digits, - and _, got {name!r}")
+    for i, figure in enumerate(figures):
+        check_figure(figure, f"{prefix}figures[{i}]")
+        if figure["file"] in files:
+            raise SpecError(f"{prefix}figures[{i}].file {figure['file']!r} is used twice in {name}")
+        files.add(figure["file"])
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise SpecError(f"{prefix}description must be a string")
     return Part(name=name, base=base, grid=grid, zip=zipped, figures=[dict(f) for f in figures],
-                description=str(raw.get("description") or ""))
+                description=description, where=prefix)
+
+
+def _is_name(name: Any) -> bool:
+    """Letters, digits, - and _ (a part's name and a figure's file make file names: no path may escape)."""
+    return isinstance(name, str) and bool(name) and name.replace("-", "").replace("_", "").isalnum() \
+        and name.isascii()
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, bool, int, float))
+
+
+def check_figure(figure: Mapping, where: str) -> None:
+    """A figure's keys and their types (the columns it names are checked by :func:`check_figures`)."""
+    kind = figure.get("kind")
+    if kind not in FIGURES:
+        raise SpecError(f"{where}.kind must be one of {', '.join(FIGURES)}, got {kind!r}")
+    required, optional = FIGURES[kind]
+    allowed = ("kind", "file", "title", "caption", "where", *required, *optional)
+    unknown = [k for k in figure if k not in allowed]
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]} is not a key of a {kind} figure (keys: {', '.join(allowed)})")
+    for name in ("file", "title", *required):
+        if name not in figure:
+            kind_of = "a string" if name in TEXT_KEYS else "a column or a list of columns"
+            raise SpecError(f"{where}.{name} is required ({kind_of}) for a {kind} figure")
+    for name in TEXT_KEYS:
+        if name in figure and (not isinstance(figure[name], str) or not figure[name]):
+            raise SpecError(f"{where}.{name} must be a string, got {type(figure[name]).__name__}")
+    if not _is_name(figure["file"]):
+        raise SpecError(f"{where}.file must be letters, digits, - and _, got {figure['file']!r}")
+    for name in ("hue", "style"):
+        value = figure.get(name)
+        if name in figure and not (isinstance(value, str) and value or isinstance(value, list) and value
+                                   and all(isinstance(c, str) and c for c in value)):
+            raise SpecError(f"{where}.{name} must be a column or a non-empty list of columns")
+    if "band" in figure and not (isinstance(figure["band"], list) and len(figure["band"]) == 2
+                                 and all(isinstance(c, str) and c for c in figure["band"])):
+        raise SpecError(f"{where}.band must be a list of two column names (low, high)")
+    for name in ("logx", "logy"):
+        if name in figure and not isinstance(figure[name], bool):
+            raise SpecError(f"{where}.{name} must be true or false")
+    selection = figure.get("where", {})
+    if not isinstance(selection, dict) or not all(isinstance(k, str) for k in selection):
+        raise SpecError(f"{where}.where must be a mapping of column: value or list of values")
+    for column, value in selection.items():
+        if not (_is_scalar(value) or isinstance(value, list) and value and all(map(_is_scalar, value))):
+            raise SpecError(f"{where}.where.{column} must be a value or a list of values")
 
 
 def parse_spec(raw: Any) -> tuple[str, list[Part]]:
@@ -186,7 +266,12 @@ def parse_spec(raw: Any) -> tuple[str, list[Part]]:
     names = [p.name for p in parts]
     if len(set(names)) != len(names):
         raise SpecError(f"parts: names must be unique, got {', '.join(names)}")
-    return str(raw.get("name") or "study"), parts
+    name = raw.get("name") or "study"
+    if not _is_name(name):
+        raise SpecError(f"name must be letters, digits, - and _, got {name!r}")
+    if not isinstance(raw.get("description") or "", str):
+        raise SpecError("description must be a string")
+    return name, parts
 
 
 def apply_overrides(parts: list[Part], overrides: dict[str, Any]) -> list[Part]:
@@ -201,10 +286,50 @@ def apply_overrides(parts: list[Part], overrides: dict[str, Any]) -> list[Part]:
     return out
 
 
+def _sigma_count(value: Any) -> int:
+    return len(value) if isinstance(value, list) else 1
+
+
+def count_cells(parts: list[Part]) -> int:
+    """The number of cells of ``parts``, from the sizes of their grids, zips and σ lists alone (exact for a
+    spec that :func:`expand` accepts; no cell is built): per part, the product of the grid's sizes times the
+    zip's length, where the σ values (a grid, zip or base ``sigmas``) count one cell per σ of each list."""
+    total = 0
+    for part in parts:
+        if "sigmas" in part.grid:
+            per_sigma = sum(map(_sigma_count, part.grid["sigmas"]))
+        elif "sigmas" in part.zip:
+            per_sigma = sum(map(_sigma_count, part.zip["sigmas"]))
+        else:
+            per_sigma = _sigma_count(part.base.get("sigmas", [None]))
+        others = math.prod(len(v) for k, v in part.grid.items() if k != "sigmas")
+        rows = 1 if "sigmas" in part.zip else max(1, len(next(iter(part.zip.values()), [None])))
+        total += others * rows * per_sigma
+    return total
+
+
+def check_size(parts: list[Part]) -> int:
+    """:func:`count_cells`, refused above :data:`MAX_CELLS` with the sizes that make it (before expanding:
+    a grid of 10¹² cells would otherwise expand until memory runs out)."""
+    n = count_cells(parts)
+    if n > MAX_CELLS:
+        sizes = "; ".join(f"{p.name}: " + " × ".join(f"{k} {len(v)}" for k, v in {**p.grid, **p.zip}.items())
+                          for p in parts if p.grid or p.zip)
+        raise SpecError(f"grid: the study has {n:,} cells, more than the limit of {MAX_CELLS:,} ({sizes}); "
+                        "split it into several studies sharing one --work")
+    return n
+
+
 def expand(parts: list[Part], out: str = "<study>", roots: Mapping[str, str] | None = None) -> list[Cell]:
     """Every cell of every part, validated (:class:`Config`; the message names the cell), one per σ.
 
-    ``roots`` ({dataset: folder}) gives ``root`` to the cells of a file dataset that do not set it."""
+    The number of cells is checked first (:func:`check_size`).  One :class:`Config` is built and validated
+    per combination of grid and zip values; its single-σ cells are copies with ``sigmas`` replaced, with no
+    second validation: every σ of the list was checked, each on its own, by the first (no rule of
+    :class:`Config` ties σ to the number of σ), and a second validation per σ doubled the cost of a large
+    ``--dry-run``; the copies share their other values, which nothing changes after validation.  ``roots`` ({dataset: folder}) gives ``root`` to the cells of a file dataset that do not
+    set it."""
+    check_size(parts)
     cells: list[Cell] = []
     roots = dict(roots or {})
     for part in parts:
@@ -222,9 +347,11 @@ def expand(parts: list[Part], out: str = "<study>", roots: Mapping[str, str] | N
                     shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items()) or "base"
                     hint = f"; pass --root {fields['dataset']}=PATH" if err.name == "root" and fields.get("root") is None else ""
                     raise SpecError(f"{err} (in the cell {shown} of {part.name}{hint})") from None
+                shown = {k: v for k, v in values.items() if k != "sigmas"}
                 for sigma in cfg.sigmas:
-                    shown = {k: v for k, v in values.items() if k != "sigmas"}
-                    cells.append(Cell(len(cells), part.name, dataclasses.replace(cfg, sigmas=[sigma]), shown))
+                    single = copy.copy(cfg)
+                    single.sigmas = [sigma]
+                    cells.append(Cell(len(cells), part.name, single, shown))
     return cells
 
 
@@ -251,13 +378,164 @@ def check_networks(cells: list[Cell]) -> None:
                                 f"patch_size={cfg.patch_size}, in {cell.label()}")
 
 
+# --- the columns of a study's tables, and the figures that name them ---------------------------------------
+
+# Config fields written to every row (lists, secrets and the study's own fields are not)
+CELL_FIELDS = tuple(f for f in FIELDS if f not in ("sigmas", "stats", "networks", "storage_options", *RESERVED))
+ROW_COLUMNS = ("part", "cell", "sigma", "bank_key", *CELL_FIELDS, "split", "estimate_key")
+# cells.parquet (engine.cell_rows): columns with values whatever the statistics, with the statistic
+# variance (the loss floor, the posterior variance) and with a network
+CELLS_ALWAYS = ("network", "receptive_field", "setting", "psnr_z_x", "psnr_lemmse_x", "mse_lemmse_x", "pixels",
+                "below_floor_mse", "below_floor_train_loss", "below_floor")
+CELLS_VARIANCE = ("posterior_variance", "loss_floor", "loss_floor_se", "mse_gap", "mse_gap_se", "mse_net_x")
+CELLS_NETWORK = ("network_key", "epochs_done", "psnr_net_lemmse", "psnr_net_x", "mse_net_lemmse", "mse_net_x",
+                 "train_loss")
+# density.parquet (analysis.density_rows), written for cells that store log_evidence
+DENSITY = ("metric", "network", "bin", "lo", "hi", "pixels", "mean", "se", "median", "mean_extra_evidence_centred",
+           "setting")
+# columns holding text or booleans (a line's x and y, a bar's value and a band need numbers)
+TEXT_COLUMNS = frozenset(("part", "bank_key", "split", "estimate_key", "network", "network_key", "setting", "metric",
+                          "density_metric", "below_floor_mse", "below_floor_train_loss", "below_floor",
+                          *(f for f in CELL_FIELDS
+                            if not {int, float} & set(typing.get_args(_HINTS[f]) or (_HINTS[f],)))))
+
+
+def _quantiles(stat: str) -> list[str]:
+    return [f"{stat}_{label}" for label in QUANTILES]
+
+
+def columns_for(stats: frozenset[str] | set[str], networks: bool) -> dict[str, set[str]]:
+    """{table: the columns that hold values} for cells that store ``stats`` and, when ``networks``, train
+    networks: the columns of :func:`lemmse_ray.studies.engine.cell_rows` and
+    :func:`lemmse_ray.studies.analysis.cell_metrics`, with what each needs (``tests/test_study_inputs.py``
+    checks this list against the tables of a real study), plus ``setting`` (the report's
+    ``problem (input)``)."""
+    cells = {*ROW_COLUMNS, *CELLS_ALWAYS}
+    if "variance" in stats:
+        cells.update(CELLS_VARIANCE)
+    for stat in ("ess", "max_weight", "entropy"):
+        if stat in stats:
+            cells.update(_quantiles(stat))
+    if "ess" in stats:
+        cells.update(["frac_ess_lt2", *_quantiles("ess_fraction")])
+    if "topk" in stats:
+        cells.update(["copy_rate_own", "copy_rate"])
+        if {"max_weight", "log_evidence"} & set(stats):
+            cells.update(["topk", *_quantiles("topk_mass")])
+    if "log_evidence" in stats:
+        cells.update(["density_metric", "density_low", "density_high"])
+    if networks:
+        cells.update(CELLS_NETWORK)
+    density = {*ROW_COLUMNS, *DENSITY} if "log_evidence" in stats else set()
+    return {"cells.parquet": cells, "density.parquet": density}
+
+
+def study_columns(cells: list[Cell]) -> dict[str, set[str]]:
+    """{table: columns with values} of a study made of ``cells`` (:func:`columns_for` of their statistics)."""
+    stats = frozenset(s for c in cells for s in c.cfg.stats)
+    return columns_for(stats, any(c.cfg.networks for c in cells))
+
+
+def _needs(column: str, table: str, stats: frozenset[str], networks: bool) -> str | None:
+    """What a column that holds no value in a part needs, or None when no study writes such a column."""
+    everything = columns_for(frozenset(STATS), True)[table]
+    if column not in everything:
+        return None
+    missing = [s for s in STATS if s not in stats]
+    for stat in missing:
+        if column in columns_for(stats | {stat}, networks)[table]:
+            return f"the statistic {stat!r} (stats)"
+    for pair in itertools.combinations(missing, 2):
+        if column in columns_for(stats | set(pair), networks)[table]:
+            return f"the statistics {pair[0]!r} and {pair[1]!r} (stats)"
+    if not networks and column in columns_for(stats, True)[table]:
+        return "a network (networks)"
+    return f"the statistics {', '.join(missing)} (stats) and a network (networks)"
+
+
+def figure_columns(figure: Mapping) -> list[tuple[str, str]]:
+    """(key, column) of every column a figure names, ``where``'s keys included."""
+    out = []
+    for key in COLUMN_KEYS:
+        value = figure.get(key)
+        out += [(key, c) for c in ([value] if isinstance(value, str) else value or [])]
+    return out + [("where", c) for c in figure.get("where", {})]
+
+
+def check_columns(figure: Mapping, where: str, table: str, available: set[str], text: set[str] | frozenset[str],
+                  needs: Any = None) -> None:
+    """``SpecError`` when a column named by ``figure`` (at ``where``) is not in ``available`` (the columns of
+    ``table`` with values), or holds text where the figure needs numbers.  ``needs(column)``: why a known
+    column holds no value (or None: it is no column at all)."""
+    for key, column in figure_columns(figure):
+        if column not in available:
+            reason = needs(column) if needs is not None else None
+            if reason is not None:
+                raise SpecError(f"{where}.{key}: the column {column!r} holds no value in this part: it needs {reason}")
+            close = difflib.get_close_matches(column, sorted(available), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(f"{where}.{key}: {column!r} is not a column of {table}{hint}")
+        if key in NUMERIC_KEYS and column in text:
+            raise SpecError(f"{where}.{key}: the column {column!r} holds text; a {figure['kind']} figure needs "
+                            "numbers there")
+
+
+def check_figures(parts: list[Part], cells: list[Cell]) -> None:
+    """Every figure's columns against the columns its part's cells will write with values (before any work:
+    a misspelt column would otherwise fail after the whole study was computed, and a column without values
+    would silently drop the figure)."""
+    for part in parts:
+        members = [c for c in cells if c.part == part.name]
+        stats = frozenset(s for c in members for s in c.cfg.stats)
+        networks = any(c.cfg.networks for c in members)
+        available = columns_for(stats, networks)
+        for i, figure in enumerate(part.figures):
+            where = f"{part.where}figures[{i}]"
+            table = "density.parquet" if figure["kind"] == "binned" else "cells.parquet"
+            if figure["kind"] == "binned" and "log_evidence" not in stats:
+                raise SpecError(f"{where}: a binned figure needs the statistic 'log_evidence' (stats) in {part.name}")
+            try:
+                check_columns(figure, where, table, available[table], TEXT_COLUMNS,
+                              functools.partial(_needs, table=table, stats=stats, networks=networks))
+            except SpecError as err:
+                raise SpecError(str(err).replace("in this part", f"in {part.name}")) from None
+
+
+def parse_record(record: Any, path: str) -> tuple[str, str | None, list[Part]]:
+    """(name, size, parts) of a study record (``study.json``), checked as a spec is: every part through
+    :func:`parse_part` (names, figures and their keys; the fields of its base, grid and zip), so that a
+    tampered record cannot name a file outside the study folder.  Errors start with ``path``."""
+    if not isinstance(record, dict):
+        raise SpecError(f"{path}: not a study record (a mapping with name, size and parts)")
+    name, size, parts = record.get("name"), record.get("size"), record.get("parts")
+    if not _is_name(name):
+        raise SpecError(f"{path}: name must be letters, digits, - and _, got {name!r}")
+    if size not in SIZES:
+        raise SpecError(f"{path}: size must be quick, full or null, got {size!r}")
+    if not isinstance(parts, list) or not parts:
+        raise SpecError(f"{path}: parts must be a non-empty list of parts")
+    out = []
+    for i, part in enumerate(parts):
+        raw = {k: v for k, v in part.items() if k != "varying"} if isinstance(part, dict) else part
+        if isinstance(raw, dict) and "name" not in raw:
+            raise SpecError(f"{path}: parts[{i}].name is missing")
+        try:
+            out.append(parse_part(raw, f"parts[{i}]"))
+        except SpecError as err:
+            raise SpecError(f"{path}: {err}") from None
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{path}: part names must be unique, got {', '.join(names)}")
+    return name, size, out
+
+
 def read_spec_file(path: str) -> Any:
+    """The YAML mapping of a spec file, read with the caps of :func:`lemmse_ray.storage.inputs.read_yaml`
+    (size, alias expansion, nesting); errors start with ``SPEC:`` and name the file."""
     try:
-        return yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise SpecError(f"SPEC: cannot read {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"SPEC: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        return read_yaml(path, "SPEC")
+    except ValueError as err:
+        raise SpecError(str(err)) from None
 
 
 def parse_roots(items: list[str]) -> dict[str, str]:
@@ -274,16 +552,24 @@ def parse_roots(items: list[str]) -> dict[str, str]:
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """``--set field=value`` pairs, each value read as YAML (``--set sigmas=[0.1,0.2]``)."""
+    """``--set field=value`` pairs, each value read as YAML (``--set sigmas=[0.1,0.2]``) with the caps of
+    :func:`lemmse_ray.storage.inputs.load_yaml`.  ``storage_options`` are refused, before their value is
+    read: a command line is visible to every user of the machine (``ps``) and kept in shell histories, and
+    ``lemmse run`` takes them from YAML only for the same reason."""
     out = {}
     for item in items:
         name, sep, text = item.partition("=")
+        name = name.strip()
         if not sep or not name:
             raise SpecError(f"--set must be FIELD=VALUE, got {item!r}")
+        if name == "storage_options":
+            raise SpecError("--set storage_options: credentials are not taken from the command line (other users "
+                            "can read it); put storage_options in the base of a spec file, or configure fsspec "
+                            "itself (environment variables, its configuration files)")
         try:
-            out[name.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise SpecError(f"--set {name}: {text!r} is not a valid YAML value") from None
+            out[name] = load_yaml(text, f"--set {name}")
+        except ValueError as err:
+            raise SpecError(str(err)) from None
     return out
 
 
