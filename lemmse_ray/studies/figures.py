@@ -10,7 +10,9 @@ r"""Figures of a study, as small PNG files (matplotlib, Agg renderer, no global 
 * :func:`binned_figure` -- the evidence-binned error curves of :func:`lemmse_ray.studies.analysis.density_rows`.
 
 Every function validates its input before drawing (ValueError naming the parameter) and writes to a local
-path (atomically) or an fsspec URL through :func:`lemmse_ray.storage.files.write_bytes`.
+path (atomically) or an fsspec URL through :func:`lemmse_ray.storage.files.write_bytes`.  The curves and
+bars take ``path=None`` too, and then return the PNG's bytes: a report draws every figure first and writes
+only once all of them could be drawn.
 """
 from __future__ import annotations
 
@@ -34,13 +36,19 @@ LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def _save(fig: Figure, path: str, storage_options: dict | None) -> None:
+def _save(fig: Figure, path: str | None, storage_options: dict | None) -> bytes | None:
+    """Write the figure as PNG to ``path``; with ``path=None`` return the PNG's bytes instead."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    if path is None:
+        return buffer.getvalue()
     write_bytes(str(path), buffer.getvalue(), storage_options)
+    return None
 
 
-def _check_path(path: Any) -> str:
+def _check_path(path: Any, optional: bool = False) -> str | None:
+    if optional and path is None:
+        return None
     if not isinstance(path, str) or not path:
         raise ValueError(f"path must be a non-empty string (local path or fsspec URL), got {path!r}")
     return path
@@ -176,18 +184,18 @@ def _axes(title: str, xlabel: str, ylabel: str, size: tuple[float, float] = SIZE
     return fig, ax
 
 
-def line_figure(rows: Sequence[Mapping], x: str, y: str, path: str, title: str, xlabel: str, ylabel: str,
+def line_figure(rows: Sequence[Mapping], x: str, y: str, path: str | None, title: str, xlabel: str, ylabel: str,
                 hue: str | Sequence[str] | None = None, style: str | Sequence[str] | None = None,
                 logx: bool = False, logy: bool = False, band: tuple[str, str] | None = None,
-                legend_title: str | None = None, storage_options: dict | None = None) -> None:
+                legend_title: str | None = None, storage_options: dict | None = None) -> bytes | None:
     """Curves of column ``y`` against column ``x`` of ``rows`` (dicts, e.g. Parquet rows).
 
     One colour (and marker) per value of the ``hue`` column(s), one line style per value of the ``style``
     column(s) (e.g. ``"split"``: train solid, test dashed); points sorted by ``x``.  ``band`` = (lo, hi)
     columns shades the range between them (quartiles, ± standard error).  ``logx``/``logy`` use log axes
     (every plotted value must then be > 0); use them when values span decades (σ, N, ESS).  The legend
-    title defaults to the hue and style column names."""
-    _check_path(path)
+    title defaults to the hue and style column names.  ``path=None``: the PNG's bytes are returned."""
+    _check_path(path, optional=True)
     if not isinstance(rows, Sequence) or not rows or not all(isinstance(r, Mapping) for r in rows):
         raise ValueError("rows must be a non-empty sequence of dicts")
     hues, styles = _as_columns(hue, "hue"), _as_columns(style, "style")
@@ -231,16 +239,17 @@ def line_figure(rows: Sequence[Mapping], x: str, y: str, path: str, title: str, 
         if legend_title is None:
             legend_title = " / ".join(part for part in (", ".join(hues), ", ".join(styles)) if part) or None
         ax.legend(fontsize=7, title=legend_title, title_fontsize=7, loc="best")
-    _save(fig, path, storage_options)
+    return _save(fig, path, storage_options)
 
 
-def bar_figure(rows: Sequence[Mapping], category: str, value: str, hue: str | Sequence[str], path: str,
+def bar_figure(rows: Sequence[Mapping], category: str, value: str, hue: str | Sequence[str], path: str | None,
                title: str, ylabel: str, xlabel: str | None = None, decimals: int = 1,
-               storage_options: dict | None = None) -> None:
+               storage_options: dict | None = None) -> bytes | None:
     """Grouped bars: one group per value of ``category`` (e.g. problem), one bar per value of the ``hue``
     column(s) (e.g. network and split), height ``value`` printed on the bar.  A missing (category, hue)
-    pair leaves a gap; two rows for one pair are an error (aggregate first)."""
-    _check_path(path)
+    pair leaves a gap; two rows for one pair are an error (aggregate first).  ``path=None``: the PNG's
+    bytes are returned."""
+    _check_path(path, optional=True)
     if not isinstance(rows, Sequence) or not rows or not all(isinstance(r, Mapping) for r in rows):
         raise ValueError("rows must be a non-empty sequence of dicts")
     hues = _as_columns(hue, "hue")
@@ -267,19 +276,19 @@ def bar_figure(rows: Sequence[Mapping], category: str, value: str, hue: str | Se
     ax.set_xticks(range(len(cat_values)), cat_values, rotation=20 if len(cat_values) > 4 else 0, fontsize=8)
     ax.margins(y=0.15)
     ax.legend(fontsize=7, title=", ".join(hues), title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _save(fig, path, storage_options)
+    return _save(fig, path, storage_options)
 
 
 METRIC_LABELS = {"mse_lemmse_x": "|LE-MMSE − x|²", "mse_net_lemmse": "|{network} − LE-MMSE|²"}
 
 
-def binned_figure(rows: Sequence[Mapping], path: str, title: str,
+def binned_figure(rows: Sequence[Mapping], path: str | None, title: str,
                   xlabel: str = "log-evidence percentile within its class", ylabel: str = "MSE per pixel",
-                  logy: bool | None = None, storage_options: dict | None = None) -> None:
+                  logy: bool | None = None, storage_options: dict | None = None) -> bytes | None:
     """The curves of :func:`lemmse_ray.studies.analysis.density_rows` (columns ``metric``, ``network``, ``lo``,
     ``hi``, ``mean``, ``se``): mean error per bin at the bin centre, ± one standard error shaded; empty
     bins are skipped.  ``logy=None`` uses a log axis when every mean is > 0 and they span more than a
-    factor 10."""
+    factor 10.  ``path=None``: the PNG's bytes are returned."""
     if not isinstance(rows, Sequence) or not rows or not all(isinstance(r, Mapping) for r in rows):
         raise ValueError("rows must be a non-empty sequence of dicts")
     for name in ("metric", "network", "lo", "hi", "mean", "se"):
@@ -300,5 +309,5 @@ def binned_figure(rows: Sequence[Mapping], path: str, title: str,
                        "hi": mean + se, "curve": METRIC_LABELS[row["metric"]].format(network=row["network"])})
     if not points:
         raise ValueError("rows: every bin is empty")
-    line_figure(points, "center", "mean", path, title, xlabel, ylabel, hue="curve", logy=logy, band=("lo", "hi"),
-                legend_title="error (mean ± s.e.)", storage_options=storage_options)
+    return line_figure(points, "center", "mean", path, title, xlabel, ylabel, hue="curve", logy=logy,
+                       band=("lo", "hi"), legend_title="error (mean ± s.e.)", storage_options=storage_options)
