@@ -256,16 +256,16 @@ def read_study(out: str, storage_options: dict | None = None
     density_table = None
     if binned:
         where = [c for _, figure in binned for c in figure.get("where", {})]
-        density_table = read_rows(density_path, DENSITY_COLUMNS, MAX_DENSITY_ROWS, columns=where,
-                                  storage_options=storage_options)
+        density_table = read_rows(density_path, DENSITY_COLUMNS, MAX_DENSITY_ROWS,
+                                  columns=["problem", "input", *where], storage_options=storage_options)
     for i, part in enumerate(parts):
         for j, figure in enumerate(part.figures):
-            binned_figure_ = figure["kind"] == "binned"
-            check_figure_columns(figure, f"parts[{i}].figures[{j}]", density_table if binned_figure_ else cells_table,
-                                 density_path if binned_figure_ else cells_path, path)
+            binned_part = figure["kind"] == "binned"
+            check_figure_columns(figure, f"parts[{i}].figures[{j}]", density_table if binned_part else cells_table,
+                                 density_path if binned_part else cells_path, path)
     density: list[dict] = []
-    for name_ in dict.fromkeys(part.name for part, _ in binned):  # the rows of those parts only
-        density += as_rows(density_table.filter(pc.equal(density_table["part"], name_)))
+    for part_name in dict.fromkeys(part.name for part, _ in binned):  # the rows of those parts only
+        density += as_rows(density_table.filter(pc.equal(density_table["part"], part_name)))
     history = read_history(join(out, HISTORY), storage_options)
     return name, size, parts, as_rows(cells_table), density, history
 

@@ -52,7 +52,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..core.statistics import STATS
+from ..core.statistics import STATISTICS, STATS
 from ..data.datasets import DATASETS, EMBEDDED
 from ..models.networks import build_network
 from ..runs.config import Config, ConfigError
@@ -404,7 +404,7 @@ def _quantiles(stat: str) -> list[str]:
     return [f"{stat}_{label}" for label in QUANTILES]
 
 
-def columns_for(stats: frozenset[str] | set[str], networks: bool) -> dict[str, set[str]]:
+def columns_for(stats: frozenset[str], networks: bool) -> dict[str, set[str]]:
     """{table: the columns that hold values} for cells that store ``stats`` and, when ``networks``, train
     networks: the columns of :func:`lemmse_ray.studies.engine.cell_rows` and
     :func:`lemmse_ray.studies.analysis.cell_metrics`, with what each needs (``tests/test_study_inputs.py``
@@ -413,9 +413,9 @@ def columns_for(stats: frozenset[str] | set[str], networks: bool) -> dict[str, s
     cells = {*ROW_COLUMNS, *CELLS_ALWAYS}
     if "variance" in stats:
         cells.update(CELLS_VARIANCE)
-    for stat in ("ess", "max_weight", "entropy"):
-        if stat in stats:
-            cells.update(_quantiles(stat))
+    for stat in stats & set(STATISTICS):  # the stored measures of concentration, from the statistics table
+        if STATISTICS[stat].concentration:
+            cells.update(c for output in STATISTICS[stat].outputs for c in _quantiles(output.name))
     if "ess" in stats:
         cells.update(["frac_ess_lt2", *_quantiles("ess_fraction")])
     if "topk" in stats:
