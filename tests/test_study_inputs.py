@@ -358,8 +358,8 @@ def fake_study(folder: Path, parts: list[dict] | None = None, cells: list[dict] 
         for c, s in enumerate((0.1, 0.2)) for split in ("train", "test")]
     pq.write_table(pa.Table.from_pylist(rows), folder / "cells.parquet")
     bins = density if density is not None else [
-        {"part": "p", "cell": 0, "sigma": 0.1, "split": "test", "metric": "mse_lemmse_x", "network": "none",
-         "bin": b, "lo": b / 10, "hi": (b + 1) / 10, "mean": 0.01 * (b + 1), "se": 0.001} for b in range(10)]
+        {"part": "p", "cell": 0, "sigma": 0.1, "split": "test", "problem": "denoising", "input": "direct",
+         "metric": "mse_lemmse_x", "network": "none", "bin": b, "lo": b / 10, "hi": (b + 1) / 10, "mean": 0.01 * (b + 1), "se": 0.001} for b in range(10)]
     pq.write_table(pa.Table.from_pylist(bins), folder / "density.parquet")
     if history is not None:
         (folder / "history.json").write_text(json.dumps(history))
@@ -371,11 +371,17 @@ def files_under(folder: Path) -> set[str]:
 
 
 def test_a_hand_written_study_folder_renders(tmp_path, capsys):
-    out = fake_study(tmp_path / "s", history=[{"time": "t", "seconds": 1.0, "banks_built": 0}])
+    """The baseline of the refusals below; a figure whose rows hold no value is named, not dropped silently."""
+    part = {"name": "p", "description": "d", "base": BASE, "grid": {"sigmas": [[0.1], [0.2]]}, "zip": {},
+            "figures": [LINE, {"kind": "binned", "file": "d", "title": "t", "where": {"setting": "denoising (direct)"}},
+                        {**LINE, "file": "empty", "where": {"split": "validation"}}], "varying": ["sigma"]}
+    out = fake_study(tmp_path / "s", parts=[part], history=[{"time": "t", "seconds": 1.0, "banks_built": 0}])
     assert main(["report", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "![PSNR](figures/p_psnr.png)" in text and "![t](figures/p_d.png)" in text
+    assert "*Figure `p_empty.png` (PSNR) is not drawn: no row of this part selected by its `where` holds" in text
     assert (out / "figures" / "p_psnr.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["p_d.png", "p_psnr.png"]
 
 
 @pytest.mark.parametrize("change, message", [
