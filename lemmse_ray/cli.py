@@ -11,29 +11,10 @@ import logging
 import sys
 import time
 
-import ray
-
-from .cluster.session import ClusterError, check_actor_count, ensure_ray
+from .cluster.errors import ClusterError
 from .runs.config import Config, add_arguments, from_args, join
-from .runs.evaluation import evaluate_all, summary_table
-from .runs.pipeline import (
-    bank_step,
-    check_run,
-    estimate_step,
-    load_data,
-    make_problem,
-    plan_step,
-    record_timing,
-    report_step,
-    summarize,
-    verify_step,
-    write_report,
-)
-from .runs.training import train_all, trained_networks, unfinished_networks
 from .storage.ownership import claim_output_folder
-from .studies.cli import study_command
 from .studies.report import render
-from .studies.scaling import scaling_study
 
 DESCRIPTION = """\
 Exact LE-MMSE estimates at cluster scale, and the networks that try to match them.
@@ -132,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as err:  # e.g. a shard actor failed for good (a damaged shard): one line, exit 1
         if debug:
             raise
+        import ray  # Ray: already loaded by the work that failed; lemmse report and --help run without it
         ray.shutdown()  # first, so that the calls it abandons are not reported after the error line
         print(f"lemmse: error: {err}", file=sys.stderr)
         return 1
@@ -140,11 +122,19 @@ def main(argv: list[str] | None = None) -> int:
 def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
     """Run the steps of ``command``; timings go to ``<out>/timings.json`` (kept from the run that computed)."""
     if command == "study":
+        from .studies.cli import study_command  # Ray (the study engine): lemmse report runs without it
         return study_command(args)
     if command == "report":
         render(args.out)
         print(f"report: {join(args.out, 'report.md')}; figures: {join(args.out, 'figures')}", flush=True)
         return 0
+    from .cluster.session import check_actor_count, ensure_ray  # Ray: lemmse report runs without it
+    from .runs.evaluation import evaluate_all, summary_table  # Ray (via the pipeline): as above
+    from .runs.pipeline import (bank_step, check_run, estimate_step, load_data, make_problem,  # Ray: as above
+                                plan_step, record_timing, report_step, summarize, verify_step, write_report)
+    from .runs.training import train_all, trained_networks, unfinished_networks  # Ray Train: as above
+    from .studies.scaling import scaling_study  # Ray: as above
+
     steps = COMMANDS[command][1]
     t0 = time.perf_counter()
     train, queries = load_data(cfg)

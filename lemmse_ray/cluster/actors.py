@@ -39,7 +39,8 @@ from ..storage.bank_store import (
 )
 from ..storage.ownership import open_group
 from ..storage.redact import public
-from .session import (START_TIMEOUT_S, ClusterError, actor_options, await_actors, default_n_actors,
+from .errors import ClusterError
+from .session import (START_TIMEOUT_S, actor_options, await_actors, default_n_actors,
                       exact_device, wait_for_units)
 
 MAX_RESTARTS = 3

@@ -20,6 +20,7 @@ import torch
 import zarr
 
 from ..core.version import __version__
+from .errors import ClusterError
 
 log = logging.getLogger("lemmse_ray")
 
@@ -48,11 +49,6 @@ def exact_device() -> torch.device:
         torch.set_float32_matmul_precision("highest")
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot run the work as asked (resources busy past a bounded wait, an actor that failed for
-    good); the CLI prints it on one line."""
 
 
 #: seconds a start waits for busy units to be freed by other work (e.g. the actors of the previous bank, being killed)
