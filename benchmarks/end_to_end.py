@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 
 import lemmse_ray as lm  # noqa: E402
 from kernel import gemm_gflops, machine_info, naive_mean  # noqa: E402  (benchmarks/kernel.py)
-from lemmse_ray.data.datasets import load_dataset  # noqa: E402
+from lemmse_ray.data.loaders import load_dataset  # noqa: E402
 
 PATCH = 5
 SIGMA = 0.1

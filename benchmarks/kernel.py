@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lemmse_ray as lm  # noqa: E402
 from lemmse_ray.kernels import torch_kernels as kernel  # noqa: E402
 from lemmse_ray.kernels import epilogue as fused  # noqa: E402
-from lemmse_ray.data.datasets import load_dataset  # noqa: E402
+from lemmse_ray.data.loaders import load_dataset  # noqa: E402
 from lemmse_ray.core.statistics import finalize  # noqa: E402
 from lemmse_ray.bank.features import prepare_queries, scan  # noqa: E402
 

@@ -23,7 +23,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 import lemmse_ray as lm  # noqa: E402
-from lemmse_ray.data.datasets import load_dataset  # noqa: E402
+from lemmse_ray.data.loaders import load_dataset  # noqa: E402
 from lemmse_ray.cluster.build import build_bank
 from lemmse_ray.cluster.driver import estimate_on_ray
 from lemmse_ray.cluster.actors import start_actors  # noqa: E402

@@ -88,7 +88,7 @@ def best_time(fn, device: torch.device, repeat: int) -> float:
 def images(n_train: int, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(train, test) float64 images: ``photos`` tiles, or smooth synthetic images if its packages are missing."""
     try:
-        from lemmse_ray.data.datasets import load_dataset
+        from lemmse_ray.data.loaders import load_dataset
         return (load_dataset("photos", "train", n=n_train, size=size).double(),
                 load_dataset("photos", "test", n=1, size=size).double(), f"photos {size}×{size}")
     except ImportError as err:

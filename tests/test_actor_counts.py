@@ -17,7 +17,7 @@ from lemmse_ray.cluster.actors import start_actors
 from lemmse_ray.cluster.build import build_bank
 from lemmse_ray.cluster.errors import ClusterError
 from lemmse_ray.cluster.session import check_actor_count
-from lemmse_ray.data.datasets import load_dataset
+from lemmse_ray.data.loaders import load_dataset
 from lemmse_ray.studies.scaling import scaling_study
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -11,7 +11,7 @@ import lemmse_ray as lm
 from lemmse_ray.storage.results import EstimateArrays
 from lemmse_ray.studies.analysis import binned_rows, cell_metrics, class_keys, concentration_row, copied_own, copied_patch, copying_row, density_rows, final_train_loss, floor_check, image_rows, loss_floor, rows_met, topk_mass, within_class_centred, within_class_percentile
 from lemmse_ray.core.classes import plan_classes
-from lemmse_ray.data.datasets import load_dataset
+from lemmse_ray.data.loaders import load_dataset
 from lemmse_ray.core.patches import PatchGeometry
 
 ALL_STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")

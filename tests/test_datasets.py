@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lemmse_ray.data import datasets as ds
-from lemmse_ray.data.datasets import DATASETS, fetch_file, load_dataset, read_idx, safe_load_cifar_pickle, take_subset
-from lemmse_ray.data.datasets import photo_tile_sources, query_indices, subset_indices, verify_checksum
+from lemmse_ray.data import formats
+from lemmse_ray.data.formats import fetch_file, read_idx, safe_load_cifar_pickle, verify_checksum
+from lemmse_ray.data.loaders import DATASETS, PHOTO_SPLITS, download, load_dataset, photo_tile_sources, query_indices
+from lemmse_ray.data.loaders import subset_indices, take_subset
 
 RNG = np.random.default_rng(0)
 
@@ -228,7 +229,7 @@ def test_safe_pickle_refuses_tampering_with_stand_ins():
     blob = b"\x80\x02cnumpy\nndarray\nN}X\x01\x00\x00\x00aK\x01s\x86b."  # BUILD (None, {"a": 1})
     with pytest.raises(pickle.UnpicklingError):
         safe_load_cifar_pickle(blob)
-    assert not hasattr(ds._NdarrayTag, "a")
+    assert not hasattr(formats._NdarrayTag, "a")
 
 
 # ------------------------------------------------------------------------------------------ FFHQ / arrays
@@ -439,7 +440,7 @@ def test_photos_tiles_are_shuffled_across_photographs():
     crop its source names."""
     import skimage.data
 
-    for split, photographs in ds.PHOTO_SPLITS.items():
+    for split, photographs in PHOTO_SPLITS.items():
         sources = photo_tile_sources(split)
         assert sources == photo_tile_sources(split)
         first = {name for name, _, _ in sources[:64]}
@@ -555,4 +556,4 @@ def test_fetch_file_is_atomic_and_verified(tmp_path):
 
 def test_download_rejects_unknown_name(tmp_path):
     with pytest.raises(ValueError, match=named("name")):
-        ds.download("digits", tmp_path)
+        download("digits", tmp_path)

@@ -16,7 +16,7 @@ import zarr
 
 import lemmse_ray as lm
 from lemmse_ray.core.classes import plan_classes
-from lemmse_ray.data.datasets import load_dataset
+from lemmse_ray.data.loaders import load_dataset
 from lemmse_ray.cluster.build import build_bank
 from lemmse_ray.cluster.driver import estimate_on_ray
 from lemmse_ray.cluster.actors import start_actors

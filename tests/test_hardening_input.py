@@ -26,7 +26,8 @@ import zarr
 import lemmse_ray as lm
 import lemmse_ray.cli as cli
 from lemmse_ray.runs.config import Config, ConfigError
-from lemmse_ray.data.datasets import MAX_DECOMPRESSED_BYTES, load_dataset
+from lemmse_ray.data.formats import MAX_DECOMPRESSED_BYTES
+from lemmse_ray.data.loaders import load_dataset
 from lemmse_ray.models.networks import build_network, network_config
 from lemmse_ray.runs.pipeline import record_timing, write_report
 from lemmse_ray.runs.training import load_network
@@ -249,7 +250,7 @@ def test_idx_bomb_is_refused_after_its_header(tmp_path):
                1 << 30)
     assert (tmp_path / "train-images-idx3-ubyte.gz").stat().st_size < 1 << 23
     code = ("import resource, sys\n"
-            "from lemmse_ray.data.datasets import load_dataset\n"
+            "from lemmse_ray.data.loaders import load_dataset\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "try:\n"
             f"    load_dataset('fashion-mnist', 'train', root={str(tmp_path)!r})\n"
@@ -314,7 +315,7 @@ class _Zeros(io.RawIOBase):
 
 
 def test_capped_reader_stops_at_the_cap():
-    from lemmse_ray.data.datasets import read_capped
+    from lemmse_ray.data.formats import read_capped
     assert read_capped(io.BytesIO(b"abc"), 3, "x") == b"abc"
     with pytest.raises(ValueError, match="^bomb: decompresses to more than 1,000 bytes"):
         read_capped(_Zeros(10 ** 12), 1000, "bomb")

@@ -26,7 +26,7 @@ import torch
 import zarr
 
 import lemmse_ray as lm
-from lemmse_ray.data.datasets import load_dataset
+from lemmse_ray.data.loaders import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))

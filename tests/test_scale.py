@@ -34,7 +34,7 @@ OUTPUTS = ("mean", "variance", "ess", "max_weight", "entropy", "log_evidence", "
 
 @pytest.fixture(scope="module")
 def digits():
-    from lemmse_ray.data.datasets import load_dataset
+    from lemmse_ray.data.loaders import load_dataset
 
     return load_dataset("digits", "train", n=24).double(), load_dataset("digits", "test", n=5).double()
 

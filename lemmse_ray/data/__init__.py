@@ -1,2 +1,3 @@
-"""Datasets: loaders of the embedded and public datasets, and the readers of their file formats.
+"""Datasets: the readers of image file formats (:mod:`.formats`) and, built on them, the embedded and public
+datasets, their subsets and query images (:mod:`.loaders`).
 """

@@ -23,7 +23,7 @@ from ..core.problems import INPUT_MODES
 from ..core.statistics import STATS
 from ..kernels.resolver import KERNELS, check_kernel
 from ..core.validation import CANDIDATES, DTYPES, PADDINGS, check_noise_level
-from ..data.datasets import DATASETS, EMBEDDED
+from ..data.loaders import DATASETS, EMBEDDED
 from ..models.networks import NETWORKS
 from ..storage.inputs import read_yaml
 

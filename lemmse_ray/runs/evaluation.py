@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from ..core.metrics import mse, psnr
+from ..data.loaders import SPLITS
 from ..storage.bank_store import open_group
 from ..storage.files import save_parquet, save_png
 from ..storage.results import EstimateArrays
 from .config import Config, join
-from .pipeline import SPLITS, estimate_url
+from .pipeline import estimate_url
 from .report import group_means, image_grid
 from .training import load_network
 

@@ -21,7 +21,7 @@ from ..core.classes import plan_classes
 from ..core.metrics import psnr
 from ..core.patches import PatchGeometry
 from ..core.problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
-from ..data.datasets import load_dataset, query_indices, subset_indices
+from ..data.loaders import SPLITS, load_dataset, query_indices, subset_indices
 from ..storage.bank_store import MEMBERS as BANK_MEMBERS
 from ..storage.bank_store import Bank, open_group, verify_bank
 from ..storage.files import read_bytes, save_json, save_parquet, save_png, save_text
@@ -32,8 +32,6 @@ from .config import Config, join
 from .report import group_means, image_grid
 
 log = logging.getLogger("lemmse_ray")
-
-SPLITS = ("train", "test")
 
 
 def load_data(cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

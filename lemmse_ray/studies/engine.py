@@ -31,8 +31,9 @@ import torch
 from ..core.classes import plan_classes
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
+from ..data.loaders import SPLITS
 from ..runs.config import Config, join
-from ..runs.pipeline import SPLITS, check_run, load_data, make_problem, simulate
+from ..runs.pipeline import check_run, load_data, make_problem, simulate
 from ..storage.files import save_json, save_parquet
 from ..storage.inputs import read_json
 from ..storage.redact import public

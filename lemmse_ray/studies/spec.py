@@ -53,7 +53,7 @@ from typing import Any, Mapping
 import torch
 
 from ..core.statistics import STATISTICS, STATS
-from ..data.datasets import DATASETS, EMBEDDED
+from ..data.loaders import DATASETS, EMBEDDED
 from ..models.networks import build_network
 from ..runs.config import Config, ConfigError
 from ..storage.inputs import load_yaml, read_yaml

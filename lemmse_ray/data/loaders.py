@@ -10,28 +10,20 @@ Three datasets are embedded (their data ship inside scikit-image / scikit-learn 
 
 Four more read standard files from a user folder ``root``: ``"fashion-mnist"`` (IDX files),
 ``"cifar10"`` (binary or python batches, or their ``.tar.gz`` archive), ``"ffhq32"`` (``.npy``/``.npz``
-array or image folder) and ``"folder"`` (any folder of images). See ``docs/datasets.md``.
+array or image folder) and ``"folder"`` (any folder of images), each through the readers of
+:mod:`lemmse_ray.data.formats`; :func:`download` fetches the official files of the first two.  See
+``docs/datasets.md``.
 
 Subsets and queries: :func:`subset_indices` chooses a training subset (the first ``n`` images, or ``n``
 drawn without replacement with a seed; random subsets of one seed are nested: the one of size ``n`` is
 the prefix of every larger one), :func:`query_indices` the query images of a split (seeded, its own
 stream per split).
-
-CIFAR-10 python batches are pickles; they are read by a restricted unpickler that never imports or
-calls anything but its own array-building stand-ins, so a malicious file cannot execute code.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
-import pickle
-import struct
 import tarfile
-import tempfile
-import urllib.request
-import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,11 +31,27 @@ from typing import Callable, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
 
-__all__ = ["DATASETS", "download", "fetch_file", "load_dataset", "photo_tile_sources", "query_indices", "read_idx",
-           "read_idx_file", "safe_load_cifar_pickle", "subset_indices", "take_subset", "verify_checksum"]
+from ..core.validation import check_choice
+from .formats import (
+    IMAGE_SUFFIXES,
+    MAX_DECOMPRESSED_BYTES,
+    fetch_file,
+    image_files,
+    open_npz,
+    parse_cifar_bin,
+    parse_cifar_py,
+    read_capped,
+    read_idx_file,
+    read_images,
+    resize_center_crop,
+    set_channels,
+    to_images,
+    verify_checksum,
+)
+
+__all__ = ["DATASETS", "EMBEDDED", "PHOTO_SPLITS", "SPLITS", "SUBSET_MODES", "download", "load_dataset",
+           "photo_tile_sources", "query_indices", "subset_indices", "take_subset"]
 
 DATASETS: tuple[str, ...] = ("photos", "faces", "digits", "fashion-mnist", "cifar10", "ffhq32", "folder")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -64,17 +72,10 @@ _N_FACES_TRAIN = 80
 _DIGITS_TRAIN_FRACTION = 0.8
 _FFHQ_TRAIN_FRACTION = 6 / 7    # FFHQ convention: images 0..59999 train, 60000..69999 test
 _FOLDER_TEST_MODULUS = 5        # a file is a test file when its path hash is 0 modulo this (about 20 %)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_LUMA = (0.299, 0.587, 0.114)
-
-# Largest decompressed file or archive member read (FFHQ-32 as one array: 215 MB; a CIFAR-10 batch: 31 MB).
-MAX_DECOMPRESSED_BYTES = 1 << 29
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _FASHION_PREFIX = {"train": "train", "test": "t10k"}
 
 _CIFAR_DIRS = {"bin": "cifar-10-batches-bin", "py": "cifar-10-batches-py"}
 _CIFAR_ARCHIVES = {"bin": "cifar-10-binary.tar.gz", "py": "cifar-10-python.tar.gz"}
-_CIFAR_RECORD = 1 + 3 * 32 * 32
 
 _FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # URL and MD5 as published by the dataset authors (Fashion-MNIST README; CIFAR-10 web page).
@@ -100,8 +101,6 @@ class _Request:
     grayscale: bool | None
 
 
-# --------------------------------------------------------------------------------------------- public API
-
 def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | None = None,
                  size: int | None = None, grayscale: bool | None = None, n: int | None = None,
                  subset: str = "first", seed: int = 0) -> torch.Tensor:
@@ -125,9 +124,9 @@ def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | N
     Raises:
         ValueError: naming the offending parameter.
     """
-    _check_choice("name", name, DATASETS)
-    _check_choice("split", split, SPLITS)
-    _check_choice("subset", subset, SUBSET_MODES)
+    check_choice(name, DATASETS, "name")
+    check_choice(split, SPLITS, "split")
+    check_choice(subset, SUBSET_MODES, "subset")
     if n is not None:
         _check_count("n", n)
     _check_count("seed", seed, minimum=0)
@@ -155,7 +154,7 @@ def subset_indices(total: int, n: int, mode: str = "first", seed: int = 0) -> to
         ValueError: naming ``total``, ``n``, ``subset mode`` or ``seed``.
     """
     _check_count("total", total, minimum=0)
-    _check_choice("subset mode", mode, SUBSET_MODES)
+    check_choice(mode, SUBSET_MODES, "subset mode")
     _check_count("n", n)
     _check_count("seed", seed, minimum=0)
     if n > total:
@@ -179,7 +178,7 @@ def query_indices(total: int, n: int, *, split: str, seed: int = 0) -> torch.Ten
     """
     _check_count("total", total, minimum=0)
     _check_count("n", n)
-    _check_choice("split", split, SPLITS)
+    check_choice(split, SPLITS, "split")
     _check_count("seed", seed, minimum=0)
     if n > total:
         raise ValueError(f"n={n} exceeds the {total} images of split {split!r}")
@@ -201,73 +200,9 @@ def photo_tile_sources(split: str, size: int = 32) -> list[tuple[str, int, int]]
     ordered by a fixed seeded hash of their source, so that a small first subset spans the photographs;
     the order does not depend on library versions.
     """
-    _check_choice("split", split, SPLITS)
+    check_choice(split, SPLITS, "split")
     _check_count("size", size)
     return list(_photo_tiles(split, size)[1])
-
-
-def read_idx(data: bytes) -> np.ndarray:
-    """Parse an IDX file (MNIST format): magic ``00 00 type ndim``, big-endian int32 dims, then data."""
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _IDX_DTYPES:
-        raise ValueError("not an IDX file: bad magic number")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError("truncated IDX header")
-    shape = struct.unpack(f">{ndim}i", data[4:header])
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    if len(data) - header != int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(f"IDX payload does not match its header shape {shape}")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-
-
-def safe_load_cifar_pickle(data: bytes) -> dict:
-    """Read a CIFAR python-version batch (a pickled dict) without executing pickled code.
-
-    Only the globals a pickled numpy array needs are accepted, and each is replaced by a local
-    stand-in that builds the array with ``np.frombuffer``; any other global raises
-    :class:`pickle.UnpicklingError`. Keys are returned as ``str``; arrays as ``np.ndarray``.
-    """
-    try:
-        loaded = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError:
-        raise
-    except Exception as error:  # malformed opcodes or stand-ins misused: report uniformly
-        raise pickle.UnpicklingError(f"malformed CIFAR-10 pickle: {error}") from error
-    if not isinstance(loaded, dict):
-        raise pickle.UnpicklingError("a CIFAR batch must be a pickled dict")
-    return {(k.decode("latin1") if isinstance(k, bytes) else k): _materialize(v) for k, v in loaded.items()}
-
-
-def verify_checksum(path: str | os.PathLike, md5: str) -> bool:
-    """Whether the MD5 digest of the file at ``path`` equals ``md5`` (hex, case-insensitive)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest() == md5.lower()
-
-
-def fetch_file(url: str, dest: str | os.PathLike, md5: str) -> Path:
-    """Download ``url`` to ``dest`` atomically (temporary file, checksum, rename).
-
-    Raises:
-        ValueError: if the downloaded file's MD5 is not ``md5``; ``dest`` is then left untouched.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-        if not verify_checksum(tmp, md5):
-            raise ValueError(f"md5 mismatch for {url}: expected {md5}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
 
 
 def download(name: str, root: str | os.PathLike) -> list[Path]:
@@ -276,7 +211,7 @@ def download(name: str, root: str | os.PathLike) -> list[Path]:
     Files already present with the published checksum are kept; the result is readable by
     :func:`load_dataset` with the same ``root``.
     """
-    _check_choice("name", name, tuple(_DOWNLOADS))
+    check_choice(name, tuple(_DOWNLOADS), "name")
     paths = []
     for url, md5 in _DOWNLOADS[name]:
         dest = Path(root) / url.rsplit("/", 1)[1]
@@ -295,66 +230,10 @@ def _check_count(param: str, value: object, minimum: int = 1) -> int:
     return int(value)
 
 
-def _check_choice(param: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise ValueError naming ``param`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{param} must be one of {choices}, got {value!r}")
-
-
-def _to_images(array: np.ndarray) -> torch.Tensor:
-    """Convert an (N, H, W), (N, H, W, C) or (N, C, H, W) uint8 / [0, 1]-float array to a float32 tensor.
-
-    A 4-D array is channels-last when its last axis has 1 or 3 entries and its second does not.
-    """
-    if array.ndim == 3:
-        array = array[:, None]
-    if array.ndim != 4:
-        raise ValueError(f"image array must have 3 or 4 dimensions, got shape {array.shape}")
-    if array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
-        array = array.transpose(0, 3, 1, 2)
-    if array.shape[1] not in (1, 3):
-        raise ValueError(f"image array must have 1 or 3 channels, got shape {array.shape}")
-    if array.dtype == np.uint8:
-        return torch.from_numpy(array.astype(np.float32) / 255.0)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"image array must be uint8 or float in [0, 1], got dtype {array.dtype}")
-    images = torch.from_numpy(array.astype(np.float32))
-    if not bool(torch.isfinite(images).all()) or images.min() < 0 or images.max() > 1:
-        raise ValueError("float image array must have finite values in [0, 1]")
-    return images
-
-
-def _set_channels(images: torch.Tensor, grayscale: bool | None) -> torch.Tensor:
-    """Keep channels (None), reduce to luminance (True) or replicate gray to RGB (False)."""
-    channels = images.shape[1]
-    if grayscale and channels == 3:
-        weights = torch.tensor(_LUMA, dtype=images.dtype).view(1, 3, 1, 1)
-        return (images * weights).sum(dim=1, keepdim=True)
-    if grayscale is False and channels == 1:
-        return images.repeat(1, 3, 1, 1)
-    return images
-
-
-def _resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the shorter side is ``size`` (antialiased bicubic), then centre-crop to ``size``.
-
-    Images already ``size`` x ``size`` are returned unchanged (exact pixels).
-    """
-    height, width = images.shape[-2:]
-    if height == width == size:
-        return images
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    resized = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False,
-                            antialias=True).clamp_(0.0, 1.0)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[..., top:top + size, left:left + size].contiguous()
-
-
 def _finalize(images: torch.Tensor, size: int | None, grayscale: bool | None) -> torch.Tensor:
     """Apply the channel choice and the optional resize to a loaded batch."""
-    images = _set_channels(images, grayscale)
-    return images if size is None else _resize_center_crop(images, size)
+    images = set_channels(images, grayscale)
+    return images if size is None else resize_center_crop(images, size)
 
 
 def _split_by_fraction(items: _Items, split: str, fraction: float) -> _Items:
@@ -368,7 +247,7 @@ def _split_by_fraction(items: _Items, split: str, fraction: float) -> _Items:
 @lru_cache(maxsize=None)
 def _photo(name: str) -> np.ndarray:
     """A bundled skimage photograph as a read-only (H, W, 3) uint8 array (cached)."""
-    import skimage.data
+    import skimage.data  # heavy: imported by the embedded datasets only
 
     image = np.asarray(getattr(skimage.data, name)())
     image.setflags(write=False)
@@ -412,12 +291,12 @@ def _load_photos(request: _Request) -> torch.Tensor:
     tiles = _photo_tiles(request.split, request.size)[0]
     if len(tiles) == 0:
         raise ValueError(f"size={request.size} is larger than every {request.split} photograph")
-    return _to_images(tiles)
+    return to_images(tiles)
 
 
 def _load_faces(request: _Request) -> torch.Tensor:
     """The 100 LFW face crops of ``skimage.data.lfw_subset()``: first 80 train, last 20 test."""
-    import skimage.data
+    import skimage.data  # heavy: imported by the embedded datasets only
 
     faces = torch.from_numpy(skimage.data.lfw_subset()[:_N_FACES].astype(np.float32)).clamp_(0, 1)
     faces = faces[:, None]
@@ -426,49 +305,13 @@ def _load_faces(request: _Request) -> torch.Tensor:
 
 def _load_digits(request: _Request) -> torch.Tensor:
     """scikit-learn's 8x8 digits scaled by 1/16: first 80 % (1437) train, last 360 test."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy: imported by the embedded datasets only
 
     digits = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0)[:, None]
     return _split_by_fraction(digits, request.split, _DIGITS_TRAIN_FRACTION)
 
 
 # --------------------------------------------------------------------------------------------- fashion-mnist
-
-def read_idx_file(path: str | os.PathLike, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> np.ndarray:
-    """:func:`read_idx` of a file, gunzipped when its name ends in ``.gz``, reading no more than its header
-    declares (plus one byte, to detect trailing data): a small file that would decompress to gigabytes is
-    refused after reading its header, and a header declaring more than ``max_bytes`` is refused outright."""
-    path = Path(path)
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as stream:
-        head = stream.read(4)
-        if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] not in _IDX_DTYPES:
-            raise ValueError(f"{path.name}: not an IDX file: bad magic number")
-        dims = stream.read(4 * head[3])
-        if len(dims) < 4 * head[3]:
-            raise ValueError(f"{path.name}: truncated IDX header")
-        shape = struct.unpack(f">{head[3]}i", dims)
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_IDX_DTYPES[head[2]]).itemsize
-        if size > max_bytes:
-            raise ValueError(f"{path.name}: its header declares {size:,} bytes of data, more than the "
-                             f"{max_bytes:,} allowed")
-        payload = stream.read(size + 1)  # one byte more than declared: read_idx refuses trailing data
-    try:
-        return read_idx(head + dims + payload)
-    except ValueError as err:
-        raise ValueError(f"{path.name}: {err}") from None
-
-
-def read_capped(stream: io.RawIOBase | io.BufferedIOBase, max_bytes: int, what: str) -> bytes:
-    """Read ``stream`` to its end, refusing (``ValueError`` naming ``what``) once more than ``max_bytes``
-    would be read: a decompression bomb is stopped at the cap, not after filling memory."""
-    chunks, total = [], 0
-    while chunk := stream.read(min(1 << 20, max_bytes + 1 - total)):
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > max_bytes:
-            raise ValueError(f"{what}: decompresses to more than {max_bytes:,} bytes (the limit for one file)")
-    return b"".join(chunks)
-
 
 def _load_fashion_mnist(request: _Request) -> torch.Tensor:
     """``{train,t10k}-images-idx3-ubyte[.gz]`` from ``root`` or ``root/FashionMNIST/raw``."""
@@ -482,7 +325,7 @@ def _load_fashion_mnist(request: _Request) -> torch.Tensor:
     if images.dtype != np.uint8 or images.ndim != 3:
         raise ValueError(f"{path.name}: expected uint8 images of shape (N, H, W), got {images.dtype} "
                          f"{images.shape}")
-    return _to_images(images)
+    return to_images(images)
 
 
 # --------------------------------------------------------------------------------------------- cifar-10
@@ -493,23 +336,7 @@ def _cifar_names(fmt: str, split: str) -> list[str]:
     return [f"{stem}.bin" if fmt == "bin" else stem for stem in stems]
 
 
-def _parse_cifar_bin(data: bytes) -> np.ndarray:
-    """Images of a binary batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
-    if not data or len(data) % _CIFAR_RECORD:
-        raise ValueError(f"CIFAR-10 binary batch size {len(data)} is not a multiple of {_CIFAR_RECORD}")
-    return np.frombuffer(data, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)[:, 1:].reshape(-1, 3, 32, 32)
-
-
-def _parse_cifar_py(data: bytes) -> np.ndarray:
-    """Images of a python-version batch: its ``data`` entry, a (N, 3072) uint8 array."""
-    images = safe_load_cifar_pickle(data).get("data")
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 \
-            or images.shape[1] != 3 * 32 * 32:
-        raise ValueError("CIFAR-10 python batch must hold 'data' as a (N, 3072) uint8 array")
-    return images.reshape(-1, 3, 32, 32)
-
-
-_CIFAR_PARSERS: dict[str, Callable[[bytes], np.ndarray]] = {"bin": _parse_cifar_bin, "py": _parse_cifar_py}
+_CIFAR_PARSERS: dict[str, Callable[[bytes], np.ndarray]] = {"bin": parse_cifar_bin, "py": parse_cifar_py}
 
 
 def _read_cifar_archive(path: Path, split: str) -> tuple[str, list[bytes]]:
@@ -551,145 +378,10 @@ def _find_cifar_batches(root: Path, split: str) -> tuple[str, list[bytes]]:
 def _load_cifar10(request: _Request) -> torch.Tensor:
     """CIFAR-10 images of ``request.split`` as (N, 3, 32, 32)."""
     fmt, batches = _find_cifar_batches(request.root, request.split)
-    return _to_images(np.concatenate([_CIFAR_PARSERS[fmt](batch) for batch in batches]))
+    return to_images(np.concatenate([_CIFAR_PARSERS[fmt](batch) for batch in batches]))
 
 
-class _Stub:
-    """Base of the pickle stand-ins: a BUILD opcode on a stand-in (or its class) is refused."""
-
-    __slots__ = ()
-
-    def __setstate__(self, state: object) -> None:
-        raise pickle.UnpicklingError("unexpected object state in pickle")
-
-
-class _NdarrayTag(_Stub):
-    """Stand-in for ``numpy.ndarray``: only marks the subtype argument of ``_reconstruct``."""
-
-    __slots__ = ()
-
-
-class _Latin1Encode(_Stub):
-    """Stand-in for ``_codecs.encode``, which protocol-2 pickles written by Python 3 use for bytes."""
-
-    __slots__ = ()
-
-    def __new__(cls, text: str, encoding: str) -> bytes:  # type: ignore[misc]
-        if not isinstance(text, str) or encoding != "latin1":
-            raise pickle.UnpicklingError("only _codecs.encode(str, 'latin1') is allowed")
-        return text.encode("latin1")
-
-
-class _PendingDtype(_Stub):
-    """Stand-in for ``numpy.dtype``: records the type code, then the byte order set by BUILD."""
-
-    __slots__ = ("code", "order")
-    _ALLOWED = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f4", "f8"})
-
-    def __init__(self, code: str | bytes, align: object = False, copy: object = True) -> None:
-        code = code.decode("ascii") if isinstance(code, bytes) else code
-        if code not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing pickled dtype {code!r}")
-        self.code, self.order = code, "|"
-
-    def __setstate__(self, state: object) -> None:
-        order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
-        order = order.decode("ascii") if isinstance(order, bytes) else order
-        if order not in ("|", "<", ">", "="):
-            raise pickle.UnpicklingError("bad pickled dtype state")
-        self.order = order
-
-    def resolve(self) -> np.dtype:
-        """The numpy dtype described."""
-        return np.dtype(self.order + self.code)
-
-
-class _PendingArray(_Stub):
-    """Stand-in for ``numpy.core.multiarray._reconstruct``: an empty array that BUILD fills."""
-
-    __slots__ = ("array",)
-
-    def __init__(self, subtype: type, shape: object, typecode: object) -> None:
-        if subtype is not _NdarrayTag:
-            raise pickle.UnpicklingError("_reconstruct of a type other than numpy.ndarray")
-        self.array: np.ndarray | None = None
-
-    def __setstate__(self, state: object) -> None:
-        if not isinstance(state, tuple) or len(state) not in (4, 5):
-            raise pickle.UnpicklingError("bad pickled ndarray state")
-        shape, dtype, fortran, raw = state[-4:]
-        if not (isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)
-                and isinstance(dtype, _PendingDtype) and isinstance(raw, bytes)):
-            raise pickle.UnpicklingError("bad pickled ndarray state")
-        resolved = dtype.resolve()
-        if len(raw) != int(np.prod(shape)) * resolved.itemsize:
-            raise pickle.UnpicklingError("pickled ndarray data does not match its shape")
-        self.array = np.frombuffer(raw, dtype=resolved).reshape(shape, order="F" if fortran else "C")
-
-
-_SAFE_GLOBALS: dict[tuple[str, str], type] = {
-    ("numpy.core.multiarray", "_reconstruct"): _PendingArray,
-    ("numpy._core.multiarray", "_reconstruct"): _PendingArray,
-    ("numpy", "ndarray"): _NdarrayTag,
-    ("numpy", "dtype"): _PendingDtype,
-    ("_codecs", "encode"): _Latin1Encode,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals of :data:`_SAFE_GLOBALS`, to local stand-ins."""
-
-    def find_class(self, module: str, name: str) -> type:
-        """Return the stand-in of an allowed global; refuse every other one."""
-        try:
-            return _SAFE_GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
-
-    def persistent_load(self, pid: object) -> object:
-        """Refuse persistent ids."""
-        raise pickle.UnpicklingError("refusing persistent id")
-
-
-def _materialize(value: object) -> object:
-    """Replace a filled :class:`_PendingArray` by its array; refuse one left without state."""
-    if isinstance(value, _PendingArray):
-        if value.array is None:
-            raise pickle.UnpicklingError("pickled ndarray without state")
-        return value.array
-    return value
-
-
-# --------------------------------------------------------------------------------------------- image files
-
-def _image_files(directory: Path) -> list[Path]:
-    """Image files under ``directory`` (recursive), sorted by relative path."""
-    files = [p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(files, key=lambda p: p.relative_to(directory).as_posix())
-
-
-def _read_image(path: Path, grayscale: bool) -> torch.Tensor:
-    """One image file as a (1, C, H, W) float tensor: C = 1 if ``grayscale`` else 3.
-
-    8-bit and 16-bit grayscale files are read as gray; every other mode is converted to RGB.
-    """
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        if image.mode == "L":
-            array = np.asarray(image, dtype=np.float32) / 255.0
-        elif image.mode.startswith("I;16") or image.mode == "I":
-            array = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
-        else:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array)
-    tensor = tensor[None, None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)[None]
-    return _set_channels(tensor, grayscale)
-
-
-def _read_images(files: list[Path], size: int, grayscale: bool) -> torch.Tensor:
-    """Read, resize (shorter side) and centre-crop ``files`` to ``size``, stacked in order."""
-    return torch.cat([_resize_center_crop(_read_image(p, grayscale), size) for p in files])
-
+# --------------------------------------------------------------------------------------------- image folders
 
 def _is_test_file(relative: str) -> bool:
     """Deterministic ~20 % test rule on a file's relative path (stable when files are added)."""
@@ -700,8 +392,8 @@ def _is_test_file(relative: str) -> bool:
 def _folder_split_files(root: Path, split: str) -> list[Path]:
     """Files of ``split``: ``root/train`` / ``root/test`` if both exist, else the hash rule."""
     if (root / "train").is_dir() and (root / "test").is_dir():
-        return _image_files(root / split)
-    files = _image_files(root)
+        return image_files(root / split)
+    files = image_files(root)
     return [p for p in files if _is_test_file(p.relative_to(root).as_posix()) == (split == "test")]
 
 
@@ -713,7 +405,7 @@ def _load_folder(request: _Request) -> torch.Tensor:
     if not files:
         raise ValueError(f"root {str(request.root)!r} has no {request.split} images with suffix in "
                          f"{IMAGE_SUFFIXES}")
-    return _read_images(files, request.size, bool(request.grayscale))
+    return read_images(files, request.size, bool(request.grayscale))
 
 
 def _load_array_file(path: Path, split: str) -> torch.Tensor:
@@ -722,20 +414,12 @@ def _load_array_file(path: Path, split: str) -> torch.Tensor:
     A single array is split by index: the first 6/7 train, the rest test.
     """
     if path.suffix == ".npy":
-        return _to_images(_split_by_fraction(np.load(path, allow_pickle=False), split, _FFHQ_TRAIN_FRACTION))
-    try:
-        with zipfile.ZipFile(path) as archive:  # members are decompressed by np.load: check their sizes first
-            sizes = {info.filename: info.file_size for info in archive.infolist()}
-    except zipfile.BadZipFile:
-        raise ValueError(f"root {path.name!r} is not a .npz archive") from None
-    if sum(sizes.values()) > MAX_DECOMPRESSED_BYTES:
-        raise ValueError(f"root {path.name!r}: its arrays declare {sum(sizes.values()):,} bytes, more than the "
-                         f"{MAX_DECOMPRESSED_BYTES:,} allowed")
-    with np.load(path, allow_pickle=False) as arrays:
+        return to_images(_split_by_fraction(np.load(path, allow_pickle=False), split, _FFHQ_TRAIN_FRACTION))
+    with open_npz(path) as arrays:
         if "train" in arrays.files and "test" in arrays.files:
-            return _to_images(arrays[split])
+            return to_images(arrays[split])
         if len(arrays.files) == 1:
-            return _to_images(_split_by_fraction(arrays[arrays.files[0]], split, _FFHQ_TRAIN_FRACTION))
+            return to_images(_split_by_fraction(arrays[arrays.files[0]], split, _FFHQ_TRAIN_FRACTION))
         raise ValueError(f"root {path.name!r} must hold 'train' and 'test' arrays or a single array, "
                          f"found {arrays.files}")
 
@@ -750,12 +434,12 @@ def _load_ffhq32(request: _Request) -> torch.Tensor:
     if not root.is_dir():
         raise ValueError(f"root {str(root)!r} does not exist")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        files = _image_files(root / request.split)
+        files = image_files(root / request.split)
     else:
-        files = _split_by_fraction(_image_files(root), request.split, _FFHQ_TRAIN_FRACTION)
+        files = _split_by_fraction(image_files(root), request.split, _FFHQ_TRAIN_FRACTION)
     if not files:
         raise ValueError(f"root {str(root)!r} has no {request.split} images with suffix in {IMAGE_SUFFIXES}")
-    return _read_images(files, request.size, bool(request.grayscale))
+    return read_images(files, request.size, bool(request.grayscale))
 
 
 _LOADERS: dict[str, Callable[[_Request], torch.Tensor]] = {
