@@ -36,12 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NETWORKS = ("patchmlp", "resnet", "unet")
-PADDINGS = ("zeros", "circular")
+from ..core.validation import PADDINGS, check_choice
 
 __all__ = [
     "NETWORKS",
-    "PADDINGS",
+    "REGISTRY",
     "PatchMLP",
     "ResNet",
     "UNet2D",
@@ -59,14 +58,8 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def _check_padding(padding: Any) -> str:
-    if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    return padding
-
-
-def _check_patch_size(patch_size: Any, minimum: int = 1) -> int:
-    _check_int("patch_size", patch_size, minimum)
+def _check_patch_size(patch_size: Any) -> int:
+    _check_int("patch_size", patch_size)
     if patch_size % 2 == 0:
         raise ValueError(f"patch_size must be odd, got {patch_size}")
     return patch_size
@@ -101,6 +94,8 @@ class PatchMLP(nn.Module):
     Receptive field: ``P`` (``patch_size``).
     """
 
+    name = "patchmlp"
+
     def __init__(
         self,
         patch_size: int,
@@ -116,10 +111,10 @@ class PatchMLP(nn.Module):
         _check_int("out_channels", out_channels)
         _check_int("hidden", hidden)
         _check_int("depth", depth)
-        self.padding = _check_padding(padding)
+        self.padding = check_choice(padding, PADDINGS, "padding")
         self.patch_size = patch_size
         self.config = {
-            "name": "patchmlp",
+            "name": self.name,
             "patch_size": patch_size,
             "in_channels": in_channels,
             "out_channels": out_channels,
@@ -132,6 +127,15 @@ class PatchMLP(nn.Module):
         for width_in, width_out in zip(widths[:-1], widths[1:]):
             layers += [nn.GELU(), nn.Conv2d(width_in, width_out, 1)]
         self.body = nn.Sequential(*layers)
+
+    @classmethod
+    def from_patch_size(cls, in_channels: int, out_channels: int, patch_size: int | None, padding: str = "zeros",
+                        **kwargs: Any) -> PatchMLP:
+        """The PatchMLP of receptive field ``patch_size``: the patch it reads, so ``patch_size`` is required."""
+        if patch_size is None:
+            raise ValueError(f"patch_size is required for network {cls.name!r}")
+        return cls(in_channels=in_channels, out_channels=out_channels, padding=padding, patch_size=patch_size,
+                   **kwargs)
 
     @property
     def receptive_field(self) -> int:
@@ -169,6 +173,8 @@ class ResNet(nn.Module):
     Receptive field: ``2 * depth + 1``.
     """
 
+    name = "resnet"
+
     def __init__(
         self,
         in_channels: int,
@@ -183,7 +189,7 @@ class ResNet(nn.Module):
         _check_int("out_channels", out_channels)
         _check_int("width", width)
         _check_int("depth", depth)
-        self.padding = _check_padding(padding)
+        self.padding = check_choice(padding, PADDINGS, "padding")
         if residual is None:
             residual = in_channels >= out_channels
         elif not isinstance(residual, bool):
@@ -196,7 +202,7 @@ class ResNet(nn.Module):
         self.residual = residual
         self.out_channels = out_channels
         self.config = {
-            "name": "resnet",
+            "name": self.name,
             "in_channels": in_channels,
             "out_channels": out_channels,
             "width": width,
@@ -207,6 +213,24 @@ class ResNet(nn.Module):
         self.stem = nn.Conv2d(in_channels, width, 3)
         self.blocks = nn.Sequential(*(_ResidualBlock(width) for _ in range(depth - 1)))
         self.head = nn.Conv2d(width, out_channels, 1)
+
+    @classmethod
+    def from_patch_size(cls, in_channels: int, out_channels: int, patch_size: int | None, padding: str = "zeros",
+                        **kwargs: Any) -> ResNet:
+        """The ResNet of receptive field ``patch_size = 2 depth + 1``: ``depth = P // 2`` (odd ``P >= 3``, the
+        stem being a 3x3 convolution).  ``patch_size=None``: the receptive field is set by ``depth``."""
+        if patch_size is not None:
+            _check_patch_size(patch_size)
+            if patch_size < 3:
+                raise ValueError(f"network {cls.name!r} cannot have receptive field patch_size={patch_size} "
+                                 "(its stem is a 3x3 convolution: at least 3)")
+            depth = patch_size // 2
+            if kwargs.setdefault("depth", depth) != depth:
+                raise ValueError(
+                    f"depth={kwargs['depth']} conflicts with patch_size={patch_size} "
+                    f"({cls.name} receptive field 2*depth+1)"
+                )
+        return cls(in_channels=in_channels, out_channels=out_channels, padding=padding, **kwargs)
 
     @property
     def receptive_field(self) -> int:
@@ -317,6 +341,8 @@ class UNet2D(nn.Module):
     only to shifts by multiples of ``factor``.
     """
 
+    name = "unet"
+
     def __init__(
         self,
         in_channels: int,
@@ -330,11 +356,11 @@ class UNet2D(nn.Module):
         _check_int("in_channels", in_channels)
         _check_int("out_channels", out_channels)
         _check_int("width", width)
-        self.padding = _check_padding(padding)
+        self.padding = check_choice(padding, PADDINGS, "padding")
         levels, self.kernels = unet_kernels(patch_size, levels)
         self.levels = levels
         self.config = {
-            "name": "unet",
+            "name": self.name,
             "in_channels": in_channels,
             "out_channels": out_channels,
             "width": width,
@@ -352,6 +378,14 @@ class UNet2D(nn.Module):
             for level in range(levels - 1)
         )
         self.head = nn.Conv2d(width, out_channels, 1)
+
+    @classmethod
+    def from_patch_size(cls, in_channels: int, out_channels: int, patch_size: int | None, padding: str = "zeros",
+                        **kwargs: Any) -> UNet2D:
+        """The U-Net of receptive field ``patch_size``: ``levels`` (unless given) and the kernel sizes by
+        :func:`unet_kernels`.  ``patch_size=None``: every convolution ``3 x 3``."""
+        return cls(in_channels=in_channels, out_channels=out_channels, padding=padding, patch_size=patch_size,
+                   **kwargs)
 
     @property
     def factor(self) -> int:
@@ -386,7 +420,9 @@ class UNet2D(nn.Module):
         return self.head(h)[..., m : m + height, m : m + width]
 
 
-_CLASSES: dict[str, type[nn.Module]] = {"patchmlp": PatchMLP, "resnet": ResNet, "unet": UNet2D}
+#: every network by name; each class builds itself with a given receptive field (``from_patch_size``)
+REGISTRY: dict[str, type[PatchMLP | ResNet | UNet2D]] = {cls.name: cls for cls in (PatchMLP, ResNet, UNet2D)}
+NETWORKS = tuple(REGISTRY)
 
 
 def build_network(
@@ -398,7 +434,8 @@ def build_network(
     padding: str = "zeros",
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a network by name (one of ``NETWORKS``) with receptive field ``patch_size``.
+    """Build a network by name (one of :data:`NETWORKS`) with receptive field ``patch_size``, by its class's
+    ``from_patch_size`` (:data:`REGISTRY`).
 
     ``patch_size`` (odd) is required for ``"patchmlp"`` (any odd ``P >= 1``).  For ``"resnet"`` it is
     optional and, when given (``P >= 3``), sets ``depth = P // 2``.  For ``"unet"`` it is optional and,
@@ -410,38 +447,21 @@ def build_network(
 
     ``build_network(**network_config(net))`` rebuilds ``net``'s architecture.
     """
-    if name not in _CLASSES:
+    if name not in REGISTRY:
         raise ValueError(f"name must be one of {NETWORKS}, got {name!r}")
-    cls = _CLASSES[name]
+    cls = REGISTRY[name]
     allowed = set(inspect.signature(cls).parameters) - {
         "in_channels", "out_channels", "padding", "patch_size"
     }
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for network {name!r}")
-    if name == "patchmlp":
-        if patch_size is None:
-            raise ValueError("patch_size is required for network 'patchmlp'")
-        kwargs["patch_size"] = patch_size
-    elif name == "resnet" and patch_size is not None:
-        _check_patch_size(patch_size)
-        if patch_size < 3:
-            raise ValueError(f"network 'resnet' cannot have receptive field patch_size={patch_size} "
-                             "(its stem is a 3x3 convolution: at least 3)")
-        depth = patch_size // 2
-        if kwargs.setdefault("depth", depth) != depth:
-            raise ValueError(
-                f"depth={kwargs['depth']} conflicts with patch_size={patch_size} "
-                f"(resnet receptive field 2*depth+1)"
-            )
-    elif name == "unet":
-        kwargs["patch_size"] = patch_size
-    return cls(in_channels=in_channels, out_channels=out_channels, padding=padding, **kwargs)
+    return cls.from_patch_size(in_channels, out_channels, patch_size, padding, **kwargs)
 
 
 def network_config(module: nn.Module) -> dict[str, Any]:
     """Return a copy of ``module.config``: a JSON-able dict accepted by ``build_network(**config)``."""
     config = getattr(module, "config", None)
-    if not isinstance(config, dict) or config.get("name") not in _CLASSES:
+    if not isinstance(config, dict) or config.get("name") not in REGISTRY:
         raise ValueError(f"module {type(module).__name__} carries no network config")
     return dict(config)
