@@ -6,7 +6,8 @@ batch, broadcasts them through the object store with up to ``max_in_flight`` bat
 merges the actors' partials in a fixed order (so results do not depend on timing), formats them as the
 in-memory API does (:func:`lemmse_ray.core.statistics.to_result`) and writes each batch to the output Zarr
 group before flagging it done; finished batches are skipped on restart.  Each batch takes exactly one partial
-per actor, so nothing is merged twice.
+per actor, so nothing is merged twice.  :func:`estimate_outputs` estimates several outputs of one bank with
+one set of actors (:class:`SharedActors`), started once, by the first output with batches left.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import numpy as np
 import ray
 import torch
+import zarr
 from tqdm.auto import tqdm
 
 from ..bank.features import (
@@ -244,3 +247,69 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
 def class_rows(bank: Bank) -> np.ndarray:
     """(n_classes,) rows of each class in ``bank``."""
     return np.diff(bank.layout.offsets)
+
+
+@dataclass
+class EstimateRequest:
+    """One output of :func:`estimate_outputs`: the arguments of :func:`estimate_on_ray` but the bank and the
+    actors (``options``: its other keywords, e.g. ``batch_images``, ``n_actors``, ``stats``, ``dtype``)."""
+
+    z: torch.Tensor
+    sigma: float
+    url: str
+    mask: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    metadata: dict | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class SharedActors:
+    """The shard actors of one bank, shared by its estimate outputs, and what each output did with them.
+
+    The actors are started by the first output with batches left (:func:`estimate_on_ray` fills the empty
+    list), with that output's ``n_actors`` and actor settings; the outputs after it reuse them.
+    ``computed[i]`` and ``busy_s[i]`` are the batches output ``i`` computed and the actors' busy seconds
+    summed over them (its entry in the output's ``history``).
+    """
+
+    def __init__(self, bank: Bank):
+        self.bank = bank
+        self.actors: list = []
+        self.computed: list[int] = []
+        self.busy_s: list[float] = []
+
+    def estimate(self, request: EstimateRequest) -> zarr.Group:
+        """:func:`estimate_on_ray` of ``request`` with these actors; returns the output group."""
+        group = estimate_on_ray(self.bank, request.z, request.sigma, request.url, mask=request.mask, x=request.x,
+                                metadata=request.metadata, actors=self.actors, **request.options)
+        entry = group.attrs["history"][-1]
+        self.computed.append(len(entry["computed_batches"]))
+        self.busy_s.append(sum(entry.get("actor_busy_s", [])))
+        return group
+
+    def load_seconds(self) -> float:
+        """Seconds the resident actors spent loading their shards (a streaming actor reads while it scans)."""
+        if not self.actors:
+            return 0.0
+        return sum(d["read_s"] for d in ray.get([a.describe.remote() for a in self.actors]) if not d["streaming"])
+
+    def release(self) -> None:
+        """Kill the actors, freeing their CPUs or GPUs (for the next bank, for training)."""
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def estimate_outputs(bank: Bank, requests: Iterable[EstimateRequest], release: bool = False) -> SharedActors:
+    """Estimate every output of ``requests`` against ``bank``, in order, with one set of shard actors.
+
+    With ``release`` the actors are killed at the end, also when an output fails; without, they live as long
+    as the returned :class:`SharedActors` (e.g. to ask their :meth:`~SharedActors.load_seconds`).
+    """
+    shared = SharedActors(bank)
+    try:
+        for request in requests:
+            shared.estimate(request)
+    finally:
+        if release:
+            shared.release()
+    return shared

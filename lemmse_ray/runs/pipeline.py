@@ -14,13 +14,14 @@ import time
 import torch
 
 from ..cluster.build import build_bank, repair_bank
-from ..cluster.driver import DTYPES, estimate_on_ray
+from ..cluster.driver import EstimateRequest, estimate_outputs
 from ..cluster.plan import Plan, make_plan
 from ..kernels.resolver import resolve
 from ..core.classes import plan_classes
 from ..core.metrics import psnr
 from ..core.patches import PatchGeometry
 from ..core.problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
+from ..core.validation import DTYPES
 from ..data.loaders import SPLITS, load_dataset, query_indices, subset_indices
 from ..storage.bank_store import MEMBERS as BANK_MEMBERS
 from ..storage.bank_store import Bank, open_group, verify_bank
@@ -165,32 +166,22 @@ class EstimateStats:
 
 def estimate_step(cfg: Config, bank: Bank, problem: Problem,
                   queries: dict[str, torch.Tensor]) -> tuple[dict, EstimateStats]:
-    """Estimate every split × σ through the Ray actors (started at most once).
+    """Estimate every split × σ through one set of Ray actors, started at most once (:func:`estimate_outputs`).
 
     Returns ({(split, σ): url}, what this call computed)."""
     t0 = time.perf_counter()
-    actors: list = []  # started by the first output with work left, then shared
-    urls = {}
-    stats = EstimateStats()
-    for split, index, sigma, images, z, mask in estimate_inputs(cfg, problem, queries):
-        url = estimate_url(cfg, split, sigma)
-        group = estimate_on_ray(bank, z, sigma, url, mask=mask, x=images, batch_images=cfg.batch_images,
-                                actors=actors, n_actors=cfg.n_actors, stats=tuple(cfg.stats), topk=cfg.topk,
-                                dtype=DTYPES[cfg.dtype], storage_options=cfg.storage_options,
+    options = {"batch_images": cfg.batch_images, "n_actors": cfg.n_actors, "stats": tuple(cfg.stats),
+               "topk": cfg.topk, "dtype": DTYPES[cfg.dtype], "storage_options": cfg.storage_options,
+               "overwrite": cfg.overwrite, "actor_memory": actor_memory(cfg)}
+    requests = (EstimateRequest(z, sigma, estimate_url(cfg, split, sigma), mask=mask, x=images, options=options,
                                 metadata={"split": split, "seed": query_seed(cfg, split, index),
-                                          "dataset": cfg.dataset, "config": dataclasses.asdict(cfg)},
-                                overwrite=cfg.overwrite, actor_memory=actor_memory(cfg))
-        urls[(split, sigma)] = url
-        entry = group.attrs["history"][-1]
-        stats.computed += len(entry["computed_batches"])
-        stats.busy_s += sum(entry.get("actor_busy_s", []))
-    stats.seconds = time.perf_counter() - t0
-    stats.n_actors = len(actors)
-    if actors:
-        import ray
-        stats.load_s = sum(d["read_s"] for d in ray.get([a.describe.remote() for a in actors])
-                           if not d["streaming"])  # a streaming actor reads while it scans
-    return urls, stats
+                                          "dataset": cfg.dataset, "config": dataclasses.asdict(cfg)})
+                for split, index, sigma, images, z, mask in estimate_inputs(cfg, problem, queries))
+    shared = estimate_outputs(bank, requests)  # the actors live until this step returns
+    seconds = time.perf_counter() - t0
+    stats = EstimateStats(computed=sum(shared.computed), seconds=seconds, busy_s=sum(shared.busy_s, 0.0),
+                          load_s=shared.load_seconds(), n_actors=len(shared.actors))
+    return {(split, sigma): estimate_url(cfg, split, sigma) for split in queries for sigma in cfg.sigmas}, stats
 
 
 def verify_step(cfg: Config, train: torch.Tensor, problem: Problem, repair: bool = False) -> int:

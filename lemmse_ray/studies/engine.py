@@ -23,14 +23,16 @@ import dataclasses
 import hashlib
 import math
 import time
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
+from ..cluster.driver import EstimateRequest, estimate_outputs
 from ..core.classes import plan_classes
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
+from ..core.validation import DTYPES
 from ..data.loaders import SPLITS
 from ..runs.config import Config, join
 from ..runs.pipeline import check_run, load_data, make_problem, simulate
@@ -185,10 +187,7 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
             storage_options: dict | None = None, verbose: bool = False) -> dict[str, int]:
     """Build every bank, estimate every group and train every network that is not finished; returns the
     counters of this invocation (:data:`COUNTERS`)."""
-    import ray
-
     from ..cluster.build import build_bank
-    from ..cluster.driver import DTYPES, estimate_on_ray
     from ..runs.training import read_checkpoint, train_network
 
     counters = dict.fromkeys(COUNTERS, 0)
@@ -203,28 +202,11 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
                           cfg.shard_rows, DTYPES[cfg.dtype], storage_options, progress=verbose)
         counters["banks_built"] += bank.build_stats["shards_written"] > 0
         counters["shards_written"] += bank.build_stats["shards_written"]
-        actors: list = []  # started by the first group with work left, shared by this bank's groups
-        done: set[str] = set()
-        try:
-            for cell in members:
-                _, queries = _data(data, cell.cfg)
-                for split in SPLITS:
-                    est_key = work.cell_keys[cell.index]["estimates"][split]
-                    if est_key in done:
-                        continue
-                    done.add(est_key)
-                    c = cell.cfg
-                    _, z, mask = simulate(c, problem, queries[split], split, 0)
-                    group = estimate_on_ray(
-                        bank, z, c.sigmas[0], work.estimate_url(est_key), x=queries[split],
-                        mask=mask if problem.random_mask else None, batch_images=c.batch_images, actors=actors,
-                        n_actors=c.n_actors, stats=tuple(c.stats), topk=c.topk, dtype=DTYPES[c.dtype],
-                        storage_options=storage_options, progress=verbose,
-                        metadata={"split": split, "dataset": c.dataset, "identity": work.estimates[est_key]})
-                    counters["batches_computed"] += len(group.attrs["history"][-1]["computed_batches"])
-        finally:
-            for actor in actors:  # free their CPUs for the next bank and for training
-                ray.kill(actor)
+        # one set of actors for this bank's groups, killed after them to free their CPUs for the next bank and
+        # for training
+        shared = estimate_outputs(bank, estimate_requests(members, work, data, problem, storage_options, verbose),
+                                  release=True)
+        counters["batches_computed"] += sum(shared.computed)
     trained: set[str] = set()
     for cell in cells:
         train, _ = _data(data, cell.cfg)
@@ -240,6 +222,28 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
             train_network(cfg, name, cfg.sigmas[0], train, problems[cell.index], progress=verbose,
                           plain=cfg.n_workers == 1)
     return counters
+
+
+def estimate_requests(members: list[Cell], work: Work, data: dict, problem: Problem,
+                      storage_options: dict | None = None, verbose: bool = False) -> Iterator[EstimateRequest]:
+    """The estimate groups of the cells ``members`` of one bank (``problem``: the bank's), each group once."""
+    done: set[str] = set()
+    for cell in members:
+        _, queries = _data(data, cell.cfg)
+        for split in SPLITS:
+            est_key = work.cell_keys[cell.index]["estimates"][split]
+            if est_key in done:
+                continue
+            done.add(est_key)
+            c = cell.cfg
+            _, z, mask = simulate(c, problem, queries[split], split, 0)
+            yield EstimateRequest(
+                z, c.sigmas[0], work.estimate_url(est_key), x=queries[split],
+                mask=mask if problem.random_mask else None,
+                metadata={"split": split, "dataset": c.dataset, "identity": work.estimates[est_key]},
+                options={"batch_images": c.batch_images, "n_actors": c.n_actors, "stats": tuple(c.stats),
+                         "topk": c.topk, "dtype": DTYPES[c.dtype], "storage_options": storage_options,
+                         "progress": verbose})
 
 
 def checkpoint_path(work: Work, cfg: Config, name: str, net_key: str) -> str:
