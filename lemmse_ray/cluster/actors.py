@@ -135,21 +135,6 @@ class ShardActor:
             total = part if total is None else merge(total, part)
         return total.to(device="cpu"), time.perf_counter() - t0
 
-    def calibrate(self, queries) -> dict:
-        """Timings on this actor's first shard: its read from the store (seconds, stored bytes) and one scan of
-        ``queries`` against it (seconds, pairs), for :mod:`lemmse_ray.cluster.plan`."""
-        read_s, read_bytes = self.read_s, self.read_bytes
-        keys = self._load_shard(self.shards[0])
-        read = {"read_s": self.read_s - read_s, "read_bytes": self.read_bytes - read_bytes}
-        self.read_s, self.read_bytes = read_s, read_bytes
-        queries = queries_to(queries, self.device)
-        scan(keys, self.plan, queries, (), 0, self.kernel)  # warm-up
-        t0 = time.perf_counter()
-        scan(keys, self.plan, queries, (), 0, self.kernel)
-        pairs = sum(len(cq.index) * len(keys[c].row_ids) for c, cq in enumerate(queries.per_class)
-                    if cq is not None and c in keys)
-        return {**read, "scan_s": time.perf_counter() - t0, "pairs": pairs}
-
     def describe(self) -> dict:
         return {"node": ray.get_runtime_context().get_node_id(), "device": str(self.device), "rows": self.rows,
                 "pid": os.getpid(), "calls": self.calls, "streaming": self.streaming, "memory": self.memory,

@@ -18,7 +18,7 @@ their shards) and one overhead per output (its pipeline fills and drains).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -83,9 +83,6 @@ class Plan:
                          f"{c['batch_overhead_s'] * 1e3:.0f} ms per batch; predicted estimate time "
                          f"{self.predicted_s:.1f} s")
         return "\n".join(lines)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def count(problem: Problem, plan: ClassPlan, n_images: int, inputs: list[tuple[torch.Tensor, torch.Tensor | None]],
