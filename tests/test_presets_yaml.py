@@ -8,7 +8,9 @@ a string) or one key's place fails here.
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,20 @@ def test_files_are_found_beside_the_module_and_each_names_its_preset():
         raw = yaml.safe_load((presets.FOLDER / f"{name}.yaml").read_text(encoding="utf-8"))
         specs = [raw] if name == "paper" else [raw[size] for size in presets.SIZES]
         assert all(spec["name"] == name for spec in specs)
+
+
+def test_a_new_file_is_a_new_preset_read_beside_the_module(tmp_path):
+    shutil.copy(presets.__file__, tmp_path / "presets.py")
+    shutil.copytree(presets.FOLDER, tmp_path / "presets")
+    text = (tmp_path / "presets" / "density.yaml").read_text(encoding="utf-8")
+    (tmp_path / "presets" / "extra.yaml").write_text(text.replace("name: density", "name: extra"), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("presets_copy", tmp_path / "presets.py")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    assert loaded.FOLDER == tmp_path.resolve() / "presets"
+    assert loaded.PRESETS == (*presets.PRESETS[:-1], "extra", "paper")
+    assert loaded.preset("extra", "full") == {**EXPECTED["density"]["full"], "name": "extra"}
+    assert loaded.preset("paper", "quick") == EXPECTED["paper"]["quick"]  # the paper keeps the parts it names
 
 
 def test_a_file_that_asks_for_python_objects_is_refused(tmp_path, monkeypatch):

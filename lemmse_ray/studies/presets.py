@@ -9,9 +9,9 @@
 ``presets/<name>.yaml`` holds the spec of preset ``name`` (:mod:`lemmse_ray.studies.spec`) at each size, under
 ``quick`` and ``full`` (YAML anchors and merge keys share what the sizes have in common);
 ``presets/sizes.yaml`` the base configuration of every preset at each size, under the preset's own ``base``;
-``presets/paper.yaml`` the preset ``paper``, which holds every other preset as parts, in its order.  Each part
-declares its key figures (:mod:`lemmse_ray.studies.report`).  The files are data: they are read with
-``yaml.safe_load``, which builds plain mappings, lists and scalars and never runs code.
+``presets/paper.yaml`` the preset ``paper``, whose parts are the presets it names, in its order.  A new preset
+is one more file.  Each part declares its key figures (:mod:`lemmse_ray.studies.report`).  The files are data:
+they are read with ``yaml.safe_load``, which builds plain mappings, lists and scalars and never runs code.
 """
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def read_preset_file(name: str) -> dict[str, Any]:
 
 
 SIZES = tuple(read_preset_file("sizes"))
-PRESETS = (*read_preset_file("paper")["parts"], "paper")
+PAPER = tuple(read_preset_file("paper")["parts"])
+#: the paper's parts in its order, then any other preset file by name, then ``paper``
+PRESETS = (*PAPER, *sorted({p.stem for p in FOLDER.glob("*.yaml")} - {*PAPER, "paper", "sizes"}), "paper")
 
 
 def preset(name: str, size: str = "quick") -> dict:
@@ -46,7 +48,7 @@ def preset(name: str, size: str = "quick") -> dict:
         return copy.deepcopy(preset_part(name, size))
     paper = read_preset_file("paper")
     return copy.deepcopy({"name": paper["name"], "description": paper["description"],
-                          "parts": [preset_part(p, size) for p in paper["parts"]]})
+                          "parts": [preset_part(p, size) for p in PAPER]})
 
 
 def preset_part(name: str, size: str) -> dict:
