@@ -41,15 +41,12 @@ from ..storage.inputs import read_json
 from ..storage.redact import public
 from ..storage.results import EstimateArrays
 from .analysis import cell_metrics, final_train_loss
-from .spec import Cell, Part, canonical
+from .spec import CELL_FIELDS, Cell, Part, canonical
 
 STUDY = "study.json"
 WORK = "work.json"
 HISTORY = "history.json"
 COUNTERS = ("banks_built", "shards_written", "batches_computed", "networks_trained")
-# Config fields shown in cells.parquet (the rest are lists, secrets or the study's own)
-CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Config)
-                    if f.name not in ("sigmas", "stats", "networks", "storage_options", "out", "bank", "overwrite"))
 # A planted "network": a function of (estimate arrays, split) returning (B, C, H, W) outputs (diagnostics)
 Planted = Callable[[EstimateArrays, str], np.ndarray]
 

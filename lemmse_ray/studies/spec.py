@@ -58,13 +58,14 @@ from ..models.networks import build_network
 from ..runs.config import Config, ConfigError
 from ..storage.inputs import load_yaml, read_yaml
 from .analysis import QUANTILES
+from .presets import SIZES as PRESET_SIZES
 
 SPEC_KEYS = ("name", "description", "base", "grid", "zip", "figures", "parts")
 RESERVED = ("out", "bank", "overwrite")  # set by the study
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 _HINTS = typing.get_type_hints(Config)
 MAX_CELLS = 10_000  # a study's cells (a grid's product); more is refused before expanding
-SIZES = (None, "quick", "full")  # the size of a preset study (None: a spec file)
+SIZES = (None, *PRESET_SIZES)  # the size of a preset study (None: a spec file)
 
 # Figures: kind -> (required keys, optional keys); every kind also takes file and title (required), caption
 # and where (optional).  Keys naming columns, and those that must name numeric columns:
