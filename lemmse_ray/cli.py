@@ -14,6 +14,7 @@ import time
 from .cluster.errors import ClusterError
 from .runs.config import Config, add_arguments, from_args, join
 from .storage.ownership import claim_output_folder
+from .studies.presets import SIZES
 from .studies.report import render
 
 DESCRIPTION = """\
@@ -79,7 +80,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
 
 def add_study_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("spec", metavar="SPEC", help="a preset name or a YAML spec file")
-    command.add_argument("--size", choices=("quick", "full"), default="quick",
+    command.add_argument("--size", choices=SIZES, default="quick",
                          help="preset size: quick (embedded data, minutes on 2 CPU cores) or full (the paper's "
                               "datasets, for a cluster); ignored for a YAML spec (default: quick)")
     command.add_argument("--out", metavar="URL", help="output folder or URL (default: results/study-<name>-<size> "
