@@ -15,7 +15,9 @@ import torch
 
 from ..cluster.build import build_bank, repair_bank
 from ..cluster.driver import EstimateRequest, estimate_outputs
+from ..bank.rows import class_centers
 from ..cluster.plan import Plan, make_plan
+from ..cluster.session import default_n_actors
 from ..kernels.resolver import resolve
 from ..core.classes import plan_classes
 from ..core.metrics import psnr
@@ -130,8 +132,6 @@ def actor_memory(cfg: Config) -> int | None:
 def plan_step(cfg: Config, train: torch.Tensor, problem: Problem, queries: dict[str, torch.Tensor],
               calibrated: bool = True) -> Plan:
     """Counts of the estimate step and (``calibrated``, needs Ray) its predicted wall time on this cluster."""
-    from ..bank.rows import class_centers
-    from ..cluster.session import default_n_actors
 
     geometry = PatchGeometry(tuple(train.shape[1:]), cfg.patch_size, cfg.padding, cfg.candidates)
     n_actors = cfg.n_actors or (default_n_actors() if calibrated else 1)
@@ -171,8 +171,8 @@ def estimate_step(cfg: Config, bank: Bank, problem: Problem,
     Returns ({(split, σ): url}, what this call computed)."""
     t0 = time.perf_counter()
     options = {"batch_images": cfg.batch_images, "n_actors": cfg.n_actors, "stats": tuple(cfg.stats),
-               "topk": cfg.topk, "dtype": DTYPES[cfg.dtype], "storage_options": cfg.storage_options,
-               "overwrite": cfg.overwrite, "actor_memory": actor_memory(cfg)}
+               "topk": cfg.topk, "dtype": DTYPES[cfg.dtype], "kernel": cfg.kernel,
+               "storage_options": cfg.storage_options, "overwrite": cfg.overwrite, "actor_memory": actor_memory(cfg)}
     requests = (EstimateRequest(z, sigma, estimate_url(cfg, split, sigma), mask=mask, x=images, options=options,
                                 metadata={"split": split, "seed": query_seed(cfg, split, index),
                                           "dataset": cfg.dataset, "config": dataclasses.asdict(cfg)})

@@ -28,19 +28,27 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from ..cluster.build import build_bank
 from ..cluster.driver import EstimateRequest, estimate_outputs
+from ..cluster.session import ensure_ray
 from ..core.classes import plan_classes
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
 from ..core.validation import DTYPES
 from ..data.loaders import SPLITS
 from ..runs.config import Config, join
+from ..runs.evaluation import run_network
 from ..runs.pipeline import check_run, load_data, make_problem, simulate
+from ..runs.training import CHECKPOINT, load_network, network_dir, read_checkpoint, train_network
+from ..storage.bank_store import open_group
 from ..storage.files import save_json, save_parquet
+from ..storage.ownership import check_output_folder, claim_output_folder
 from ..storage.inputs import read_json
 from ..storage.redact import public
 from ..storage.results import EstimateArrays
 from .analysis import cell_metrics, final_train_loss
+from .figures import ess_map_figure, image_grid_figure
+from .report import render
 from .spec import CELL_FIELDS, Cell, Part, canonical
 
 STUDY = "study.json"
@@ -135,7 +143,6 @@ def check_out(out: str, work_dir: str, record: dict, overwrite: bool, storage_op
     ``out`` holding another study unless ``overwrite`` (which replaces only its tables and report).  Its
     ``study.json`` and ``history.json`` are read with caps (:func:`lemmse_ray.storage.inputs.read_json`):
     a damaged one is refused here, before any work."""
-    from ..storage.ownership import check_output_folder
 
     check_output_folder(out, storage_options)
     check_output_folder(work_dir, storage_options)
@@ -184,8 +191,6 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
             storage_options: dict | None = None, verbose: bool = False) -> dict[str, int]:
     """Build every bank, estimate every group and train every network that is not finished; returns the
     counters of this invocation (:data:`COUNTERS`)."""
-    from ..cluster.build import build_bank
-    from ..runs.training import read_checkpoint, train_network
 
     counters = dict.fromkeys(COUNTERS, 0)
     by_bank: dict[str, list[Cell]] = {}
@@ -239,20 +244,18 @@ def estimate_requests(members: list[Cell], work: Work, data: dict, problem: Prob
                 mask=mask if problem.random_mask else None,
                 metadata={"split": split, "dataset": c.dataset, "identity": work.estimates[est_key]},
                 options={"batch_images": c.batch_images, "n_actors": c.n_actors, "stats": tuple(c.stats),
-                         "topk": c.topk, "dtype": DTYPES[c.dtype], "storage_options": storage_options,
-                         "progress": verbose})
+                         "topk": c.topk, "dtype": DTYPES[c.dtype], "kernel": c.kernel,
+                         "storage_options": storage_options, "progress": verbose})
 
 
 def checkpoint_path(work: Work, cfg: Config, name: str, net_key: str) -> str:
     """The checkpoint of network ``name`` (work item ``net_key``) of a cell configuration ``cfg``."""
-    from ..runs.training import CHECKPOINT, network_dir
     return join(network_dir(dataclasses.replace(cfg, out=work.network_out(net_key)), name, cfg.sigmas[0]),
                 CHECKPOINT)
 
 
 def network_output(net: torch.nn.Module, checkpoint: dict, est: EstimateArrays) -> np.ndarray:
     """The network's output (float64) on the stored inputs ``z`` (and masks, when it was trained with them)."""
-    from ..runs.evaluation import run_network
 
     z = torch.from_numpy(est.z).float()
     inputs = torch.cat([z, torch.from_numpy(est.mask).float()], dim=1) if checkpoint["mask_channel"] else z
@@ -274,8 +277,6 @@ def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_opti
               planted: Mapping[str, Planted] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """(cells rows, image rows, density rows) of one cell: one cells row per split × network (``"none"``:
     the LE-MMSE's own metrics, concentration and copying), from the stored estimates and networks."""
-    from ..runs.training import load_network
-    from ..storage.bank_store import open_group
 
     cfg = cell.cfg
     train, queries = _data(data, cfg)
@@ -337,9 +338,6 @@ def example_figures(out: str, part: str, cells: list[Cell], work: Work, storage_
     """``figures/<part>_examples.png`` (test queries: input z, LE-MMSE, each network, ground truth, PSNR
     under each tile) and ``figures/<part>_ess.png`` (their per-pixel ESS) of the part's first cell, with the
     networks of every cell of the part that shares its test estimates."""
-    from ..runs.training import load_network
-    from ..storage.bank_store import open_group
-    from .figures import ess_map_figure, image_grid_figure
 
     cell = cells[0]
     cfg, test_key = cell.cfg, work.cell_keys[cell.index]["estimates"]["test"]
@@ -381,9 +379,6 @@ def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_di
     network that returns the clean image must be flagged below the loss floor).  Returns
     {"counters", "cells", "seconds"}.
     """
-    from ..cluster.session import ensure_ray
-    from ..storage.ownership import claim_output_folder
-    from .report import render
 
     t0 = time.perf_counter()
     work_dir = work_dir or join(out, "work")
