@@ -408,7 +408,7 @@ def _quantiles(stat: str) -> list[str]:
 def columns_for(stats: frozenset[str], networks: bool) -> dict[str, set[str]]:
     """{table: the columns that hold values} for cells that store ``stats`` and, when ``networks``, train
     networks: the columns of :func:`lemmse_ray.studies.engine.cell_rows` and
-    :func:`lemmse_ray.studies.analysis.cell_metrics`, with what each needs (``tests/test_study_inputs.py``
+    :func:`lemmse_ray.studies.analysis.cell_metrics`, with what each needs (``tests/studies/test_study_inputs.py``
     checks this list against the tables of a real study), plus ``setting`` (the report's
     ``problem (input)``)."""
     cells = {*ROW_COLUMNS, *CELLS_ALWAYS}

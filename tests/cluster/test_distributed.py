@@ -24,7 +24,7 @@ from lemmse_ray.core.patches import PatchGeometry
 from lemmse_ray.storage.bank_store import FORMAT_VERSION, fingerprint, open_bank
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
 SIGMA = 0.15
 

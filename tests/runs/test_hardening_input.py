@@ -32,7 +32,7 @@ from lemmse_ray.models.networks import build_network, network_config
 from lemmse_ray.runs.pipeline import record_timing, write_report
 from lemmse_ray.runs.training import load_network
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- Config: strict types, ranges, choices, duplicates -----------------------------------------------------

@@ -132,7 +132,7 @@ def test_report_rerenders_without_ray(study):
             "from lemmse_ray.cli import main\n"
             f"sys.exit(main(['report', {str(out)!r}]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     text = (out / "report.md").read_text()
     assert "![PSNR vs σ](figures/tiny_psnr.png)" in text and "*LE-MMSE quality.*" in text
@@ -218,7 +218,7 @@ def test_readme_example_spec_is_valid(tmp_path):
     from lemmse_ray.studies.spec import parse_spec
     from lemmse_ray.studies.cli import load_study
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
     name, parts = parse_spec(yaml.safe_load(block))
     path = tmp_path / "example.yaml"

@@ -15,7 +15,7 @@ import pytest
 import ray
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 SCHEMA_PATH = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 

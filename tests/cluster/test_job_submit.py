@@ -28,7 +28,7 @@ import zarr
 import lemmse_ray as lm
 from lemmse_ray.data.loaders import load_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 N_TRAIN, N_QUERIES, PATCH, SIGMA = 20, 2, 3, 0.1
 ARGS = ["--dataset", "digits", "--n-train", str(N_TRAIN), "--n-queries", str(N_QUERIES), "--patch-size",

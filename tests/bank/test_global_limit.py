@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/reference.py
 import reference as ref  # noqa: E402
 
 import lemmse_ray as lm  # noqa: E402

@@ -273,7 +273,7 @@ def test_ray_actors_with_triton(tmp_path, ray_cluster):
 
 def test_gpu_check_plumbing_on_cpu():
     """scripts/gpu_check.py --allow-cpu (interpreter, tiny sizes) runs without importing ray or zarr."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     blocker = ("import sys, runpy\n"
                "class Block:\n"
                "    def find_spec(self, name, path=None, target=None):\n"

@@ -18,7 +18,7 @@ import yaml
 
 from lemmse_ray.studies import presets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = json.loads((ROOT / "tests" / "fixtures" / "presets.json").read_text(encoding="utf-8"))
 
 
