@@ -136,7 +136,7 @@ def _fit(config: dict[str, Any], rank: int, world: int, device: torch.device,
     """The training loop of one worker ``rank`` of ``world``: ``wrap(net)`` prepares the model (DDP under
     Ray Train; identity otherwise), ``report(row)`` is called once per epoch on every worker (a barrier
     under Ray Train)."""
-    import ray
+    import ray  # Ray only where networks train; checkpoints load without it
 
     identity, images, problem = config["identity"], ray.get(config["images"]), config["problem"]
     sigma, run = identity["sigma"], identity["config"]
@@ -199,8 +199,8 @@ def _fit(config: dict[str, Any], rank: int, world: int, device: torch.device,
 
 def _train_loop(config: dict[str, Any]) -> None:
     """The loop of one Ray Train worker (rank, world size and device from its context)."""
-    import ray.train
-    import ray.train.torch
+    import ray.train  # Ray only where networks train; checkpoints load without it
+    import ray.train.torch  # Ray only where networks train; checkpoints load without it
 
     context = ray.train.get_context()
     _fit(config, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
@@ -224,11 +224,11 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
     loop as one plain Ray task instead of a Ray Train run: the same checkpoints and numbers, without Ray
     Train's fixed cost per run (tens of seconds), for studies that train many small networks.
     """
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty as QueueEmpty
-    from ray.util.queue import Queue
+    import ray  # Ray only where networks train; checkpoints load without it
+    from ray.train import RunConfig, ScalingConfig  # Ray only where networks train; checkpoints load without it
+    from ray.train.torch import TorchTrainer  # Ray only where networks train; checkpoints load without it
+    from ray.util.queue import Empty as QueueEmpty  # Ray only where networks train; checkpoints load without it
+    from ray.util.queue import Queue  # Ray only where networks train; checkpoints load without it
 
     check_training(cfg, [name])
     if plain and cfg.n_workers != 1:
@@ -307,7 +307,7 @@ def unfinished_networks(cfg: Config) -> list[tuple[str, float]]:
 def worker_cpus(cfg: Config) -> int:
     """CPUs per training worker: ``cfg.cpus_per_worker``, or by default (CPU training) the CPUs free now
     divided among the workers, at most one node's CPUs (torch in a worker uses as many threads); 1 with GPUs."""
-    import ray
+    import ray  # Ray only where networks train; checkpoints load without it
 
     if cfg.cpus_per_worker is not None:
         return cfg.cpus_per_worker
