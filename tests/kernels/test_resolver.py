@@ -125,7 +125,7 @@ def test_cli_kernel_flag_refuses_sliding_on_ray_before_anything(tmp_path, monkey
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the kernel was validated")
 
-    monkeypatch.setattr("lemmse_ray.cli.ensure_ray", no_ray)
+    monkeypatch.setattr("lemmse_ray.cluster.session.ensure_ray", no_ray)
     out = tmp_path / "out"
     argv = ["estimate", "--dataset", "digits", "--n-train", "20", "--n-queries", "1", "--kernel", "sliding",
             "--out", str(out)]

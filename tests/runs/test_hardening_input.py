@@ -104,7 +104,7 @@ def test_cli_user_errors_are_one_line_before_ray(tmp_path, monkeypatch, capsys, 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the input was validated")
 
-    monkeypatch.setattr("lemmse_ray.cli.ensure_ray", no_ray)
+    monkeypatch.setattr("lemmse_ray.cluster.session.ensure_ray", no_ray)
     out = tmp_path / "out"
     assert cli.main(["run", *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -328,7 +328,7 @@ def test_cli_refuses_folders_it_does_not_own_before_ray(tmp_path, monkeypatch, c
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the paths were checked")
 
-    monkeypatch.setattr("lemmse_ray.cli.ensure_ray", no_ray)
+    monkeypatch.setattr("lemmse_ray.cluster.session.ensure_ray", no_ray)
     user = tmp_path / "mine"
     user.mkdir()
     (user / "thesis.txt").write_text("precious")

@@ -94,7 +94,7 @@ def test_repair_with_other_images_or_settings_changes_nothing(damaged, capsys, o
 
 
 def test_cli_repair_with_other_images_is_one_line(damaged, monkeypatch, capsys):
-    monkeypatch.setattr("lemmse_ray.cli.ensure_ray", lambda **kwargs: None)  # nothing the refusal runs needs Ray
+    monkeypatch.setattr("lemmse_ray.cluster.session.ensure_ray", lambda **kwargs: None)  # nothing the refusal runs needs Ray
     before = snapshot(Path(damaged.bank_url))
     argv = [*ARGV, "--out", damaged.out]
     argv[argv.index("--n-train") + 1] = "7"
