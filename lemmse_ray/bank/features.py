@@ -233,6 +233,16 @@ def key_bytes(plan: ClassPlan, rows: int, dtype: torch.dtype) -> int:
 
 
 
+def query_bytes(shape: tuple[int, int, int], patch_size: int, n_images: int, dtype: torch.dtype) -> int:
+    """An upper bound of the bytes :func:`prepare_queries` holds for ``n_images`` estimator inputs of ``shape``
+    (C, H, W): per query pixel its float64 patch (``d = C·P²``), and features up to the widest kernel form
+    (``2d + 1``) in float64 while they are computed and in ``dtype`` as kept, with the shift."""
+    channels, height, width = shape
+    dim = channels * patch_size * patch_size
+    itemsize = torch.finfo(dtype).bits // 8
+    return n_images * height * width * (8 * dim + (8 + itemsize) * (2 * dim + 2))
+
+
 def prepare_queries(z: torch.Tensor, mask: torch.Tensor | None, problem: Problem, plan: ClassPlan,
                     centers: np.ndarray, sigma: float, dtype: torch.dtype = torch.float32,
                     skip: tuple[int, ...] = ()) -> QuerySet:

@@ -6,6 +6,7 @@ researcher reading a traceback knows which argument to fix.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any
 
@@ -171,3 +172,8 @@ def check_shape(array: np.ndarray, shape: tuple, name: str) -> np.ndarray:
     if array.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
     return array
+
+
+def available_memory() -> int:
+    """Bytes of memory available on this machine now (physical pages not in use)."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -103,7 +103,8 @@ class _Request:
 
 def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | None = None,
                  size: int | None = None, grayscale: bool | None = None, n: int | None = None,
-                 subset: str = "first", seed: int = 0) -> torch.Tensor:
+                 subset: str = "first", seed: int = 0,
+                 select: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Load a dataset split as a float32 ``(N, C, H, W)`` tensor with values in ``[0, 1]``.
 
     Args:
@@ -120,6 +121,10 @@ def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | N
         n: keep only ``n`` images (see :func:`take_subset`); ``None`` keeps all.
         subset: ``"first"`` or ``"random"``, how the ``n`` images are chosen.
         seed: seed of the ``"random"`` subset.
+        select: given the number of images of the split, the indices of those to keep (instead of ``n``).
+
+    The images are chosen before their channels are converted and they are resized, so that only the kept
+    ones are (a few images of a large size never cost the whole split at that size).
 
     Raises:
         ValueError: naming the offending parameter.
@@ -138,8 +143,14 @@ def load_dataset(name: str, split: str = "train", *, root: str | os.PathLike | N
         raise ValueError(f"root is required for dataset {name!r}: the folder holding its files")
     request = _Request(split, None if root is None else Path(root).expanduser(),
                        size if size is not None else _DEFAULT_SIZE.get(name), grayscale)
-    images = _finalize(_LOADERS[name](request), request.size, grayscale)
-    return images if n is None else take_subset(images, n, subset, seed)
+    if n is not None and select is not None:
+        raise ValueError("give n or select, not both")
+    images = _LOADERS[name](request)
+    if n is not None:
+        images = take_subset(images, n, subset, seed)
+    elif select is not None:
+        images = images[select(len(images))]
+    return _finalize(images, request.size, grayscale)
 
 
 def subset_indices(total: int, n: int, mode: str = "first", seed: int = 0) -> torch.Tensor:

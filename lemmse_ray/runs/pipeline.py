@@ -15,6 +15,7 @@ import torch
 
 from ..cluster.build import build_bank, repair_bank
 from ..cluster.driver import EstimateRequest, estimate_outputs
+from ..bank.features import query_bytes
 from ..bank.rows import class_centers
 from ..cluster.plan import Plan, make_plan
 from ..cluster.session import default_n_actors
@@ -23,7 +24,7 @@ from ..core.classes import plan_classes
 from ..core.metrics import psnr
 from ..core.patches import PatchGeometry
 from ..core.problems import Deblurring, Denoising, Inpainting, Problem, gaussian_kernel
-from ..core.validation import DTYPES
+from ..core.validation import DTYPES, available_memory
 from ..data.loaders import SPLITS, load_dataset, query_indices, subset_indices
 from ..storage.bank_store import MEMBERS as BANK_MEMBERS
 from ..storage.bank_store import Bank, open_group, verify_bank
@@ -45,18 +46,23 @@ def load_data(cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     Train queries are the first ``n_queries`` training images (bank images ``0 … n_queries − 1``, the same
     images for every ``n_train`` of a seed); test queries are seeded random test images.
     """
+    def train_ids(total: int) -> torch.Tensor:
+        n_train = total if cfg.n_train is None else cfg.n_train
+        if n_train > total:
+            raise ValueError(f"n_train={n_train} exceeds the {total} training images of {cfg.dataset}")
+        if cfg.n_queries > n_train:
+            raise ValueError(f"n_queries={cfg.n_queries} exceeds the {n_train} train images")
+        return subset_indices(total, n_train, cfg.subset, cfg.seed)
+
+    def test_ids(total: int) -> torch.Tensor:
+        if cfg.n_queries > total:
+            raise ValueError(f"n_queries={cfg.n_queries} exceeds the {total} test images")
+        return query_indices(total, cfg.n_queries, split="test", seed=cfg.seed)
+
     kwargs = dict(root=cfg.root, size=cfg.size, grayscale=cfg.grayscale)
-    train = load_dataset(cfg.dataset, "train", **kwargs)
-    test = load_dataset(cfg.dataset, "test", **kwargs)
-    n_train = len(train) if cfg.n_train is None else cfg.n_train
-    if n_train > len(train):
-        raise ValueError(f"n_train={n_train} exceeds the {len(train)} training images of {cfg.dataset}")
-    train = train[subset_indices(len(train), n_train, cfg.subset, cfg.seed)]
-    for split, images in (("train", train), ("test", test)):
-        if cfg.n_queries > len(images):
-            raise ValueError(f"n_queries={cfg.n_queries} exceeds the {len(images)} {split} images")
-    test_ids = query_indices(len(test), cfg.n_queries, split="test", seed=cfg.seed)
-    return train, {"train": train[: cfg.n_queries], "test": test[test_ids]}
+    train = load_dataset(cfg.dataset, "train", **kwargs, select=train_ids)  # only these images are resized
+    test = load_dataset(cfg.dataset, "test", **kwargs, select=test_ids)
+    return train, {"train": train[: cfg.n_queries], "test": test}
 
 
 def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
@@ -67,6 +73,7 @@ def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
     (and no estimate output is, holds or lies in the bank)."""
     shape = tuple(train.shape[1:])
     problem.check_shape(shape)
+    check_batch_memory(cfg, shape)
     plan = plan_classes(problem, PatchGeometry(shape, cfg.patch_size, cfg.padding, cfg.candidates))
     resolve(cfg.kernel, plan, dtype=DTYPES[cfg.dtype], device=None, stats=cfg.stats)
     check_output_folder(cfg.out, cfg.storage_options)
@@ -76,6 +83,19 @@ def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
             url = estimate_url(cfg, split, sigma)
             check_apart(url, cfg.bank_url)
             owned_group(url, "estimate", RESULT_MEMBERS, cfg.storage_options)
+
+
+def check_batch_memory(cfg: Config, shape: tuple[int, int, int]) -> None:
+    """Refuse a query batch whose features cannot fit in memory (half of what this machine has free), before
+    anything is allocated: :func:`lemmse_ray.bank.features.query_bytes` bounds them for ``batch_images``
+    images of ``shape``, for the widest kernel form."""
+    need = query_bytes(shape, cfg.patch_size, cfg.batch_images, DTYPES[cfg.dtype])
+    free = available_memory()
+    if need > free // 2:
+        _, height, width = shape
+        raise ValueError(f"batch_images={cfg.batch_images}: the query features of {cfg.batch_images} images of "
+                         f"{height}x{width} pixels need up to {need / 1e9:.3g} GB, more than half of the "
+                         f"{free / 1e9:.3g} GB free here; lower --batch-images, --size or --patch-size")
 
 
 def make_problem(cfg: Config, shape: tuple[int, int, int]) -> Problem:
