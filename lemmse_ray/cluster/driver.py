@@ -204,8 +204,10 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     Same numbers as :func:`lemmse_ray.estimate` on the bank's training images (up to float rounding of the
     merge order).  Batches already flagged done in ``out_url`` (same configuration) are not recomputed.
     ``actors``: running actors of this bank to use; an empty list is filled with the actors started here
-    (only if some batch is left to compute), so that a caller can share them over several outputs.
-    ``kernel``: kernel of the actors started here (``"auto"``, ``"torch"``, ``"triton"``; see :class:`ShardActor`);
+    (only if some batch is left to compute), so that a caller can share them over several outputs; without a
+    list, the actors started here are killed when it returns or fails.
+    ``kernel``: kernel of the actors started here (``"auto"``, ``"torch"``, ``"sliding"``, ``"triton"``, see
+    :class:`~lemmse_ray.cluster.actors.ShardActor`);
     actors passed in keep their own.  ``max_restarts``, ``max_task_retries``, ``actor_memory``: settings of the
     actors started here (see :func:`start_actors`).  ``max_in_flight``: query batches submitted to the actors
     at once (:func:`drive`; the results do not depend on it).  ``out_url`` may not be the bank, nor be inside it
@@ -225,14 +227,20 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     n_batches = group.attrs["n_batches"]
     log.info("%s: %d of %d batches to compute (%d already done)", public(out_url), len(todo), n_batches,
              n_batches - len(todo))
+    own: list = []  # actors started here for this output alone: killed when it returns or fails
     if todo and not actors:  # a finished output starts no actor (they would load their shards for nothing)
         ensure_ray()
         started = start_actors(bank, n_actors, job.dname, kernel, max_restarts, max_task_retries, actor_memory)
         if actors is None:
-            actors = started
+            actors = own = started
         else:
             actors.extend(started)  # the caller's (empty) list: it reuses them for its next outputs
-    run = drive(bank, job, group, actors or [], todo, max_in_flight, progress)
+    try:
+        run = drive(bank, job, group, actors or [], todo, max_in_flight, progress)
+    finally:
+        # an error's traceback would keep them (and their CPUs or GPUs) alive until it is collected
+        for actor in own:
+            ray.kill(actor)
     pairs = sum(met_pairs(job.z[lo:hi], None if job.mask is None else job.mask[lo:hi], bank.problem, bank.plan,
                           class_rows(bank)) for lo, hi in map(job.batch, run.computed))
     record_run(group, {"computed_batches": run.computed, "seconds": run.seconds, "n_actors": len(actors or []),
