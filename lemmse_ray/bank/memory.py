@@ -10,6 +10,8 @@ with receptive field ``P`` and the same boundary rule); see ``docs/theory.md``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -25,14 +27,23 @@ from ..core.validation import (
     check_query_mask,
 )
 from ..kernels import sliding
-from ..kernels.resolver import check_kernel, image_class, resolve
-from .features import ClassKeys, key_features, prepare_queries, scan
+from ..kernels.resolver import Choice, check_kernel, image_class, resolve
+from .features import (
+    ClassKeys,
+    QuerySet,
+    key_bytes,
+    key_features,
+    keys_to,
+    prepare_queries,
+    queries_to,
+    scan,
+)
 from .rows import (
     CENTER_IMAGES,
+    RowSources,
     centers_from_inputs,
     class_offsets,
     class_rows,
-    class_source,
 )
 
 
@@ -64,25 +75,72 @@ def check_inputs(train, z, problem: Problem, mask, patch_size: int, padding: str
 
 
 def bank_keys(train: torch.Tensor, inputs: torch.Tensor, problem: Problem, plan: ClassPlan, centers: np.ndarray,
-              dtype: torch.dtype, chunk_rows: int = 1 << 14, classes=None) -> dict[int, ClassKeys]:
+              dtype: torch.dtype, chunk_rows: int = 1 << 14, classes=None, first: int = 0,
+              n_images: int | None = None) -> dict[int, ClassKeys]:
     """Kernel key features of every class (or of ``classes``) of the bank of ``train`` (noiseless inputs
-    ``inputs``), in one pass.
+    ``inputs``), in one pass: training images ``first …`` of a bank of ``n_images`` (default: these alone),
+    whose global row ids the keys carry.
 
     Keys are whitened and centred in float64 (the whitening may amplify rounding), a few thousand rows at a
     time so that the float64 intermediates stay in cache; only the key features are kept, in ``dtype``."""
-    n_images = train.shape[0]
-    offsets = class_offsets(plan, n_images)
+    count = train.shape[0]
+    offsets = class_offsets(plan, count if n_images is None else n_images)
     out = {}
     for c, per_image in enumerate(plan.rows_per_image()):
         if per_image == 0 or (classes is not None and c not in classes):
             continue
         step = max(1, chunk_rows // int(per_image))
-        chunks = [key_features(class_rows(train[i:i + step], i, problem, plan, centers, c,
-                                          int(offsets[c]) + i * int(per_image), inputs[i:i + step]).to(dtype),
-                               plan, centers)[c] for i in range(0, n_images, step)]
+        chunks = [key_features(class_rows(train[i:i + step], first + i, problem, plan, centers, c,
+                                          int(offsets[c]) + (first + i) * int(per_image), inputs[i:i + step]
+                                          ).to(dtype), plan, centers)[c] for i in range(0, count, step)]
         out[c] = ClassKeys(*(torch.cat([getattr(k, name) for k in chunks])
                              for name in ("features", "values", "row_ids")))
     return out
+
+
+def part_bytes(plan: ClassPlan, n_images: int, dtype: torch.dtype, device: torch.device | str | None = "cpu") -> int:
+    """An upper bound of the bytes a :class:`PatchBank` of ``n_images`` images holds on ``device`` (None: a CPU
+    not known yet): key features of the classes scanned by matrix product, and for the class the sliding kernel
+    evaluates (:func:`image_class`) its key and value images (float32, in groups of up to 16 lanes) and the
+    float64 images kept to build its keys on demand."""
+    index = image_class(plan, dtype, device)
+    per_image = plan.rows_per_image()
+    rows = n_images * int(per_image.sum() - (0 if index is None else per_image[index]))
+    if index is None:
+        return key_bytes(plan, rows, dtype)
+    geometry = plan.geometry
+    channels, height, width = geometry.shape
+    pad = geometry.patch_size - 1 if geometry.padding == "circular" and geometry.candidates == "all" else 0
+    windows = (height + pad - geometry.patch_size + 1) * (width + pad - geometry.patch_size + 1)
+    lanes = -(-n_images // 16) * 16
+    images = lanes * channels * ((height + pad) * (width + pad) + windows) * 4 + n_images * channels * height * width * 8
+    return key_bytes(plan, rows, dtype) + images
+
+
+@dataclass
+class Scan:
+    """A query batch ready to be scanned against any part of one bank (:meth:`PatchBank.scan`): its features, the
+    backend of every class, and the class the sliding kernel evaluates (None: none)."""
+
+    z: torch.Tensor  # (B, C, H, W) estimator inputs
+    queries: QuerySet
+    choices: dict[int, Choice]
+    sliding: int | None
+    stats: tuple[str, ...]
+    topk: int
+
+
+def prepare_scan(z: torch.Tensor, mask: torch.Tensor | None, sigma: float, problem: Problem, plan: ClassPlan,
+                 centers: np.ndarray, dtype: torch.dtype, device: torch.device | str, stats: tuple[str, ...],
+                 topk: int, kernel: str = "auto") -> Scan:
+    """The query features of checked estimator inputs ``z`` for a bank of ``plan`` held as :class:`PatchBank`
+    parts on ``device``, with every class's backend resolved (:func:`lemmse_ray.kernels.resolver.resolve`):
+    computed once per batch, whatever the number of parts it is scanned against."""
+    images = image_class(plan, dtype, device)
+    choices = resolve(kernel, plan, dtype=dtype, device=device, stats=stats, images=images)
+    index = images if images is not None and choices[images].backend == "sliding" else None
+    queries = prepare_queries(z, mask, problem, plan, centers, sigma, dtype, () if index is None else (index,))
+    return Scan(z, queries_to(queries, device), choices, index, stats, topk)
 
 
 class PatchBank:
@@ -91,8 +149,12 @@ class PatchBank:
     Everything that does not depend on σ or on the queries is computed here, once: the patch classes and
     their whitenings, the class centres, and the kernel's key features of every bank row
     :math:`(i, j)` (the whitened, centred key :math:`\tilde k = W_c(\Pi_j BAx_i)_R - \text{centre}_c` with
-    :math:`\tfrac12\lVert\tilde k\rVert^2`, or the masked/mixture features) and values :math:`x_i[:, j]`.
-    :meth:`estimate` then only prepares the query features and scans the bank.
+    :math:`\tfrac12\lVert\tilde k\rVert^2`, or the masked/mixture features) and values :math:`x_i[:, j]` — or,
+    for the class the sliding-window kernel evaluates (:mod:`lemmse_ray.kernels.sliding`), its key and value
+    images.  :meth:`estimate` then only prepares the query features and scans the bank.
+
+    The same object holds one shard of a bank on disk in a Ray actor (:meth:`part`): rows keep the bank's
+    global ids and keys its centres, so a scan of every part, merged, is a scan of the whole bank.
 
     Args:
         train: (N, C, H, W) training images (numpy or torch), values in [0, 1]; the prior is uniform on them.
@@ -113,30 +175,48 @@ class PatchBank:
 
     def __init__(self, train, problem: Problem, patch_size: int = 5, padding: str = "zeros",
                  candidates: str = "all", dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = check_dtype(dtype)
-        train, self.geometry = check_train(train, problem, patch_size, padding, candidates)
-        self.problem = problem
-        self.n_images = train.shape[0]
-        self.plan = plan_classes(problem, self.geometry)
+        dtype = check_dtype(dtype)
+        train, geometry = check_train(train, problem, patch_size, padding, candidates)
+        plan = plan_classes(problem, geometry)
         inputs = problem.noiseless_input(train)
-        self.centers = centers_from_inputs(inputs[:CENTER_IMAGES], self.plan)
-        index = image_class(self.plan, self.dtype)
+        self._hold(train, inputs, problem, plan, centers_from_inputs(inputs[:CENTER_IMAGES], plan), dtype, 0,
+                   train.shape[0], "cpu")
+
+    @classmethod
+    def part(cls, images: torch.Tensor, problem: Problem, plan: ClassPlan, centers: np.ndarray, first: int,
+             n_images: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> PatchBank:
+        """The part of a bank of ``n_images`` training images made of images ``first …`` (``images``, float64;
+        a shard of a bank on disk): its rows keep the bank's global ids and its keys the bank's ``centers``;
+        key features are held on ``device``."""
+        bank = cls.__new__(cls)
+        bank._hold(images, problem.noiseless_input(images), problem, plan, centers, dtype, first, n_images, device)
+        return bank
+
+    def _hold(self, train: torch.Tensor, inputs: torch.Tensor, problem: Problem, plan: ClassPlan,
+              centers: np.ndarray, dtype: torch.dtype, first: int, n_images: int, device) -> None:
+        self.dtype, self.problem, self.plan, self.geometry, self.centers = dtype, problem, plan, plan.geometry, centers
+        self.device = torch.device(device)
+        self.first, self.n_images, self.n_bank_images = first, train.shape[0], n_images
+        index = image_class(plan, dtype, self.device)
         #: the rows of the class the sliding kernel evaluates (:mod:`lemmse_ray.kernels.sliding`), or None
-        self.sliding = None if index is None else sliding.SlidingRows.build(train, inputs, self.plan, index)
-        others = None if index is None else [c for c in range(self.plan.n_classes) if c != index]
-        self._keys = bank_keys(train, inputs, problem, self.plan, self.centers, self.dtype, classes=others)
+        self.sliding = None if index is None else sliding.SlidingRows.build(train, inputs, plan, index)
+        others = None if index is None else [c for c in range(plan.n_classes) if c != index]
+        self._keys = keys_to(bank_keys(train, inputs, problem, plan, centers, dtype, classes=others, first=first,
+                                       n_images=n_images), self.device)
         # the sliding class's keys are built only if the matrix product needs them (top-k, kernel="torch"),
         # from the float64 images, so that they are the bits an eager build gives
         self._deferred = None if index is None else train
-        self.n_rows = int(class_offsets(self.plan, self.n_images)[-1])
+        #: rows of the whole bank (of all its parts)
+        self.n_rows = int(class_offsets(plan, n_images)[-1])
 
     @property
     def keys(self) -> dict[int, ClassKeys]:
         """Kernel key features of every class (for the sliding kernel's class, built at first use)."""
         if self._deferred is not None:
             train = self._deferred
-            self._keys.update(bank_keys(train, self.problem.noiseless_input(train), self.problem, self.plan,
-                                        self.centers, self.dtype, classes=[self.sliding.index]))
+            self._keys.update(keys_to(bank_keys(train, self.problem.noiseless_input(train), self.problem, self.plan,
+                                                self.centers, self.dtype, classes=[self.sliding.index],
+                                                first=self.first, n_images=self.n_bank_images), self.device))
             self._keys = dict(sorted(self._keys.items()))
             self._deferred = None
         return self._keys
@@ -146,9 +226,32 @@ class PatchBank:
         """(C, H, W) of the training images."""
         return self.geometry.shape
 
-    def source(self) -> torch.Tensor:
-        """(n_rows, 2) int64 (training image, position row·W + col) of every bank row, in row order."""
-        return torch.cat([class_source(self.plan, c, 0, self.n_images) for c in range(self.plan.n_classes)])
+    def source(self) -> RowSources:
+        """(training image, position row·W + col) of bank rows, indexed by row ids (:class:`RowSources`)."""
+        return RowSources(self.plan, self.n_bank_images)
+
+    def prepare(self, z: torch.Tensor, mask: torch.Tensor | None, sigma: float, stats: tuple[str, ...], topk: int,
+                kernel: str = "auto") -> Scan:
+        """:func:`prepare_scan` for this bank (checked inputs)."""
+        return prepare_scan(z, mask, sigma, self.problem, self.plan, self.centers, self.dtype, self.device, stats,
+                            topk, kernel)
+
+    def scan(self, batch: Scan) -> Partials:
+        """Partials of every query pixel of ``batch`` over this bank's rows (not finalized: parts merge them)."""
+        queries, stats = batch.queries, batch.stats
+        skip = () if batch.sliding is None else (batch.sliding,)
+        keys = {c: k for c, k in (self._keys if skip else self.keys).items() if c not in skip}
+        if keys:
+            part = scan(keys, self.plan, queries, stats, batch.topk, batch.choices)
+        else:
+            part = Partials.empty(queries.n, queries.channels, sums_of(stats), batch.topk, self.dtype, self.device)
+        if skip:
+            windows = torch.from_numpy(np.flatnonzero(sliding.query_windows(self.geometry.padding, self.shape,
+                                                                            self.geometry.patch_size)))
+            ids = (torch.arange(batch.z.shape[0])[:, None] * len(self.plan.position_class) + windows[None]).flatten()
+            merge_into(part, ids.to(self.device),
+                       sliding.sliding_partials(self.sliding, batch.z, queries.sigma, stats).to(device=self.device))
+        return part
 
     def estimate(self, z, sigma: float, mask=None, stats=("variance", "ess"), topk: int = 5,
                  kernel: str = "auto") -> Result:
@@ -171,29 +274,15 @@ class PatchBank:
         Returns:
             :class:`Result` with ``mean`` (B, C, H, W) and the requested statistics.
         """
+        if self.first or self.n_images != self.n_bank_images:
+            raise ValueError("this PatchBank is a part of a larger bank: scan its parts and merge them")
         stats = check_stats(stats, topk)
         sigma = check_noise_level(sigma, self.dtype)
-        images = None if self.sliding is None else self.sliding.index
-        choices = resolve(kernel, self.plan, dtype=self.dtype, device="cpu", stats=stats, images=images,
-                          in_memory=True)
-        use_sliding = images is not None and choices[images].backend == "sliding"
         z, mask = check_queries(z, mask, self.problem, self.shape)
-        skip = (self.sliding.index,) if use_sliding else ()
-        queries = prepare_queries(z, mask, self.problem, self.plan, self.centers, sigma, self.dtype, skip)
-        keys = {c: k for c, k in (self._keys if use_sliding else self.keys).items() if c not in skip}
-        if keys:
-            part = scan(keys, self.plan, queries, stats, topk, choices)
-        else:
-            part = Partials.empty(queries.n, queries.channels, sums_of(stats), topk, self.dtype)
-        if use_sliding:
-            windows = torch.from_numpy(np.flatnonzero(sliding.query_windows(self.geometry.padding, self.shape,
-                                                                    self.geometry.patch_size)))
-            ids = (torch.arange(z.shape[0])[:, None] * len(self.plan.position_class) + windows[None]).flatten()
-            merge_into(part, ids, sliding.sliding_partials(self.sliding, z, sigma, stats))
-        source = self.source() if "topk" in stats else torch.zeros((0, 2), dtype=torch.int64)
-        res = to_result(finalize(part, self.n_rows), source, tuple(z.shape), stats)
+        batch = self.prepare(z, mask, sigma, stats, topk, kernel)
+        res = to_result(finalize(self.scan(batch), self.n_rows), self.source(), tuple(z.shape), stats)
         res.info = {"n_rows": self.n_rows, "n_classes": self.plan.n_classes, "kind": self.plan.kind,
-                    "sliding_class": self.sliding.index if use_sliding else None}
+                    "sliding_class": batch.sliding}
         return res
 
 

@@ -110,6 +110,33 @@ def class_source(plan: ClassPlan, index: int, image_offset: int, n_images: int) 
     return torch.stack([image_ids, positions.repeat(n_images)], dim=1)
 
 
+def row_source(plan: ClassPlan, n_images: int, rows: np.ndarray) -> np.ndarray:
+    """(training image, position row·W + col) of global ``rows`` of a bank of ``n_images`` images (any shape;
+    −1 and rows past the bank read as its first or last row) → shape + (2,) int64: rows are numbered
+    class-major (class, image, position), so the source is a function of the row id."""
+    offsets = class_offsets(plan, n_images)
+    flat = np.clip(np.asarray(rows, dtype=np.int64).reshape(-1), 0, max(0, int(offsets[-1]) - 1))
+    classes = np.searchsorted(offsets, flat, side="right") - 1
+    out = np.zeros((len(flat), 2), dtype=np.int64)
+    per_image = plan.rows_per_image()
+    for c in np.unique(classes):
+        at = classes == c
+        image, k = np.divmod(flat[at] - offsets[c], per_image[c])
+        out[at, 0], out[at, 1] = image, plan.positions(int(c))[k]
+    return out.reshape(*np.shape(rows), 2)
+
+
+class RowSources:
+    """(training image, position) of the rows of a bank of ``n_images`` images, indexed by a tensor of row ids
+    (:func:`row_source`), for :func:`lemmse_ray.core.statistics.to_result`."""
+
+    def __init__(self, plan: ClassPlan, n_images: int):
+        self.plan, self.n_images = plan, n_images
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(row_source(self.plan, self.n_images, rows.cpu().numpy()))
+
+
 def class_offsets(plan: ClassPlan, n_images: int) -> np.ndarray:
     """(n_classes + 1,) first global row of each class (class-major order)."""
     return np.concatenate([[0], np.cumsum(plan.rows_per_image() * n_images)])

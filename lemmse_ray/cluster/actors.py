@@ -1,7 +1,9 @@
 r"""Shard actors: Ray actors that scan query batches against a contiguous range of a bank's shards.
 
-A :class:`ShardActor` holds its shards' key features in (GPU) memory, σ-free, or streams them from the store
-past a memory budget; for a broadcast query batch it returns one merged
+A :class:`ShardActor` holds each of its shards as a :class:`~lemmse_ray.PatchBank` part (the shard's images,
+with the rows derived from them by the in-memory API's code: key features for the matrix product, images for
+the sliding-window kernel), σ-free, or rebuilds them from the store past a memory budget; for a broadcast
+query batch it prepares the query features once, scans every shard, and returns one merged
 :class:`~lemmse_ray.core.partials.Partials` over its rows and the seconds it computed.  Actors are restartable
 (``max_restarts``, default 3) and their calls retried (``max_task_retries``, default 3), so a killed actor,
 or one lost with its node, is recreated elsewhere and its partial recomputed.  An error raised by the code (a
@@ -20,28 +22,25 @@ import numpy as np
 import ray
 import torch
 
-from ..bank.features import (
-    key_bytes,
-    key_features,
-    keys_to,
-    queries_to,
-    scan,
-)
+from ..bank.memory import PatchBank, part_bytes, prepare_scan
 from ..core.classes import plan_classes
 from ..core.partials import Partials, merge
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
 from ..core.validation import DTYPES
-from ..kernels.resolver import check_kernel, resolve
-from ..storage.bank_store import (
-    Bank,
-    stored_row_bytes,
-)
+from ..kernels.resolver import check_kernel
+from ..storage.bank_store import Bank
 from ..storage.ownership import open_group
 from ..storage.redact import public
 from .errors import ClusterError
-from .session import (START_TIMEOUT_S, actor_options, await_actors, default_n_actors,
-                      exact_device, wait_for_units)
+from .session import (
+    START_TIMEOUT_S,
+    actor_options,
+    await_actors,
+    default_n_actors,
+    exact_device,
+    wait_for_units,
+)
 
 MAX_RESTARTS = 3
 
@@ -57,17 +56,18 @@ class ActorFailed(ClusterError):
 class ShardActor:
     """Scans query batches against shards ``[first, last)`` of a bank.
 
-    *Resident* (when the shards' key features fit in ``memory`` bytes): they are read once and kept in device
-    memory.  *Streaming* (past it): every query batch reads the shards from the store again, the next one in a
-    background thread while the current one is scanned (at most two shards held).  Both modes scan a batch
-    shard by shard and merge the shards' partials in shard order, so they give the same bits (the top-k
-    breaks ties by row id, see :func:`lemmse_ray.core.partials.block_topk`).  ``memory=None``: see
+    *Resident* (when its parts fit in ``memory`` bytes, :func:`~lemmse_ray.bank.memory.part_bytes`): each shard's
+    images are read once and held as a :class:`~lemmse_ray.PatchBank` part on the actor's device.  *Streaming*
+    (past it): every query batch reads the shards from the store again and rebuilds each part, the next one in
+    a background thread while the current one is scanned (at most two held).  Both modes scan a batch shard by
+    shard and merge the shards' partials in shard order, so they give the same bits (the top-k breaks ties by
+    row id, see :func:`lemmse_ray.core.partials.block_topk`).  ``memory=None``: see
     :func:`default_actor_memory`.
 
-    ``kernel``: the request each scan resolves where the actor runs (its node's packages and device;
-    :func:`lemmse_ray.kernels.resolver.resolve`, for patch rows): with ``"auto"`` a CUDA actor with Triton installed
-    scans float32 banks with the fused Triton kernel, any other the torch kernels; ``"sliding"`` is refused (the
-    bank stores rows, not images).
+    ``kernel``: the request each batch resolves where the actor runs (its node's packages and device;
+    :func:`lemmse_ray.kernels.resolver.resolve`): with ``"auto"`` a CPU actor evaluates the sliding kernel's
+    class with it (float32) and the other classes by matrix product; a CUDA actor with Triton installed scans
+    float32 banks with the fused Triton kernel; any other the torch kernels.
     """
 
     def __init__(self, url: str, storage_options: dict | None, problem: Problem, geometry: dict, first: int,
@@ -80,63 +80,66 @@ class ShardActor:
         self.bank = Bank(url, open_group(url, "r", storage_options), plan, problem, storage_options)
         self.plan, self.kernel, self.dtype = plan, kernel, DTYPES[dtype]
         self.shards = list(range(first, last))
-        start, stop = self.bank.layout.shard_range(first)[0], self.bank.layout.shard_range(last - 1)[1]
-        self.rows = stop - start
+        layout = self.bank.layout
+        self.images = layout.shard_range(last - 1)[1] - layout.shard_range(first)[0]
+        self.rows = self.images * int(plan.rows_per_image().sum())
         self.memory = default_actor_memory(self.device) if memory is None else memory
-        self.resident_bytes = key_bytes(plan, self.rows, self.dtype)
+        self.resident_bytes = part_bytes(plan, self.images, self.dtype, self.device)
         self.streaming = self.resident_bytes > self.memory
         self.calls = 0
         self.read_s, self.read_bytes = 0.0, 0
-        self.keys, self.error = None, None
+        self.parts, self.error = None, None
         try:
-            self.keys = None if self.streaming else [self._load_shard(shard) for shard in self.shards]
+            self.parts = None if self.streaming else [self._load_shard(shard) for shard in self.shards]
         except Exception as err:  # noqa: BLE001
             # e.g. a damaged shard: each scan raises it as that call's error, which is not retried (the bytes
             # would be the same), rather than a failed creation that Ray reports again for every queued call
             self.error = err
 
-    def _load_shard(self, shard: int) -> dict:
-        return self._load(*self.bank.layout.shard_range(shard))
-
-    def _load(self, start: int, stop: int) -> dict:
-        """Key features of rows ``[start, stop)`` on this actor's device."""
+    def _load_shard(self, shard: int) -> PatchBank:
+        """Shard ``shard`` as a bank part on this actor's device (read, checked, its rows derived)."""
         t0 = time.perf_counter()
-        arrays = self.bank.read_rows(start, stop).to(self.dtype)
-        keys = keys_to(key_features(arrays, self.plan, self.bank.centers), self.device)
+        images = self.bank.read_images(shard)
+        part = PatchBank.part(images, self.bank.problem, self.plan, self.bank.centers,
+                              self.bank.layout.shard_range(shard)[0], self.bank.layout.n_images, self.dtype,
+                              self.device)
         self.read_s += time.perf_counter() - t0
-        self.read_bytes += stored_row_bytes(self.plan, self.bank.dtype) * len(arrays)
-        return keys
+        self.read_bytes += images.numel() * self.bank.group["images"].dtype.itemsize
+        return part
 
-    def _shard_keys(self):
-        """Key features of each shard in order (streaming: read ahead one shard in a background thread)."""
+    def _shard_parts(self):
+        """Each shard's part in order (streaming: read ahead one shard in a background thread)."""
         if not self.streaming:
-            yield from self.keys
+            yield from self.parts
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             ahead = pool.submit(self._load_shard, self.shards[0])
             for i in range(len(self.shards)):
-                keys = ahead.result()
+                part = ahead.result()
                 if i + 1 < len(self.shards):
                     ahead = pool.submit(self._load_shard, self.shards[i + 1])
-                yield keys
-                del keys
+                yield part
+                del part
 
-    def partials(self, queries, stats: tuple[str, ...], topk: int) -> tuple[Partials, float]:
-        """(merged partial of the query batch over this actor's rows, seconds this call computed)."""
+    def partials(self, batch: tuple[torch.Tensor, torch.Tensor | None], sigma: float, stats: tuple[str, ...],
+                 topk: int) -> tuple[Partials, float]:
+        """(merged partial of the query batch ``(z, mask)`` over this actor's rows, seconds this call computed)."""
         if self.error is not None:
             raise self.error
         t0 = time.perf_counter()
         self.calls += 1
-        queries = queries_to(queries, self.device)
-        choices = resolve(self.kernel, self.plan, dtype=self.dtype, device=self.device, stats=stats)
+        z, mask = batch
+        prepared = prepare_scan(z, mask, sigma, self.bank.problem, self.plan, self.bank.centers, self.dtype,
+                                self.device, stats, topk, self.kernel)
         total = None
-        for keys in self._shard_keys():
-            part = scan(keys, self.plan, queries, stats, topk, choices)
-            total = part if total is None else merge(total, part)
+        for part in self._shard_parts():
+            scanned = part.scan(prepared)
+            total = scanned if total is None else merge(total, scanned)
         return total.to(device="cpu"), time.perf_counter() - t0
 
     def describe(self) -> dict:
         return {"node": ray.get_runtime_context().get_node_id(), "device": str(self.device), "rows": self.rows,
+                "images": self.images,
                 "pid": os.getpid(), "calls": self.calls, "streaming": self.streaming, "memory": self.memory,
                 "resident_bytes": self.resident_bytes, "read_s": self.read_s, "read_bytes": self.read_bytes}
 
@@ -172,7 +175,7 @@ def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32"
     autoscaler adds (:class:`~lemmse_ray.cluster.session.ClusterError` past either).
 
     ``kernel``: the actors' kernel (see :class:`ShardActor`).  ``actor_memory``: bytes each actor may hold its
-    shards' key features in; past it the actor streams them from the store for every query batch (``None``:
+    shards' parts in; past it the actor rebuilds them from the store for every query batch (``None``:
     :func:`default_actor_memory`).  A dead actor (killed, lost with its node) is restarted at most
     ``max_restarts`` times, and a call to it resubmitted at most ``max_task_retries`` times; errors raised by
     the actor's code are never retried.

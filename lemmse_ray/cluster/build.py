@@ -1,8 +1,8 @@
 """Building a patch bank in its Zarr store with Ray tasks (``docs/theory.md`` §8), and repairing one.
 
 :func:`build_bank` plans the bank (classes, centres, shard layout), creates or reopens its group, and runs one
-task per missing shard; each task computes its rows from the training images it needs and writes the whole
-shard, then flags it done (idempotent: re-running completes the missing shards only).  A task holds its
+task per missing shard; each task writes the shard's training images whole (a bank stores images, see
+:mod:`lemmse_ray.storage.bank_store`), then its digest, then flags it done (idempotent: re-running completes the missing shards only).  A task holds its
 shard's lock (:mod:`lemmse_ray.storage.locks`) and skips a shard that another process finished meanwhile, so
 two processes building one bank (two studies sharing ``--work``) share its shards: none is computed twice on a
 local path.  :func:`repair_bank` rebuilds the damaged shards of a bank from the images it was built from, and
@@ -34,8 +34,7 @@ from ..storage.bank_store import (
     differences,
     fingerprint,
     open_bank,
-    shard_images,
-    shard_rows_for,
+    storage_dtype,
     verify_bank,
     write_shard,
 )
@@ -48,9 +47,9 @@ log = logging.getLogger("lemmse_ray")
 
 
 def build_shard(url: str, storage_options: dict | None, shard: int, images: np.ndarray, layout: BankLayout,
-                problem: Problem, plan: ClassPlan, centers: np.ndarray, dtype: str, attrs: dict) -> int:
-    """Compute and write shard ``shard`` of the bank at ``url`` (of attributes ``attrs``) from ``images``, the
-    training images; returns the rows written, 0 when another process finished the shard first.
+                attrs: dict) -> int:
+    """Write shard ``shard`` of the bank at ``url`` (of attributes ``attrs``) from ``images``, the training
+    images; returns the images written, 0 when another process finished the shard first.
 
     Under the shard's lock, so that two processes building the bank compute each shard once (the second
     waits for the first, then finds the shard done); ``BankError`` if the group at ``url`` is no longer this
@@ -63,11 +62,9 @@ def build_shard(url: str, storage_options: dict | None, shard: int, images: np.n
                             f"{', '.join(diff)}); shard {shard} is not written")
         if group["done"][shard]:
             return 0
-        first, last = shard_images(shard, layout)
-        rows = shard_rows_for(torch.from_numpy(np.array(images[first:last])), first, shard, layout, problem, plan,
-                              centers)
-        write_shard(group, shard, rows, DTYPES[dtype])
-    return len(rows)
+        first, last = layout.shard_range(shard)
+        write_shard(group, shard, layout, torch.from_numpy(np.array(images[first:last])))
+    return last - first
 
 
 _build_shard = ray.remote(num_cpus=1)(build_shard)
@@ -85,8 +82,9 @@ def bank_request(train: torch.Tensor, problem: Problem, patch_size: int, padding
     problem.check_shape(shape)
     plan = plan_classes(problem, PatchGeometry(shape, patch_size, padding, candidates))
     centers = class_centers(train, problem, plan)
-    layout = BankLayout(train.shape[0], plan.rows_per_image(), shard_rows)
-    return plan, centers, layout, bank_attributes(problem, plan, layout, fingerprint(train), dtype)
+    layout = BankLayout.of(train.shape[0], plan.rows_per_image(), shard_rows)
+    return plan, centers, layout, bank_attributes(problem, plan, layout, fingerprint(train), dtype,
+                                                  storage_dtype(train))
 
 
 def build_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: str = "zeros",
@@ -94,28 +92,28 @@ def build_bank(url: str, train, problem: Problem, patch_size: int = 5, padding: 
                storage_options: dict | None = None, overwrite: bool = False, progress: bool = True) -> Bank:
     """Build (or finish) the patch bank of ``train`` for ``problem`` at ``url`` with Ray tasks.
 
-    Returns the opened bank.  Throughput (rows/s) is logged and stored in ``bank.build_stats``
-    (``shards_written`` counts the shards this call wrote, not those another process finished meanwhile).
+    ``shard_rows``: bank rows per shard (the unit of work of the actors), rounded down to whole images.
+    Returns the opened bank.  Throughput (rows/s: the rows the written images hold) is logged and stored in
+    ``bank.build_stats`` (``shards_written`` counts the shards this call wrote, not those another process
+    finished meanwhile).
     """
     train = as_images(train, "train")
     plan, centers, layout, attrs = bank_request(train, problem, patch_size, padding, candidates, shard_rows, dtype)
-    group = create_bank_group(url, attrs, centers, storage_options, overwrite)
+    group = create_bank_group(url, attrs, centers, tuple(train.shape[1:]), storage_options, overwrite)
     missing = [int(s) for s in np.flatnonzero(group["done"][...] == 0)]
     ensure_ray()
     t0 = time.perf_counter()
     rows_written = written = 0
     if missing:
         images = ray.put(train.numpy())
-        refs = [ray.put(x) for x in (layout, problem, plan, centers)]
         stored = public(attrs)
-        pending = [_build_shard.remote(url, storage_options, s, images, *refs, attrs["dtype"], stored)
-                   for s in missing]
+        pending = [_build_shard.remote(url, storage_options, s, images, layout, stored) for s in missing]
         with tqdm(total=len(missing), desc="bank shards", unit="shard", disable=not progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                rows = ray.get(done[0])
-                rows_written += rows
-                written += rows > 0
+                images_written = ray.get(done[0])
+                rows_written += images_written * int(layout.rows_per_image.sum())
+                written += images_written > 0
                 bar.update(1)
     seconds = time.perf_counter() - t0
     bank = open_bank(url, problem, plan, storage_options)
@@ -143,7 +141,7 @@ def repair_bank(url: str, train, problem: Problem, patch_size: int = 5, padding:
     ``overwrite=True`` (``lemmse build-bank --overwrite``).
     """
     train = as_images(train, "train")
-    plan, centers, layout, attrs = bank_request(train, problem, patch_size, padding, candidates, shard_rows, dtype)
+    attrs = bank_request(train, problem, patch_size, padding, candidates, shard_rows, dtype)[3]
     if bad is None:
         bad = [row["shard"] for row in verify_bank(url, storage_options) if row["status"] != "ok"]
     stored = dict(open_group(url, "r", storage_options).attrs)

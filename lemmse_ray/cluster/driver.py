@@ -1,8 +1,9 @@
 r"""The batch driver: exact estimation of query images against a stored bank with shard actors.
 
 :func:`estimate_on_ray` validates (:func:`check_estimate`), opens the output group
-(:mod:`lemmse_ray.storage.results`), and runs the driver loop (:func:`drive`): it prepares query features per
-batch, broadcasts them through the object store with up to ``max_in_flight`` batches submitted at once,
+(:mod:`lemmse_ray.storage.results`), and runs the driver loop (:func:`drive`): it broadcasts each batch of
+estimator inputs through the object store (each actor prepares its query features, for the kernels it runs),
+with up to ``max_in_flight`` batches submitted at once,
 merges the actors' partials in a fixed order (so results do not depend on timing), formats them as the
 in-memory API does (:func:`lemmse_ray.core.statistics.to_result`) and writes each batch to the output Zarr
 group before flagging it done; finished batches are skipped on restart.  Each batch takes exactly one partial
@@ -24,14 +25,12 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from ..bank.features import (
-    met_pairs,
-    prepare_queries,
-)
+from ..bank.features import met_pairs
+from ..bank.rows import RowSources
 from ..core.partials import merge
 from ..core.statistics import Result, check_stats, finalize, outputs, to_result
 from ..core.validation import DTYPES, as_images, check_noise_level, check_query_mask
-from ..kernels.resolver import resolve
+from ..kernels.resolver import image_class, resolve
 from ..storage.bank_store import (
     Bank,
 )
@@ -97,7 +96,8 @@ def check_estimate(bank: Bank, z, sigma: float, out_url: str, mask=None, x=None,
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     sigma = check_noise_level(sigma, dtype)
-    resolve(kernel, bank.plan, dtype=dtype, device=None, stats=stats)  # the actors resolve again where they run
+    # the actors resolve again where they run
+    resolve(kernel, bank.plan, dtype=dtype, device=None, stats=stats, images=image_class(bank.plan, dtype, None))
     for name, value in (("batch_images", batch_images), ("max_in_flight", max_in_flight)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -114,17 +114,6 @@ def check_estimate(bank: Bank, z, sigma: float, out_url: str, mask=None, x=None,
         if x.shape != z.shape:
             raise ValueError(f"x must have the shape of z {tuple(z.shape)}, got {tuple(x.shape)}")
     return EstimateJob(z, mask, x, sigma, stats, topk, dtype, batch_images)
-
-
-class BankSources:
-    """(training image, position) of bank rows, read from the bank's ``source`` array: indexed by a tensor of
-    row ids like the in-memory table, for :func:`lemmse_ray.core.statistics.to_result`."""
-
-    def __init__(self, bank: Bank):
-        self.bank = bank
-
-    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.bank.source(rows.cpu().numpy()))
 
 
 def result_arrays(res: Result) -> dict[str, np.ndarray]:
@@ -156,17 +145,15 @@ def drive(bank: Bank, job: EstimateJob, group, actors: list, todo: list[int], ma
     submits batch b+1 and merges and writes batch b−1.  The actors' partials of a batch are merged in actor
     order whatever order they arrive in, so every ``max_in_flight`` gives the same bits.
     """
-    plan, centers, sources = bank.plan, bank.centers, BankSources(bank)
+    sources = RowSources(bank.plan, bank.layout.n_images)
     busy = [0.0] * len(actors)
     in_flight: deque = deque()
     computed: list[int] = []
 
     def submit(b: int) -> tuple[int, list]:
         lo, hi = job.batch(b)
-        queries = prepare_queries(job.z[lo:hi], None if job.mask is None else job.mask[lo:hi], bank.problem, plan,
-                                  centers, job.sigma, job.dtype)
-        ref = ray.put(queries)
-        return b, [a.partials.remote(ref, job.stats, job.topk) for a in actors]
+        ref = ray.put((job.z[lo:hi], None if job.mask is None else job.mask[lo:hi]))
+        return b, [a.partials.remote(ref, job.sigma, job.stats, job.topk) for a in actors]
 
     def finish(b: int, refs: list) -> None:
         lo, hi = job.batch(b)

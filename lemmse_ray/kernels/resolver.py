@@ -7,8 +7,8 @@ Backends (:data:`BACKENDS`), and what each needs:
   float64, every statistic.  Its epilogue (:func:`epilogue_library`) is the compiled one of
   :mod:`lemmse_ray.kernels.epilogue` for float32 on the CPU where it builds, else pure torch.
 * ``"sliding"`` — :mod:`lemmse_ray.kernels.sliding`: the compiled CPU sliding-window kernel, for a class whitened
-  by a multiple of the identity whose rows are all the windows of images that the bank holds *as images*
-  (:func:`image_class`: the in-memory :class:`~lemmse_ray.PatchBank`; banks on disk store patch rows);
+  by a multiple of the identity whose rows are all the windows of the images that the bank holds *as images*
+  (:func:`image_class`: a :class:`~lemmse_ray.PatchBank`, in memory or a shard of a bank on disk in an actor);
   float32, at most 30 channels, every statistic but top-k.
 * ``"triton"`` — :mod:`lemmse_ray.kernels.triton_kernel`: the fused Triton kernel of the matrix-product kinds;
   float32 on CUDA (on the CPU only under ``TRITON_INTERPRET=1``, Triton's interpreter, for tests), the optional
@@ -99,14 +99,17 @@ def epilogue_library(requested: str, dtype: torch.dtype, device: torch.device | 
     return lib
 
 
-def image_class(plan: ClassPlan, dtype: torch.dtype, device: torch.device | str = "cpu") -> int | None:
-    """The class of ``plan`` that an in-memory bank should hold as images for the sliding kernel (None: none).
+def image_class(plan: ClassPlan, dtype: torch.dtype, device: torch.device | str | None = "cpu") -> int | None:
+    """The class of ``plan`` that a :class:`~lemmse_ray.PatchBank` should hold as images for the sliding kernel
+    (None: none).
 
     It is the class :func:`lemmse_ray.kernels.sliding.eligible_class` finds, when the arithmetic is float32 on
     the CPU, the images have at most :data:`~lemmse_ray.kernels.sliding.MAX_CHANNELS` channels and the compiled
-    sliding library builds here."""
-    if (dtype != torch.float32 or torch.device(device).type != "cpu"
-            or plan.geometry.shape[0] > sliding.MAX_CHANNELS or sliding.load() is None):
+    sliding library builds here.  ``device=None``: where the work runs is not known yet (a driver of Ray
+    actors), and the checks of the machine are left to the actors."""
+    if dtype != torch.float32 or plan.geometry.shape[0] > sliding.MAX_CHANNELS:
+        return None
+    if device is not None and (torch.device(device).type != "cpu" or sliding.load() is None):
         return None
     return sliding.eligible_class(plan)
 
@@ -118,8 +121,8 @@ def _statistics_reasons(stats: tuple[str, ...], backend: str) -> list[str]:
             for name in unsupported(stats, backend)]
 
 
-def _sliding_reasons(plan: ClassPlan, images: int | None, in_memory: bool, dtype: torch.dtype,
-                     device: torch.device | None, stats: tuple[str, ...]) -> list[str]:
+def _sliding_reasons(plan: ClassPlan, images: int | None, dtype: torch.dtype, device: torch.device | None,
+                     stats: tuple[str, ...]) -> list[str]:
     """Why the sliding kernel cannot evaluate this request (empty: it can, for class ``images``)."""
     reasons = []
     if dtype != torch.float32:
@@ -135,9 +138,6 @@ def _sliding_reasons(plan: ClassPlan, images: int | None, in_memory: bool, dtype
     if sliding.eligible_class(plan) is None:
         reasons.append("applies only to a class whitened by a multiple of the identity whose rows are all windows "
                        "of the images (e.g. denoising, circular padding or the interior under zero padding)")
-    elif images is None and not in_memory:
-        reasons.append("this bank stores patch rows, not images (banks on disk and the Ray actors scan rows; the "
-                       "in-memory PatchBank holds images)")
     elif images is None and not reasons:
         reasons.append("this bank holds no images (it was built where the sliding kernel was unavailable)")
     return reasons
@@ -172,7 +172,7 @@ def _refuse(kernel: str, reasons: dict[str, list[str]]) -> KernelUnavailable:
 
 
 def resolve(kernel: str, plan: ClassPlan, *, dtype: torch.dtype, device: torch.device | str | None,
-            stats: Iterable[str] = (), images: int | None = None, in_memory: bool = False) -> dict[int, Choice]:
+            stats: Iterable[str] = (), images: int | None = None) -> dict[int, Choice]:
     """The backend of every class of ``plan`` for a request ``kernel`` (see the module docstring).
 
     Args:
@@ -183,8 +183,6 @@ def resolve(kernel: str, plan: ClassPlan, *, dtype: torch.dtype, device: torch.d
             machine are then left out: the caller resolves again where the work runs).
         stats: the requested statistics (top-k is kept by torch only).
         images: the class the bank holds as images for the sliding kernel (:func:`image_class`), or None.
-        in_memory: whether the bank is an in-memory one, which holds the sliding kernel's class as images when it
-            can (:class:`lemmse_ray.PatchBank`), rather than patch rows (banks on disk, the Ray actors).
 
     Returns:
         {class: :class:`Choice`} for every class of ``plan``.
@@ -196,7 +194,7 @@ def resolve(kernel: str, plan: ClassPlan, *, dtype: torch.dtype, device: torch.d
     stats = tuple(stats)
     device = None if device is None else torch.device(device)
     triton_refused, triton_delegated = _triton_reasons(plan, dtype, device, stats)
-    reasons = {"torch": [], "sliding": _sliding_reasons(plan, images, in_memory, dtype, device, stats),
+    reasons = {"torch": [], "sliding": _sliding_reasons(plan, images, dtype, device, stats),
                "triton": triton_refused + triton_delegated}
     if (kernel == "sliding" and reasons["sliding"]) or (kernel == "triton" and triton_refused):
         raise _refuse(kernel, reasons)

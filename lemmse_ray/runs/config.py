@@ -75,12 +75,14 @@ class Config:
     patch_size: int = _field(5, "receptive field P in pixels (odd)", min=1, odd=True)
     padding: str = _field("zeros", "boundary rule of patches and networks", choices=PADDINGS)
     candidates: str = _field("all", "bank positions (interior: circular padding only)", choices=CANDIDATES)
-    stats: list[str] = _field(["variance", "ess", "max_weight", "entropy", "log_evidence", "topk"],
-                              "statistics stored beside the estimate", choices=STATS, unique=True)
+    stats: list[str] = _field(["variance", "ess", "max_weight", "entropy", "log_evidence"],
+                              "statistics stored beside the estimate (add topk for the top-k attribution: it "
+                              "needs the matrix product, several times slower than the sliding-window kernel)",
+                              choices=STATS, unique=True)
     topk: int = _field(5, "top-k attribution size", min=1, max=1024)
     dtype: str = _field("float32", "kernel arithmetic", choices=tuple(DTYPES))
     kernel: str = _field("auto", "kernel backend of the estimation: auto (the fastest that applies), torch "
-                                 "(matrix product), sliding (in-memory image banks only) or triton (CUDA)",
+                                 "(matrix product), sliding (the sliding-window kernel: CPU, float32, no top-k) or triton (CUDA)",
                          choices=KERNELS)
     # networks and training (one network per name and σ)
     networks: list[str] = _field(["patchmlp", "resnet"], "networks to train (one per name and σ)",
@@ -96,7 +98,8 @@ class Config:
     cpus_per_worker: int | None = _field(None, "CPUs per training worker (unset: the free CPUs shared among "
                                                "the workers)", min=1)
     # execution
-    shard_rows: int = _field(1 << 16, "bank rows per Zarr shard (the unit of work)", min=1)
+    shard_rows: int = _field(1 << 16, "bank rows per Zarr shard, rounded down to whole images (the unit of work)",
+                             min=1)
     n_actors: int | None = _field(None, "estimation actors (unset: one per GPU, else one per CPU)", min=1)
     batch_images: int = _field(4, "query images per batch", min=1)
     actor_memory_mb: int | None = _field(None, "MB of key features an estimation actor keeps in memory; past it "

@@ -19,7 +19,7 @@ from ..bank.features import query_bytes
 from ..bank.rows import class_centers
 from ..cluster.plan import Plan, make_plan
 from ..cluster.session import default_n_actors
-from ..kernels.resolver import resolve
+from ..kernels.resolver import image_class, resolve
 from ..core.classes import plan_classes
 from ..core.metrics import psnr
 from ..core.patches import PatchGeometry
@@ -75,7 +75,8 @@ def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
     problem.check_shape(shape)
     check_batch_memory(cfg, shape)
     plan = plan_classes(problem, PatchGeometry(shape, cfg.patch_size, cfg.padding, cfg.candidates))
-    resolve(cfg.kernel, plan, dtype=DTYPES[cfg.dtype], device=None, stats=cfg.stats)
+    resolve(cfg.kernel, plan, dtype=DTYPES[cfg.dtype], device=None, stats=cfg.stats,
+            images=image_class(plan, DTYPES[cfg.dtype], None))
     check_output_folder(cfg.out, cfg.storage_options)
     owned_group(cfg.bank_url, "bank", BANK_MEMBERS, cfg.storage_options)
     for split in SPLITS:
@@ -157,7 +158,7 @@ def plan_step(cfg: Config, train: torch.Tensor, problem: Problem, queries: dict[
     n_actors = cfg.n_actors or (default_n_actors() if calibrated else 1)
     inputs = [(z, mask, sigma) for _, _, sigma, _, z, mask in estimate_inputs(cfg, problem, queries)]
     centers = class_centers(train, problem, plan_classes(problem, geometry)) if calibrated else None
-    return make_plan(problem, geometry, train.shape[0], centers, inputs, n_actors, cfg.batch_images, cfg.shard_rows,
+    return make_plan(problem, geometry, train, centers, inputs, n_actors, cfg.batch_images, cfg.shard_rows,
                      DTYPES[cfg.dtype], actor_memory(cfg), kernel=cfg.kernel, bank_url=cfg.bank_url,
                      storage_options=cfg.storage_options, calibrated=calibrated, stats=tuple(cfg.stats), topk=cfg.topk)
 
@@ -216,7 +217,7 @@ def verify_step(cfg: Config, train: torch.Tensor, problem: Problem, repair: bool
     print(f"{'shard':>6} {'rows':>23}  status")
     for r in rows:
         if r["status"] != "ok" or len(rows) <= 20:
-            print(f"{r['shard']:>6} {r['first_row']:>11}-{r['last_row']:<11}  {r['status']}")
+            print(f"{r['shard']:>6} {r['first_image']:>11}-{r['last_image']:<11}  {r['status']}")
     print(f"{cfg.bank_url}: {len(rows) - len(bad)} of {len(rows)} shards ok", flush=True)
     if not bad:
         return 0

@@ -1,37 +1,41 @@
-r"""Patch banks in Zarr v3 (docs/theory.md, §8, computing it exactly at scale).
+r"""Patch banks in Zarr v3 (docs/theory.md, §8, computing it exactly at scale): the training images, sharded.
 
-One group per bank, addressed by URL (a local path or any fsspec URL such as ``s3://bucket/bank``):
+A bank row is a pair (training image :math:`i`, position :math:`j`): its key :math:`W_c\,\Pi_j BAx_i` and its
+value :math:`x_i[:, j]` are functions of the image :math:`x_i` alone.  A bank therefore stores the training images
+— once each, instead of the :math:`P^2` copies of every pixel that patch rows hold — and the rows are derived
+where they are scanned (:class:`lemmse_ray.PatchBank` over a shard's images, in the actors of
+:mod:`lemmse_ray.cluster.actors`), with the same code as the in-memory API.  One group per bank, addressed by
+URL (a local path or any fsspec URL such as ``s3://bucket/bank``):
 
-==================  ==================  ===============================================================
-array               shape               content
-==================  ==================  ===============================================================
-``keys``            (n, width)          whitened, centred keys (zero-padded to the largest class rank)
-``half_sqnorm``     (n,)                :math:`\tfrac12\lVert\tilde k\rVert^2`
-``values``          (n, C)              clean centre pixels
-``class_ids``       (n,)  int32         class of each row (rows are sorted by class, image, position)
-``source``          (n, 2) int64        (training image, position) of each row
-``centers``         (n_classes, width)  per-class key centres (float64)
-``done``            (n_shards,) uint8   1 once a shard is completely written
-==================  ==================  ===============================================================
+==================  ======================  ===========================================================
+array               shape                   content
+==================  ======================  ===========================================================
+``images``          (N, C, H, W)            the training images: float32 where that is lossless, else float64
+``centers``         (n_classes, width)      per-class key centres (float64), from the first images
+``digests``         (n_shards, 32) uint8    SHA-256 of each shard's images (float32 bytes), set with it
+``done``            (n_shards,) uint8       1 once a shard is completely written
+==================  ======================  ===========================================================
 
-Every chunk ends with a CRC-32C checksum (the ``crc32c`` codec, inside the sharding codec; shard indexes
-have theirs), and the row arrays' fill value cannot occur in a bank (NaN for floats, −1 for integers), so a
-flipped byte, a truncated or missing shard object or chunk of a shard flagged done is a :class:`BankError`
-naming the bank, the array and the shard, never silently read as zeros.  :func:`verify_bank` reads and checks
-every shard of every row array (``class_ids`` must also follow the class offsets); :func:`clear_done` unflags
-shards so that :func:`lemmse_ray.cluster.build.build_bank` rewrites them.  A repair is
-:func:`lemmse_ray.cluster.build.repair_bank` (the same arguments as the first build): it compares them with
-the bank's attributes (:func:`differences`), then clears the bad shards and rebuilds them.
+A *shard* holds whole images (``shard_images`` of them: the requested ``shard_rows`` rows rounded down to
+whole images, at least one) and is one Zarr chunk; it is the unit of work and of writing.  Every chunk ends
+with a CRC-32C checksum (the ``crc32c`` codec), the images' fill value (NaN) cannot occur in a bank (images
+are finite), and a reader recomputes each shard's SHA-256 against ``digests``: a flipped byte, a truncated or
+missing chunk of a shard flagged done, or a chunk replaced by other valid bytes is a :class:`BankError`
+naming the bank, the array and the shard, never silently read.  :func:`verify_bank` reads and checks every
+shard; :func:`clear_done` unflags shards so that :func:`lemmse_ray.cluster.build.build_bank` rewrites them.
+A repair is :func:`lemmse_ray.cluster.build.repair_bank` (the same arguments as the first build): it compares
+them with the bank's attributes (:func:`differences`), then clears the bad shards and rebuilds them.
 
-A Zarr *shard* of ``shard_rows`` rows is the unit of work and of writing: the builder writes each shard
-whole and only then sets its ``done`` flag, so a crash leaves at most unflagged shards, which a re-run
-rewrites; finished shards are left alone.  Attributes hold the problem spec, patch geometry, class offsets,
-ranks and a hash of the whitening matrices, shard size, a fingerprint of the training images and the format
-version; opening a bank validates all of them against the request.  The bank does not depend on σ.
-The group is created or reopened under its creation lock, and the builder writes each shard under its shard
-lock (:mod:`lemmse_ray.storage.locks`), so processes sharing a bank create it once and build each shard once; a
-half-made bank (attributes without all its arrays) is rebuilt by :func:`create_bank_group` and refused, on
-one line, by the readers (:func:`check_whole`).
+The builder writes each shard whole and only then sets its digest and ``done`` flag, so a crash leaves at
+most unflagged shards, which a re-run rewrites; finished shards are left alone.  Attributes hold the problem
+spec, patch geometry, class offsets (rows are numbered class-major: class, image, position, as in memory),
+ranks and a hash of the whitening matrices, the shard size, a fingerprint of the training images and the
+format version; opening a bank validates all of them against the request.  The bank does not depend on σ.
+Banks of format 2 (patch rows) are refused with a hint to rebuild.  The group is created or reopened under
+its creation lock, and the builder writes each shard under its shard lock (:mod:`lemmse_ray.storage.locks`),
+so processes sharing a bank create it once and build each shard once; a half-made bank (attributes without
+all its arrays) is rebuilt by :func:`create_bank_group` and refused, on one line, by the readers
+(:func:`check_whole`).
 """
 from __future__ import annotations
 
@@ -46,17 +50,22 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from ..bank.rows import BankArrays, class_rows
 from ..core.classes import ClassPlan
 from ..core.problems import Problem
 from .locks import creation_lock
-from .ownership import create_group, half_made, kind_of, open_group, whole_group
+from .ownership import (
+    create_group,
+    half_made,
+    kind_of,
+    open_group,
+    owned_group,
+    whole_group,
+)
 from .redact import public
 
-FORMAT_VERSION = 2  # 2: checksummed chunks, fill values that cannot occur in a bank
-ARRAYS = ("keys", "half_sqnorm", "values", "class_ids", "source")
-MEMBERS = (*ARRAYS, "centers", "done")
-INNER_ROWS = 4096
+FORMAT_VERSION = 3  # 3: the training images, sharded by whole images (2: patch rows with checksums)
+MEMBERS = ("images", "centers", "digests", "done")
+FORMER_MEMBERS = ("keys", "half_sqnorm", "values", "class_ids", "source")  # format 2's patch rows: ours to replace
 CHECKSUMMED = (ZstdCodec(), Crc32cCodec())  # compression, then a CRC-32C of each compressed chunk
 
 
@@ -64,12 +73,21 @@ class BankError(ValueError):
     """A bank that cannot be used as it is: damaged, incomplete or of another format."""
 
 
+def image_bytes(images: torch.Tensor) -> bytes:
+    """The float32 bytes of images (C-contiguous): what fingerprints and shard digests hash."""
+    return images.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+
 def fingerprint(images: torch.Tensor) -> str:
     """SHA-256 of the training images (shape + float32 bytes): banks and results name their data."""
-    data = images.detach().to(torch.float32).contiguous().numpy()
-    digest = hashlib.sha256(json.dumps(list(data.shape)).encode())
-    digest.update(data.tobytes())
+    digest = hashlib.sha256(json.dumps(list(images.shape)).encode())
+    digest.update(image_bytes(images))
     return digest.hexdigest()
+
+
+def shard_digest(images: torch.Tensor) -> np.ndarray:
+    """(32,) uint8 SHA-256 of a shard's images (float32 bytes)."""
+    return np.frombuffer(hashlib.sha256(image_bytes(images)).digest(), dtype=np.uint8)
 
 
 def plan_hash(plan: ClassPlan) -> str:
@@ -82,20 +100,25 @@ def plan_hash(plan: ClassPlan) -> str:
             digest.update(np.round(cls.whitening, 9).tobytes())
     return digest.hexdigest()
 
-def stored_row_bytes(plan: ClassPlan, dtype: torch.dtype) -> int:
-    """Bytes of one bank row as stored (uncompressed): keys, ½‖k‖², values, class id (int32), source (2 int64)."""
-    itemsize = torch.finfo(dtype).bits // 8
-    return (plan.width + 1 + plan.geometry.shape[0]) * itemsize + 4 + 16
 
+def storage_dtype(images: torch.Tensor) -> str:
+    """``"float32"`` when the images survive a round trip through float32 exactly (8-bit data / 255 does), else
+    ``"float64"``: a bank stores the very values the in-memory API would be given."""
+    return "float32" if torch.equal(images.to(torch.float32).to(images.dtype), images) else "float64"
 
 
 @dataclass
 class BankLayout:
-    """Row layout of a bank: class offsets and shards."""
+    """Layout of a bank: rows numbered class-major (class, image, position) and shards of whole images."""
 
     n_images: int
     rows_per_image: np.ndarray  # (n_classes,)
-    shard_rows: int
+    shard_images: int
+
+    @staticmethod
+    def of(n_images: int, rows_per_image: np.ndarray, shard_rows: int) -> BankLayout:
+        """Shards of ``shard_rows`` rows rounded down to whole images (at least one image)."""
+        return BankLayout(n_images, rows_per_image, max(1, shard_rows // max(1, int(np.sum(rows_per_image)))))
 
     @property
     def offsets(self) -> np.ndarray:
@@ -107,14 +130,15 @@ class BankLayout:
 
     @property
     def n_shards(self) -> int:
-        return -(-self.n_rows // self.shard_rows)
+        return -(-self.n_images // self.shard_images)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
-        return shard * self.shard_rows, min(self.n_rows, (shard + 1) * self.shard_rows)
+        """The training images ``[first, last)`` of ``shard``."""
+        return shard * self.shard_images, min(self.n_images, (shard + 1) * self.shard_images)
 
 
 def bank_attributes(problem: Problem, plan: ClassPlan, layout: BankLayout, images_fingerprint: str,
-                    dtype: torch.dtype) -> dict[str, Any]:
+                    dtype: torch.dtype, image_dtype: str) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "problem": problem.spec(),
@@ -128,9 +152,10 @@ def bank_attributes(problem: Problem, plan: ClassPlan, layout: BankLayout, image
         "class_offsets": [int(v) for v in layout.offsets],
         "class_ranks": [c.rank for c in plan.classes],
         "plan_hash": plan_hash(plan),
-        "shard_rows": layout.shard_rows,
+        "shard_images": layout.shard_images,
         "n_shards": layout.n_shards,
         "dtype": str(dtype).replace("torch.", ""),
+        "image_dtype": image_dtype,
         "fingerprint": images_fingerprint,
     }
 
@@ -139,8 +164,8 @@ def check_format(url: str, attrs: dict) -> None:
     """``BankError`` unless ``attrs`` are those of a bank of this :data:`FORMAT_VERSION`."""
     version = attrs.get("format_version")
     if version != FORMAT_VERSION:
-        raise BankError(f"bank: {url} has format version {version!r}, expected {FORMAT_VERSION} (banks of earlier "
-                        "formats have no checksums); rebuild it (build_bank with overwrite=True, or "
+        raise BankError(f"bank: {url} has format version {version!r}, expected {FORMAT_VERSION} (banks now store "
+                        "the training images, not patch rows); rebuild it (build_bank with overwrite=True, or "
                         "--overwrite)")
 
 
@@ -149,8 +174,8 @@ def differences(stored: dict, attrs: dict) -> list[str]:
     return sorted(k for k in attrs if stored.get(k) != attrs[k])
 
 
-def create_bank_group(url: str, attrs: dict, centers: np.ndarray, storage_options: dict | None = None,
-                      overwrite: bool = False) -> zarr.Group:
+def create_bank_group(url: str, attrs: dict, centers: np.ndarray, shape: tuple[int, int, int],
+                      storage_options: dict | None = None, overwrite: bool = False) -> zarr.Group:
     """Create the bank's arrays, or reopen an identical unfinished/finished bank (to resume).
 
     Only a missing path, an empty folder or a bank of this project is written to (see
@@ -161,7 +186,10 @@ def create_bank_group(url: str, attrs: dict, centers: np.ndarray, storage_option
     """
     attrs = public(attrs)
     with creation_lock(url):
-        existing = whole_group(url, "bank", MEMBERS, MEMBERS, storage_options)
+        owned = owned_group(url, "bank", MEMBERS + FORMER_MEMBERS, storage_options)
+        if owned is not None and not overwrite and owned.attrs.get("format_version") not in (None, FORMAT_VERSION):
+            check_format(url, dict(owned.attrs))
+        existing = whole_group(url, "bank", MEMBERS + FORMER_MEMBERS, MEMBERS, storage_options)
         if existing is not None and not overwrite:
             old = dict(existing.attrs)
             check_format(url, old)
@@ -170,100 +198,64 @@ def create_bank_group(url: str, attrs: dict, centers: np.ndarray, storage_option
                 raise ValueError(f"url: {url} already holds a different bank (differs in {', '.join(diff)}); "
                                  "choose another url or pass overwrite=True")
             return open_group(url, "r+", storage_options)
-        return _create_bank_arrays(url, attrs, centers, storage_options)
+        return _create_bank_arrays(url, attrs, centers, shape, storage_options)
 
 
-def _create_bank_arrays(url: str, attrs: dict, centers: np.ndarray, storage_options: dict | None) -> zarr.Group:
+def _create_bank_arrays(url: str, attrs: dict, centers: np.ndarray, shape: tuple[int, int, int],
+                        storage_options: dict | None) -> zarr.Group:
     """A new bank group at ``url`` (under its creation lock): its arrays, then its attributes."""
     group = create_group(url, "bank", storage_options)
-    n, width, channels, shard = attrs["n_rows"], attrs["width"], attrs["channels"], attrs["shard_rows"]
-    inner = INNER_ROWS if shard % INNER_ROWS == 0 else shard  # inner chunks must tile the shard
-    dtype = attrs["dtype"]
-
-    def create(name, shape, dt, fill):
-        group.create_array(name, shape=shape, dtype=dt, chunks=(inner, *shape[1:]), shards=(shard, *shape[1:]),
-                           fill_value=fill, compressors=CHECKSUMMED)
-
-    create("keys", (n, width), dtype, np.nan)
-    create("half_sqnorm", (n,), dtype, np.nan)
-    create("values", (n, channels), dtype, np.nan)
-    create("class_ids", (n,), "int32", -1)
-    create("source", (n, 2), "int64", -1)
+    n, per_shard, n_shards = attrs["n_images"], attrs["shard_images"], attrs["n_shards"]
+    group.create_array("images", shape=(n, *shape), dtype=attrs["image_dtype"], chunks=(per_shard, *shape),
+                       fill_value=np.nan, compressors=CHECKSUMMED)
     group.create_array("centers", shape=centers.shape, dtype="float64", chunks=centers.shape,
                        compressors=CHECKSUMMED)[...] = centers
-    group.create_array("done", shape=(attrs["n_shards"],), dtype="uint8", chunks=(1,), fill_value=0,
+    group.create_array("digests", shape=(n_shards, 32), dtype="uint8", chunks=(1, 32), fill_value=0,
+                       compressors=CHECKSUMMED)
+    group.create_array("done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                        compressors=CHECKSUMMED)
     group.attrs.update(attrs)  # last: a marked group without attributes is an interrupted creation
     return group
 
 
-def read_shard(group: zarr.Group, url: str, name: str, shard: int, start: int, stop: int) -> np.ndarray:
-    """Rows ``[start, stop)`` of array ``name``, all in ``shard``; ``BankError`` naming the bank, array and
-    shard if a chunk fails its checksum or cannot be decoded, or is missing (read as the fill value)."""
-    array = group[name]
-    where = f"bank {url}: array {name!r}, shard {shard} (rows {start}–{stop})"
+def _damaged(where: str, err: Exception) -> BankError:
+    return BankError(f"{where} is damaged ({type(err).__name__}: {err}); repair the bank")
+
+
+def read_shard(group: zarr.Group, url: str, shard: int, layout: BankLayout) -> torch.Tensor:
+    """The images of ``shard`` (float64), checked: ``BankError`` naming the bank, the array and the shard if its
+    chunk fails its checksum or cannot be decoded, is missing (read as the fill value), or differs from the
+    digest written with it."""
+    first, last = layout.shard_range(shard)
+    where = f"bank {url}: array 'images', shard {shard} (images {first}–{last})"
     try:
-        data = array[start:stop]
-    except Exception as err:  # a checksum mismatch, a truncated shard or chunk, an undecodable chunk
-        raise BankError(f"{where} is damaged ({type(err).__name__}: {err}); repair the bank") from err
-    missing = np.isnan(data) if data.dtype.kind == "f" else data < 0
-    if missing.any():
-        first = start + int(np.flatnonzero(missing.reshape(len(data), -1).any(axis=1))[0])
-        raise BankError(f"{where} has missing chunks (row {first} was never written); repair the bank")
-    return data
+        data = group["images"][first:last]
+    except Exception as err:  # a checksum mismatch, a truncated or undecodable chunk
+        raise _damaged(where, err) from err
+    if np.isnan(data).any():
+        raise BankError(f"{where} has a missing chunk (it was never written); repair the bank")
+    try:
+        digest = group["digests"][shard]
+    except Exception as err:
+        raise _damaged(f"bank {url}: array 'digests', shard {shard}", err) from err
+    images = torch.from_numpy(np.ascontiguousarray(data)).to(torch.float64)
+    if not np.array_equal(shard_digest(images), digest):
+        raise BankError(f"{where} does not match the digest written with it (array 'digests'): the stored images "
+                        "were changed; repair the bank")
+    return images
 
 
-def shard_rows_for(images: torch.Tensor, image_offset: int, shard: int, layout: BankLayout, problem: Problem,
-                   plan: ClassPlan, centers: np.ndarray) -> BankArrays:
-    """The rows of ``shard`` computed from ``images`` = training images ``image_offset …`` that it needs."""
-    start, stop = layout.shard_range(shard)
-    offsets = layout.offsets
-    parts = []
-    for c in range(plan.n_classes):
-        lo, hi = max(start, offsets[c]), min(stop, offsets[c + 1])
-        if lo >= hi:
-            continue
-        per = int(layout.rows_per_image[c])
-        first, last = (lo - offsets[c]) // per, (hi - 1 - offsets[c]) // per + 1
-        rows = class_rows(images[first - image_offset: last - image_offset], first, problem, plan, centers, c)
-        cut = slice(lo - offsets[c] - first * per, hi - offsets[c] - first * per)
-        parts.append(BankArrays(rows.keys[cut], rows.half_sqnorm[cut], rows.values[cut], rows.class_ids[cut],
-                                rows.source[cut]))
-    out = BankArrays.concat(parts)
-    out.start = start
-    return out
-
-
-def shard_images(shard: int, layout: BankLayout) -> tuple[int, int]:
-    """The range of training images [first, last) whose rows fall into ``shard``."""
-    start, stop = layout.shard_range(shard)
-    offsets = layout.offsets
-    first, last = layout.n_images, 0
-    for c in range(len(layout.rows_per_image)):
-        lo, hi = max(start, offsets[c]), min(stop, offsets[c + 1])
-        if lo < hi:
-            per = int(layout.rows_per_image[c])
-            first = min(first, (lo - offsets[c]) // per)
-            last = max(last, (hi - 1 - offsets[c]) // per + 1)
-    return int(first), int(last)
-
-
-def write_shard(group: zarr.Group, shard: int, arrays: BankArrays, dtype: torch.dtype) -> None:
-    """Write one whole shard, then flag it done.
-
-    The shard's old objects (from a crashed writer, or damaged) are deleted first: Zarr reads an existing shard
-    before rewriting it, and a damaged one would fail its checksum."""
-    for name in ARRAYS:
-        array = group[name]
-        key = f"{array.path}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}"
-        sync(array.store.delete(key))
-    start, stop = arrays.start, arrays.start + len(arrays)
-    np_dtype = np.float32 if dtype == torch.float32 else np.float64
-    group["keys"][start:stop] = arrays.keys.numpy().astype(np_dtype)
-    group["half_sqnorm"][start:stop] = arrays.half_sqnorm.numpy().astype(np_dtype)
-    group["values"][start:stop] = arrays.values.numpy().astype(np_dtype)
-    group["class_ids"][start:stop] = arrays.class_ids.numpy().astype(np.int32)
-    group["source"][start:stop] = arrays.source.numpy()
+def write_shard(group: zarr.Group, shard: int, layout: BankLayout, images: torch.Tensor) -> None:
+    """Write one whole shard (the training images ``layout.shard_range(shard)``), then its digest, then flag it
+    done.  The digest is computed from ``images``, the builder's copy, not from what was written."""
+    first, last = layout.shard_range(shard)
+    if images.shape[0] != last - first:
+        raise ValueError(f"images: shard {shard} holds {last - first} images, got {images.shape[0]}")
+    array = group["images"]
+    # a damaged old chunk (from a crashed writer) must not be read back: Zarr may read a chunk it partly rewrites
+    sync(array.store.delete(f"{array.path}/{array.metadata.encode_chunk_key((shard, 0, 0, 0))}"))
+    array[first:last] = images.numpy().astype(array.dtype)
+    group["digests"][shard] = shard_digest(images)
     group["done"][shard] = 1
 
 
@@ -284,7 +276,7 @@ class Bank:
         except Exception as err:
             raise BankError(f"bank {url}: array 'centers' is damaged ({type(err).__name__}: {err}); rebuild the "
                             "bank") from err
-        self.layout = BankLayout(self.attrs["n_images"], plan.rows_per_image(), self.attrs["shard_rows"])
+        self.layout = BankLayout(self.attrs["n_images"], plan.rows_per_image(), self.attrs["shard_images"])
 
     @property
     def n_rows(self) -> int:
@@ -301,34 +293,9 @@ class Bank:
     def missing_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(self.group["done"][...] == 0)]
 
-    def read_rows(self, start: int, stop: int) -> BankArrays:
-        """Rows ``[start, stop)``, read shard by shard with the checks of :func:`read_shard`."""
-        first, last = start // self.layout.shard_rows, -(-stop // self.layout.shard_rows)
-        parts = {name: [] for name in ARRAYS}
-        for shard in range(first, last):
-            lo, hi = self.layout.shard_range(shard)
-            for name in ARRAYS:
-                parts[name].append(read_shard(self.group, self.url, name, shard, max(lo, start), min(hi, stop)))
-        keys, half_sqnorm, values, class_ids, source = (np.concatenate(parts[name]) for name in ARRAYS)
-        return BankArrays(torch.from_numpy(keys), torch.from_numpy(half_sqnorm), torch.from_numpy(values),
-                          torch.from_numpy(class_ids.astype(np.int64)), torch.from_numpy(source), start)
-
-    def source(self, rows: np.ndarray) -> np.ndarray:
-        """(image, position) of global ``rows`` (any shape; −1 allowed) → shape + (2,)."""
-        flat = np.asarray(rows).reshape(-1)
-        unique, inverse = np.unique(np.clip(flat, 0, self.n_rows - 1), return_inverse=True)
-        if not len(unique):
-            return np.zeros((*np.shape(rows), 2), dtype=np.int64)
-        try:
-            table = np.asarray(self.group["source"].get_orthogonal_selection((unique, slice(None))))
-        except Exception as err:
-            raise BankError(f"bank {self.url}: array 'source' is damaged ({type(err).__name__}: {err}); repair "
-                            "the bank") from err
-        if (table < 0).any():
-            row = int(unique[np.flatnonzero((table < 0).any(axis=1))[0]])
-            raise BankError(f"bank {self.url}: array 'source', shard {row // self.layout.shard_rows} has missing "
-                            f"chunks (row {row} was never written); repair the bank")
-        return table[inverse].reshape(*np.shape(rows), 2)
+    def read_images(self, shard: int) -> torch.Tensor:
+        """The images of ``shard`` (float64), checked (:func:`read_shard`)."""
+        return read_shard(self.group, self.url, shard, self.layout)
 
 
 def open_bank(url: str, problem: Problem, plan: ClassPlan, storage_options: dict | None = None,
@@ -345,9 +312,8 @@ def open_bank(url: str, problem: Problem, plan: ClassPlan, storage_options: dict
         raise ValueError(f"bank: no bank at {url}") from None
     if kind_of(group) != "bank":
         raise ValueError(f"bank: {url} is not a lemmse_ray bank")
-    check_whole(url, group)
+    check_readable(url, group)
     attrs = dict(group.attrs)
-    check_format(url, attrs)
     if attrs["problem"] != problem.spec():
         raise ValueError(f"problem: the bank at {url} was built for {attrs['problem']}, not {problem.spec()}")
     for key, value in plan.geometry.spec().items():
@@ -362,6 +328,15 @@ def open_bank(url: str, problem: Problem, plan: ClassPlan, storage_options: dict
         raise ValueError(f"bank: {url} is incomplete ({len(missing)} of {bank.n_shards} shards missing); "
                          "re-run the bank builder to finish it")
     return bank
+
+
+def check_readable(url: str, group: zarr.Group) -> None:
+    """``BankError`` unless the bank ``group`` at ``url`` is of this format and whole (a bank of another format is
+    named as such, not as half-made)."""
+    if group.attrs.get("format_version") not in (None, FORMAT_VERSION):
+        check_format(url, dict(group.attrs))
+    check_whole(url, group)
+    check_format(url, dict(group.attrs))
 
 
 def check_whole(url: str, group: zarr.Group) -> None:
@@ -380,37 +355,20 @@ def _open_checked(url: str, mode: str, storage_options: dict | None) -> zarr.Gro
         raise ValueError(f"url: no bank at {url}") from None
     if kind_of(group) != "bank":
         raise ValueError(f"url: {url} is not a lemmse_ray bank")
-    check_whole(url, group)
-    check_format(url, dict(group.attrs))
+    check_readable(url, group)
     return group
 
 
-def _check_shard(group: zarr.Group, url: str, shard: int, start: int, stop: int, offsets: np.ndarray) -> str:
-    problems = []
-    for name in ARRAYS:
-        try:
-            data = read_shard(group, url, name, shard, start, stop)
-        except BankError as err:
-            problems.append(str(err))
-            continue
-        if name == "class_ids":
-            expected = np.searchsorted(offsets, np.arange(start, stop), side="right") - 1
-            if not np.array_equal(data, expected):
-                problems.append(f"bank {url}: array 'class_ids', shard {shard}: rows out of their class ranges")
-    return "; ".join(problems) or "ok"
-
-
 def verify_bank(url: str, storage_options: dict | None = None) -> list[dict]:
-    """Read and check every shard of every array of the bank at ``url``.
+    """Read and check every shard of the bank at ``url`` (:func:`read_shard`: checksum, missing chunk, digest).
 
-    One row per shard: ``{"shard", "first_row", "last_row" (exclusive), "done" (bool), "status"}`` with status
-    ``"ok"``, ``"not built"`` (not flagged done: the builder will write it) or the problems found, each naming
+    One row per shard: ``{"shard", "first_image", "last_image" (exclusive), "done" (bool), "status"}`` with
+    status ``"ok"``, ``"not built"`` (not flagged done: the builder will write it) or the problem found, naming
     the bank, the array and the shard.  ``ValueError`` if ``url`` holds no bank of this format.
     """
     group = _open_checked(url, "r", storage_options)
     attrs = dict(group.attrs)
-    n_rows, shard_rows = attrs["n_rows"], attrs["shard_rows"]
-    offsets = np.asarray(attrs["class_offsets"])
+    layout = BankLayout(attrs["n_images"], np.zeros(0), attrs["shard_images"])
     try:
         done = group["done"][...]
     except Exception as err:
@@ -418,10 +376,16 @@ def verify_bank(url: str, storage_options: dict | None = None) -> list[dict]:
                         "bank") from err
     rows = []
     for shard in range(attrs["n_shards"]):
-        start, stop = shard * shard_rows, min(n_rows, (shard + 1) * shard_rows)
-        flagged = bool(done[shard])
-        status = _check_shard(group, url, shard, start, stop, offsets) if flagged else "not built"
-        rows.append({"shard": shard, "first_row": start, "last_row": stop, "done": flagged, "status": status})
+        first, last = layout.shard_range(shard)
+        status = "not built"
+        if done[shard]:
+            try:
+                read_shard(group, url, shard, layout)
+                status = "ok"
+            except BankError as err:
+                status = str(err)
+        rows.append({"shard": shard, "first_image": first, "last_image": last, "done": bool(done[shard]),
+                     "status": status})
     return rows
 
 

@@ -1,6 +1,7 @@
 """Sharded Zarr banks and Ray estimation give the in-memory API's numbers, whatever the split, and survive faults."""
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from lemmse_ray.data.loaders import load_dataset
 from lemmse_ray.cluster.build import build_bank
 from lemmse_ray.cluster.driver import estimate_on_ray
 from lemmse_ray.cluster.actors import start_actors
+from lemmse_ray.bank.rows import row_source
 from lemmse_ray.core.patches import PatchGeometry
 from lemmse_ray.storage.bank_store import FORMAT_VERSION, fingerprint, open_bank
 
@@ -101,19 +103,21 @@ def test_bank_layout_and_validation(tmp_path, data):
     bank = build_bank(url, train, problem, patch_size=3, shard_rows=500, progress=False)
     group = zarr.open_group(url, mode="r")
     attrs = dict(group.attrs)
-    assert attrs["format_version"] == FORMAT_VERSION and attrs["fingerprint"] == fingerprint(train)
+    assert attrs["format_version"] == FORMAT_VERSION == 3 and attrs["fingerprint"] == fingerprint(train)
     assert attrs["n_rows"] == train.shape[0] * 64 == bank.n_rows
-    assert group["keys"].shards == (500, attrs["width"])
-    class_ids = group["class_ids"][...]
-    assert np.all(np.diff(class_ids) >= 0), "rows are sorted by class"
-    np.testing.assert_array_equal(np.searchsorted(class_ids, np.arange(len(attrs["class_ranks"]))),
-                                  attrs["class_offsets"][:-1])
-    source = group["source"][...]
-    values = group["values"][...]
-    flat = train.numpy().reshape(train.shape[0], 1, -1)
-    np.testing.assert_allclose(values[:, 0], flat[source[:, 0], 0, source[:, 1]], atol=1e-7)
-    geometry = PatchGeometry((1, 8, 8), 3)
-    plan = plan_classes(problem, geometry)
+    # whole images: 500 rows of 64 per image -> 7 images per shard, one chunk each; stored exactly, in float32
+    assert attrs["shard_images"] == 7 and attrs["n_shards"] == 4 and group["images"].chunks == (7, 1, 8, 8)
+    assert attrs["image_dtype"] == "float32" and sorted(group.array_keys()) == ["centers", "digests", "done", "images"]
+    np.testing.assert_array_equal(group["images"][...].astype(np.float64), train.numpy())
+    for shard in range(4):
+        data32 = train[7 * shard: 7 * shard + 7].numpy().astype(np.float32).tobytes()
+        assert bytes(group["digests"][shard]) == hashlib.sha256(data32).digest()
+    # rows are numbered class-major (class, image, position): the source of a row follows from its id
+    plan = plan_classes(problem, PatchGeometry((1, 8, 8), 3))
+    table = [(i, j) for c in range(plan.n_classes) for i in range(24) for j in range(64)
+             if plan.position_class[j] == c]
+    rows = np.array([0, 5, 63, 64, 700, 1000, len(table) - 1])
+    np.testing.assert_array_equal(row_source(plan, 24, rows), np.array([table[r] for r in rows]))
     with pytest.raises(ValueError, match="patch_size"):
         open_bank(url, problem, plan_classes(problem, PatchGeometry((1, 8, 8), 5)))
     with pytest.raises(ValueError, match="padding"):
@@ -135,22 +139,43 @@ def test_bank_layout_and_validation(tmp_path, data):
         open_bank(url, problem, plan)
 
 
+def test_bank_of_patch_rows_is_refused_with_a_hint(tmp_path, data):
+    """A bank of format 2 (patch rows: keys, values, source, ...) is named as such, never read nor silently
+    replaced; ``overwrite=True`` replaces it (it is this project's)."""
+    train, _ = data
+    problem = lm.Denoising()
+    url = tmp_path / "bank"
+    group = zarr.open_group(str(url), mode="w", attributes={"lemmse_ray": "bank"})
+    for name in ("keys", "half_sqnorm", "values", "class_ids", "source", "centers", "done"):
+        group.create_array(name, shape=(4,), dtype="float32")
+    group.attrs.update({"format_version": 2, "plan_hash": "x"})
+    plan = plan_classes(problem, PatchGeometry((1, 8, 8), 3))
+    for call in (lambda: open_bank(str(url), problem, plan),
+                 lambda: build_bank(str(url), train, problem, patch_size=3, progress=False)):
+        with pytest.raises(ValueError, match="format version 2, expected 3 .*rebuild it"):
+            call()
+    assert sorted(zarr.open_group(str(url), mode="r").array_keys())[0] == "centers"  # untouched
+    bank = build_bank(str(url), train, problem, patch_size=3, overwrite=True, progress=False)
+    assert bank.attrs["format_version"] == 3 and "keys" not in zarr.open_group(str(url), mode="r")
+
+
 def test_bank_builder_completes_only_missing_shards(tmp_path, data):
     train, queries = data
     problem = lm.Denoising()
     url = str(tmp_path / "bank")
-    build_bank(url, train, problem, patch_size=3, shard_rows=200, progress=False)
+    build_bank(url, train, problem, patch_size=3, shard_rows=200, progress=False)  # 3 images per shard
     group = zarr.open_group(url, mode="r+")
-    reference = group["keys"][...]
-    shard_files = sorted((tmp_path / "bank" / "keys" / "c").iterdir())
+    reference = group["images"][...]
+    shard_files = sorted((tmp_path / "bank" / "images" / "c").iterdir())
+    assert len(shard_files) == 8
     mtimes = {p.name: p.stat().st_mtime_ns for p in shard_files}
     # a crash mid-build: two shards unflagged, one of them half-written with garbage
     group["done"][2] = 0
     group["done"][5] = 0
-    group["keys"][400:450] = 123.0
+    group["images"][6:7] = 0.5
     bank = build_bank(url, train, problem, patch_size=3, shard_rows=200, progress=False)
-    assert bank.build_stats["shards_written"] == 2
-    np.testing.assert_array_equal(group["keys"][...], reference)
+    assert bank.build_stats["shards_written"] == 2 and bank.build_stats["rows_written"] == 2 * 3 * 64
+    np.testing.assert_array_equal(group["images"][...], reference)
     for p in shard_files:
         if p.name not in ("2", "5"):
             assert p.stat().st_mtime_ns == mtimes[p.name], f"finished shard {p.name} was rewritten"
@@ -267,3 +292,52 @@ def test_job_killed_and_resumed(tmp_path, ray_cluster):
                       stats=("variance", "ess", "log_evidence"))
     np.testing.assert_allclose(group["mean"][...], ref.mean.numpy(), atol=1e-5)
     np.testing.assert_allclose(group["ess"][...], ref.ess.numpy(), rtol=1e-4)
+
+
+SLIDING_STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence")  # every statistic but top-k
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_actors_run_the_sliding_kernel_and_equal_the_in_memory_api_bit_for_bit(tmp_path, data, padding):
+    """One shard, one actor: the actor holds the shard as the in-memory API holds the bank (the sliding
+    kernel's class as images, the border classes as key features), prepares the same query features and merges
+    in the same order, so every output equals ``PatchBank.estimate``'s bit for bit."""
+    train, queries = data
+    problem = lm.Denoising()
+    _, z, _ = measure(problem, queries)
+    bank = build_bank(str(tmp_path / "bank"), train, problem, patch_size=3, padding=padding, shard_rows=1 << 20,
+                      progress=False)
+    assert bank.n_shards == 1
+    memory = lm.PatchBank(train, problem, patch_size=3, padding=padding)
+    ref = memory.estimate(z, SIGMA, stats=SLIDING_STATS, kernel="sliding")
+    assert ref.info["sliding_class"] is not None
+    group = estimate_on_ray(bank, z, SIGMA, str(tmp_path / "out"), batch_images=len(z), stats=SLIDING_STATS,
+                            n_actors=1, kernel="sliding", progress=False)
+    for name in ("mean", *SLIDING_STATS):
+        np.testing.assert_array_equal(group[name][...], getattr(ref, name).numpy(), err_msg=name)
+    # and it is the LE-MMSE: float32 within float tolerance of the float64 matrix product
+    exact = lm.estimate(train, z, problem, SIGMA, patch_size=3, padding=padding, stats=SLIDING_STATS,
+                        dtype=torch.float64, kernel="torch")
+    np.testing.assert_allclose(group["mean"][...], exact.mean.numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(group["ess"][...], exact.ess.numpy(), rtol=2e-5)
+
+
+def test_sliding_results_do_not_depend_on_shards_or_actors(tmp_path, data):
+    """float32, the sliding kernel on every actor: shard and actor counts change only the merge order's
+    rounding (compared with the float64 matrix product, and with each other)."""
+    train, queries = data
+    problem = lm.Denoising()
+    _, z, _ = measure(problem, queries)
+    exact = lm.estimate(train, z, problem, SIGMA, patch_size=3, stats=SLIDING_STATS, dtype=torch.float64,
+                        kernel="torch")
+    means = []
+    for shard_rows, n_actors in [(64, 1), (64, 3), (500, 2), (1 << 20, 1)]:
+        url = str(tmp_path / f"bank{shard_rows}")
+        bank = build_bank(url, train, problem, patch_size=3, shard_rows=shard_rows, progress=False)
+        group = estimate_on_ray(bank, z, SIGMA, str(tmp_path / f"out{shard_rows}_{n_actors}"), stats=SLIDING_STATS,
+                                n_actors=n_actors, kernel="sliding", progress=False)
+        np.testing.assert_allclose(group["mean"][...], exact.mean.numpy(), rtol=0, atol=2e-6)
+        np.testing.assert_allclose(group["log_evidence"][...], exact.log_evidence.numpy(), rtol=0, atol=2e-4)
+        means.append(group["mean"][...])
+    for other in means[1:]:
+        np.testing.assert_allclose(other, means[0], rtol=0, atol=2e-6)

@@ -157,13 +157,13 @@ def test_jobs_submitted_with_cli(head, tmp_path):
     bank = zarr.open_group(str(out / "bank.zarr"), mode="r")
     assert bank["done"][...].all() and bank.attrs["n_rows"] == N_TRAIN * 64 and bank.attrs["n_shards"] == 3
     assert not (out / "estimates").exists(), "the bank job must not estimate"
-    shards = {p.name: p.stat().st_mtime_ns for p in (out / "bank.zarr" / "keys" / "c").iterdir()}
+    shards = {p.name: p.stat().st_mtime_ns for p in (out / "bank.zarr" / "images" / "c").iterdir()}
     assert sorted(shards) == ["0", "1", "2"]
 
     second = submit(head, "estimate.py", out)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "succeeded" in second.stdout + second.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "bank.zarr" / "keys" / "c").iterdir()} == shards, \
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "bank.zarr" / "images" / "c").iterdir()} == shards, \
         "the estimation job rewrote the finished bank"
 
     train = load_dataset("digits", "train", n=N_TRAIN, subset="random", seed=0).double()  # the jobs' subset

@@ -108,10 +108,20 @@ def test_plan_counts_rows_pairs_bytes_and_memory(padding):
     assert got.pairs == (3 + 2) * per_image
     assert got.pairs_per_batch == [2 * per_image, per_image, 2 * per_image]
     d = channels * p * p
-    assert got.bank_bytes == rows * ((d + 1 + channels) * 4 + 4 + 16)  # keys, ½‖k‖², values; int32; 2 int64
-    # 210 rows in 6 shards of 40 (the last 10): actors get shards [0, 3) and [3, 6) -> 120 and 90 rows
+    assert got.bank_bytes == n_images * channels * height * width * 4  # the images, float32
+    # 30 rows per image: shards of 40 rows hold 1 image; actors get shards [0, 4) and [4, 7) -> 4 and 3 images.
+    # The sliding kernel's class (circular: every position; zeros: the 4 x 3 interior) is held as images: key
+    # images (circularly padded by 1 on each side) and value images in float32, in 16 lanes at most, and the
+    # float64 images; the other rows as features [k, ½‖k‖²], values and a row id
     assert got.actors == 2
-    assert got.actor_bytes == 120 * ((d + 1 + channels) * 4 + 8)  # features [k, ½‖k‖²], values, row id
+    if padding == "circular":
+        sliding_bytes = 16 * channels * ((height + 2) * (width + 2) + height * width) * 4
+        other_rows = 0
+    else:
+        sliding_bytes = 16 * channels * (height * width + 4 * 3) * 4
+        other_rows = 4 * (height * width - 4 * 3)
+    sliding_bytes += 4 * channels * height * width * 8
+    assert got.actor_bytes == other_rows * ((d + 1 + channels) * 4 + 8) + sliding_bytes
     if padding == "zeros":
         assert got.pairs < (3 + 2) * len(positions) * rows  # border pixels meet only their own pattern's rows
 
@@ -127,8 +137,8 @@ def test_plan_counts_match_the_bank_and_the_run(tmp_path, digits, ray_cluster):
     _, z, mask = problem.measure(queries, SIGMA, torch.Generator().manual_seed(1))
     bank = build_bank(str(tmp_path / "bank"), train, problem, patch_size=3, shard_rows=500, progress=False)
     got = count(problem, bank.plan, len(train), [(z, mask)], n_actors=2, batch_images=2, shard_rows=500)
-    stored = sum(bank.group[name].nbytes for name in ("keys", "half_sqnorm", "values", "class_ids", "source"))
-    assert got.bank_bytes == stored and got.rows == bank.n_rows
+    assert bank.attrs["image_dtype"] == "float32"
+    assert got.bank_bytes == bank.group["images"].nbytes == train.numel() * 4 and got.rows == bank.n_rows
     # pairs, counted independently: a query pixel meets a class when none of its kept pixels is padded there
     geometry = bank.plan.geometry
     kept = geometry.extract_mask(mask.double()).reshape(-1, p2 := geometry.patch_size ** 2)
@@ -178,6 +188,6 @@ def test_plan_command_prints_counts_and_a_calibrated_prediction(tmp_path, ray_cl
     out = capsys.readouterr().out
     height, width = 8, 8  # digits
     assert f"plan: {8 * height * width:,} bank rows" in out
-    assert "2 actors, 0.0 MB of key features each (resident)" in out  # 4 shards of 128 rows
+    assert "2 actors, 0.0 MB of bank parts each (resident)" in out  # 4 shards of 2 images (128 rows)
     assert "pairs/s per actor" in out and "predicted estimate time" in out
     assert not (tmp_path / "bank.zarr").exists()  # planning writes nothing

@@ -216,6 +216,6 @@ def test_explicit_sliding_above_the_channel_limit_names_the_reason():
     assert image_class(_plan(30), F32) is not None
     assert image_class(_plan(31), F32) is None
     with pytest.raises(KernelUnavailable, match="sliding: handles at most 30 channels"):
-        resolve("sliding", _plan(31), dtype=F32, device="cpu", in_memory=True)
+        resolve("sliding", _plan(31), dtype=F32, device="cpu")
     with pytest.raises(KernelUnavailable, match="at most 30 channels"):
         lm.estimate(images(6, 31, 6), images(1, 31, 6), lm.Denoising(), sigma=0.2, patch_size=3, kernel="sliding")

@@ -34,14 +34,14 @@ def test_zero_padding_denoising_in_memory():
                                                                      for c in range(1, 5)]
     others = {c: "torch" for c in range(9) if c != interior}
     for kernel in ("auto", "sliding"):
-        chosen = resolve(kernel, p, dtype=F32, device="cpu", images=interior, in_memory=True)
+        chosen = resolve(kernel, p, dtype=F32, device="cpu", images=interior)
         assert backends(chosen) == {**others, interior: "sliding"}
-    assert set(backends(resolve("torch", p, dtype=F32, device="cpu", images=interior, in_memory=True)).values()) == {"torch"}
+    assert set(backends(resolve("torch", p, dtype=F32, device="cpu", images=interior)).values()) == {"torch"}
     # top-k: the sliding kernel keeps none, so auto uses the matrix product everywhere
-    assert set(backends(resolve("auto", p, dtype=F32, device="cpu", stats=("topk",), images=interior, in_memory=True)).values()) \
+    assert set(backends(resolve("auto", p, dtype=F32, device="cpu", stats=("topk",), images=interior)).values()) \
         == {"torch"}
     # Triton (here in its interpreter, as the test session sets TRITON_INTERPRET=1) for every class
-    assert set(backends(resolve("triton", p, dtype=F32, device="cpu", images=interior, in_memory=True)).values()) == {"triton"}
+    assert set(backends(resolve("triton", p, dtype=F32, device="cpu", images=interior)).values()) == {"triton"}
 
 
 def test_image_class_needs_float32_on_the_cpu():
@@ -79,7 +79,7 @@ def test_epilogue_choice(monkeypatch):
 
 def test_refusal_lists_every_backend():
     with pytest.raises(KernelUnavailable) as info:
-        resolve("sliding", plan(), dtype=F64, device="cpu", stats=("variance", "topk"), in_memory=True)
+        resolve("sliding", plan(), dtype=F64, device="cpu", stats=("variance", "topk"))
     message = str(info.value)
     assert message.startswith("kernel='sliding' needs what this run lacks: sliding: ")
     for reason in ("computes in float32 only (dtype torch.float64)", "keeps no top-k rows", "torch: available",
@@ -90,12 +90,17 @@ def test_refusal_lists_every_backend():
 
 def test_sliding_refusals():
     p = plan()
-    with pytest.raises(KernelUnavailable, match="stores patch rows, not images"):  # a bank on disk (Ray)
+    with pytest.raises(KernelUnavailable, match="holds no images"):  # a bank built without the sliding kernel
         resolve("sliding", p, dtype=F32, device=None)
+    # the driver of Ray actors (device unknown) names the class the actors' parts hold as images
+    chosen = backends(resolve("sliding", p, dtype=F32, device=None, images=image_class(p, F32, None)))
+    assert chosen[image_class(p, F32)] == "sliding" and set(chosen.values()) == {"sliding", "torch"}, chosen
+    assert image_class(p, F32, None) == image_class(p, F32, "cpu") is not None
+    assert image_class(p, F64, None) is None
     with pytest.raises(KernelUnavailable, match="whitened by a multiple of the identity"):
         resolve("sliding", plan(lm.Inpainting(keep_prob=0.5, input="adjoint")), dtype=F32, device="cpu")
     with pytest.raises(KernelUnavailable, match="runs on the CPU, not cuda"):
-        resolve("sliding", p, dtype=F32, device="cuda", images=image_class(p, F32), in_memory=True)
+        resolve("sliding", p, dtype=F32, device="cuda", images=image_class(p, F32))
     with pytest.raises(ValueError, match="kernel must be one of"):
         resolve("fast", p, dtype=F32, device="cpu")
 
@@ -120,20 +125,20 @@ def test_config_kernel_field():
 
 
 def test_cli_kernel_flag_refuses_sliding_on_ray_before_anything(tmp_path, monkeypatch, capsys):
-    """``--kernel sliding`` on the Ray path: one line naming the backend's reason, exit 2, before Ray starts and
-    before anything is written."""
+    """``--kernel sliding`` that the actors could not run (top-k rows asked for): one line naming the backend's
+    reason, exit 2, before Ray starts and before anything is written."""
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the kernel was validated")
 
     monkeypatch.setattr("lemmse_ray.cluster.session.ensure_ray", no_ray)
     out = tmp_path / "out"
-    argv = ["estimate", "--dataset", "digits", "--n-train", "20", "--n-queries", "1", "--kernel", "sliding",
-            "--out", str(out)]
+    argv = ["estimate", "--dataset", "digits", "--n-train", "20", "--n-queries", "1", "--stats", "topk",
+            "--kernel", "sliding", "--out", str(out)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("lemmse: error: kernel='sliding' needs what this run lacks: sliding: ") \
         and err.count("\n") == 1, err
-    assert "this bank stores patch rows, not images" in err and "torch: available" in err
+    assert "keeps no top-k rows" in err and "torch: available" in err
     assert not out.exists()
     assert cli.main([*argv[:-3], "fast", "--out", str(out)]) == 2
     assert "--kernel must be one of" in capsys.readouterr().err

@@ -349,17 +349,17 @@ def test_verify_bank_command_reports_and_repairs(tmp_path, capsys, ray_cluster):
     argv = ["--dataset", "digits", "--n-train", "30", "--patch-size", "3", "--shard-rows", "512",
             "--out", str(tmp_path / "run")]
     assert cli.main(["build-bank", *argv]) == 0
-    keys = tmp_path / "run" / "bank.zarr" / "keys"
-    reference = np.asarray(zarr.open_array(str(keys))[...])
-    chunk = next(p for p in sorted(keys.rglob("*")) if p.is_file() and p.name != "zarr.json" and "c/1" in str(p))
+    images = tmp_path / "run" / "bank.zarr" / "images"
+    reference = np.asarray(zarr.open_array(str(images))[...])
+    chunk = next(p for p in sorted(images.rglob("*")) if p.is_file() and p.name != "zarr.json" and "c/1" in str(p))
     chunk.write_bytes(chunk.read_bytes()[:-7])            # a truncated chunk in shard 1
     capsys.readouterr()
     assert cli.main(["verify-bank", *argv]) == 1
     text = capsys.readouterr().out
-    assert "keys" in text and "shard 1" in text and "--repair" in text
+    assert "'images', shard 1" in text and "--repair" in text
     assert cli.main(["verify-bank", "--repair", *argv]) == 0
     assert "repaired 1 of 1 shards" in capsys.readouterr().out
-    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(keys))[...]), reference)
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(images))[...]), reference)
 
 
 def test_estimate_on_a_damaged_bank_ends_in_one_line(tmp_path, ray_cluster):
@@ -368,8 +368,8 @@ def test_estimate_on_a_damaged_bank_ends_in_one_line(tmp_path, ray_cluster):
     argv = ["--dataset", "digits", "--n-train", "30", "--n-queries", "2", "--patch-size", "3", "--shard-rows",
             "512", "--out", str(tmp_path / "run")]
     assert cli.main(["build-bank", *argv]) == 0
-    keys = tmp_path / "run" / "bank.zarr" / "keys"
-    chunk = next(p for p in sorted(keys.rglob("*")) if p.is_file() and p.name != "zarr.json" and "c/1" in str(p))
+    images = tmp_path / "run" / "bank.zarr" / "images"
+    chunk = next(p for p in sorted(images.rglob("*")) if p.is_file() and p.name != "zarr.json" and "c/1" in str(p))
     damaged = bytearray(chunk.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     chunk.write_bytes(bytes(damaged))
@@ -379,7 +379,7 @@ def test_estimate_on_a_damaged_bank_ends_in_one_line(tmp_path, ray_cluster):
     assert run.returncode == 1, run.stderr[-3000:]
     lines = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 1 and lines[0].startswith("lemmse: error: actor for shards"), lines[:8]
-    assert "keys" in lines[0] and "shard 1" in lines[0] and "damaged" in lines[0], lines[0]
+    assert "'images', shard 1" in lines[0] and "damaged" in lines[0], lines[0]
     assert "Traceback" not in run.stdout, run.stdout[-2000:]
     for group in (tmp_path / "run" / "estimates").glob("*.zarr"):
         assert not zarr.open_group(str(group), mode="r")["done"][...].any()

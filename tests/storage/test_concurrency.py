@@ -52,8 +52,8 @@ def tiny_bank(n_images: int = N_IMAGES, seed: int = 5):
     train = torch.rand(n_images, 1, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     problem = lm.Denoising()
     plan = plan_classes(problem, PatchGeometry((1, 8, 8), 3))
-    layout = BankLayout(n_images, plan.rows_per_image(), SHARD_ROWS)
-    attrs = bank_attributes(problem, plan, layout, fingerprint(train), torch.float32)
+    layout = BankLayout.of(n_images, plan.rows_per_image(), SHARD_ROWS)
+    attrs = bank_attributes(problem, plan, layout, fingerprint(train), torch.float32, "float64")
     return train, problem, plan, layout, attrs, class_centers(train, problem, plan)
 
 
@@ -64,7 +64,7 @@ def create_banks(urls, barrier, attrs, centers, failures):
     for url in urls:
         barrier.wait(timeout=300)
         try:
-            create_bank_group(url, attrs, centers)
+            create_bank_group(url, attrs, centers, (1, 8, 8))
         except Exception as err:  # reported to the test, which fails on any
             failures.put(f"{url}: {type(err).__name__}: {err}")
 
@@ -85,11 +85,10 @@ def build_every_shard(url, barrier, written, failures):
     train, problem, plan, layout, attrs, centers = tiny_bank()
     barrier.wait(timeout=300)
     try:
-        group = create_bank_group(url, attrs, centers)
+        group = create_bank_group(url, attrs, centers, (1, 8, 8))
         missing = [int(s) for s in np.flatnonzero(group["done"][...] == 0)]
         barrier.wait(timeout=300)  # both have listed the missing shards before either builds one
-        mine = [s for s in missing if build_shard(url, None, s, train.numpy(), layout, problem, plan, centers,
-                                                  "float32", attrs)]
+        mine = [s for s in missing if build_shard(url, None, s, train.numpy(), layout, attrs)]
         written.put(mine)
     except Exception as err:
         failures.put(f"{type(err).__name__}: {err}")
@@ -135,19 +134,16 @@ def start_holder(url, shard=None):
 
 def build_here(url, train, problem, plan, layout, attrs, centers):
     """``build_bank`` in this process: create or reopen the bank, build its shards."""
-    create_bank_group(url, attrs, centers)
+    create_bank_group(url, attrs, centers, (1, 8, 8))
     for shard in range(layout.n_shards):
-        build_shard(url, None, shard, train.numpy(), layout, problem, plan, centers, "float32", attrs)
+        build_shard(url, None, shard, train.numpy(), layout, attrs)
 
 
 def assert_holds_the_training_pixels(url, train):
-    """Independent of the builder: every row's value is the training pixel its source names."""
+    """Independent of the builder: the bank holds the training images, bit for bit, one per shard."""
     assert [row["status"] for row in verify_bank(url)] == ["ok"] * N_IMAGES
     group = zarr.open_group(url, mode="r")
-    source, values = group["source"][...], group["values"][...]
-    flat = train.numpy().reshape(train.shape[0], -1)
-    np.testing.assert_allclose(values[:, 0], flat[source[:, 0], source[:, 1]], atol=1e-7)
-    assert sorted(map(tuple, source)) == [(i, p) for i in range(N_IMAGES) for p in range(64)]
+    np.testing.assert_array_equal(group["images"][...], train.numpy())
 
 
 # --- creating one group in two processes at once -------------------------------------------------------------
@@ -161,7 +157,7 @@ def test_two_processes_creating_one_bank_leave_a_whole_bank(tmp_path):
         group = zarr.open_group(url, mode="r")
         assert sorted(group.array_keys()) == sorted(MEMBERS), url
         assert {k: group.attrs[k] for k in attrs} == attrs, url
-        assert group["keys"].shape == (layout.n_rows, plan.width)
+        assert group["images"].shape == (N_IMAGES, 1, 8, 8) and layout.n_shards == N_IMAGES
         np.testing.assert_array_equal(group["centers"][...], centers)
         bank = open_bank(url, problem, plan, require_complete=False)
         assert bank.missing_shards() == list(range(layout.n_shards))
@@ -192,19 +188,19 @@ def test_two_processes_building_one_bank_build_each_shard_once(tmp_path):
 # --- half-made groups ---------------------------------------------------------------------------------------
 
 def test_half_made_bank_is_an_error_when_read_and_rebuilt_when_built(tmp_path, caplog):
-    """The state the race left: attributes, no ``keys``.  Opening it to read is one clear error naming the
+    """The state the race left: attributes, no ``images``.  Opening it to read is one clear error naming the
     missing array (not a ``KeyError`` later); creating or building it again rebuilds it, with a warning."""
     train, problem, plan, layout, attrs, centers = tiny_bank()
     url = str(tmp_path / "bank.zarr")
     build_here(url, train, problem, plan, layout, attrs, centers)
-    shutil.rmtree(tmp_path / "bank.zarr" / "keys")
+    shutil.rmtree(tmp_path / "bank.zarr" / "images")
     for read in (lambda: open_bank(url, problem, plan), lambda: verify_bank(url)):
-        with pytest.raises(BankError, match=rf"{url} is half-made \(array 'keys' missing\)"):
+        with pytest.raises(BankError, match=rf"{url} is half-made \(array 'images' missing\)"):
             read()
     with caplog.at_level(logging.WARNING, logger="lemmse_ray"):
-        group = create_bank_group(url, attrs, centers)
+        group = create_bank_group(url, attrs, centers, (1, 8, 8))
     assert [r.getMessage() for r in caplog.records if r.name == "lemmse_ray"] == \
-        [f"{url} is a lemmse_ray bank, half-made (array 'keys' missing); it holds nothing finished and is rebuilt"]
+        [f"{url} is a lemmse_ray bank, half-made (array 'images' missing); it holds nothing finished and is rebuilt"]
     assert sorted(group.array_keys()) == sorted(MEMBERS) and not group["done"][...].any()
     build_here(url, train, problem, plan, layout, attrs, centers)
     assert_holds_the_training_pixels(url, train)
@@ -241,12 +237,12 @@ def test_waits_are_bounded_and_a_killed_holder_holds_nothing(tmp_path, monkeypat
     monkeypatch.setattr(locks, "WAIT_S", 0.5)
     with pytest.raises(locks.LockTimeout, match=rf"^creating or opening {url}: waited 0.5 s for the lock "
                                                 rf"{url}.lock, held by another process"):
-        create_bank_group(url, attrs, centers)
+        create_bank_group(url, attrs, centers, (1, 8, 8))
     assert not (tmp_path / "bank.zarr").exists()
     holder.kill()  # SIGKILL: no clean-up runs in the holder
     holder.join(timeout=60)
     monkeypatch.setattr(locks, "WAIT_S", 60)
-    group = create_bank_group(url, attrs, centers)
+    group = create_bank_group(url, attrs, centers, (1, 8, 8))
     assert sorted(group.array_keys()) == sorted(MEMBERS)
 
 
@@ -260,14 +256,14 @@ def test_a_bank_is_not_replaced_while_a_shard_is_written(tmp_path, monkeypatch):
     holder, release = start_holder(url, shard=3)
     monkeypatch.setattr(locks, "WAIT_S", 0.5)
     with pytest.raises(locks.LockTimeout, match=rf"^replacing {url} \(its shards are being written\)"):
-        create_bank_group(url, other[4], other[5], overwrite=True)
+        create_bank_group(url, other[4], other[5], (1, 8, 8), overwrite=True)
     release.set()
     holder.join(timeout=60)
     assert_holds_the_training_pixels(url, train)  # left as it was
-    create_bank_group(url, other[4], other[5], overwrite=True)
+    create_bank_group(url, other[4], other[5], (1, 8, 8), overwrite=True)
     with pytest.raises(BankError, match=rf"{url} was replaced by another process during this build \(it now "
                                         "differs in fingerprint\\)"):
-        build_shard(url, None, 0, train.numpy(), layout, problem, plan, centers, "float32", attrs)
+        build_shard(url, None, 0, train.numpy(), layout, attrs)
     assert not zarr.open_group(url, mode="r")["done"][...].any()
 
 
@@ -290,9 +286,9 @@ def test_remote_urls_have_no_lock_file_and_an_output_folder_may_hold_the_banks_l
     train, problem, plan, layout, attrs, centers = tiny_bank()
     assert locks.lock_path("s3://bucket/work/banks/x.zarr") is None
     assert locks.lock_path(f"file://{tmp_path}/b.zarr/") == f"{tmp_path}/b.zarr.lock"
-    group = create_bank_group("memory://concurrency/bank.zarr", attrs, centers)
+    group = create_bank_group("memory://concurrency/bank.zarr", attrs, centers, (1, 8, 8))
     assert sorted(group.array_keys()) == sorted(MEMBERS)
     url = str(tmp_path / "out" / "bank.zarr")
-    create_bank_group(url, attrs, centers)
+    create_bank_group(url, attrs, centers, (1, 8, 8))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bank.zarr", "bank.zarr.lock"]
     check_output_folder(str(tmp_path / "out"))  # a run may use the folder: both entries are this project's

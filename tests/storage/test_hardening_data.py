@@ -41,7 +41,7 @@ def pristine(data, tmp_path_factory):
     url = str(tmp_path_factory.mktemp("pristine") / "bank.zarr")
     build_bank(url, train, problem, patch_size=3, shard_rows=SHARD_ROWS, progress=False)
     group = zarr.open_group(url, mode="r")
-    return url, {name: group[name][...] for name in ("keys", "half_sqnorm", "values", "class_ids", "source")}
+    return url, {name: group[name][...] for name in ("images", "digests", "centers")}
 
 
 def copy_bank(pristine, tmp_path, name="bank.zarr") -> str:
@@ -98,7 +98,7 @@ def test_user_files_survive_bank_and_estimate(tmp_path, data, pristine):
     other = copy_bank(pristine, tmp_path, "other_bank.zarr")
     with pytest.raises(ValueError, match=r"other_bank\.zarr.*bank"):
         estimate_on_ray(bank, z[:2], SIGMA, other, batch_images=2, stats=STATS, overwrite=True, progress=False)
-    assert zarr.open_group(other, mode="r")["values"].shape == pristine[1]["values"].shape
+    assert zarr.open_group(other, mode="r")["images"].shape == pristine[1]["images"].shape
 
     # an empty folder may be used; our own group may be replaced with overwrite
     (tmp_path / "empty").mkdir()
@@ -108,7 +108,7 @@ def test_user_files_survive_bank_and_estimate(tmp_path, data, pristine):
     assert rebuilt.n_rows == 3 * 64
     # an interrupted creation (the marker is written first, the attributes last) is recognisably ours
     zarr.open_group(str(tmp_path / "interrupted"), mode="w", attributes={"lemmse_ray": "bank"})
-    (tmp_path / "interrupted" / "keys").mkdir()
+    (tmp_path / "interrupted" / "images").mkdir()
     assert build_bank(str(tmp_path / "interrupted"), train[:2], problem, patch_size=3, shard_rows=SHARD_ROWS,
                       progress=False).n_rows == 2 * 64
 
@@ -122,15 +122,23 @@ def test_estimate_into_the_bank_is_refused(tmp_path, data, pristine):
                 estimate_on_ray(bank, z[:2], SIGMA, out, batch_images=2, stats=STATS, overwrite=overwrite,
                                 progress=False)
     reopened = open_copy(bank.url, data)
-    np.testing.assert_array_equal(reopened.group["values"][...], pristine[1]["values"])
+    np.testing.assert_array_equal(reopened.group["images"][...], pristine[1]["images"])
 
 
 # --- 2. verified banks ---------------------------------------------------------------------------------------
 
 def shard_file(url: str, array: str, shard: int) -> Path:
-    """The object holding one shard of ``array`` (``c/<shard>`` for 1-d arrays, ``c/<shard>/0`` for 2-d)."""
+    """The object holding one shard of ``array`` (one chunk: ``c/<shard>/0/0/0`` for the images,
+    ``c/<shard>/0`` for the digests)."""
     path = Path(url) / array / "c" / str(shard)
-    return path / "0" if path.is_dir() else path
+    while path.is_dir():
+        path = path / "0"
+    return path
+
+
+def replace_with_valid_bytes(path: Path):
+    """Another shard's chunk in place of this one: valid bytes, a valid checksum, other images."""
+    path.write_bytes((path.parents[3] / "0" / "0" / "0" / "0").read_bytes())
 
 
 def delete(path: Path):
@@ -151,8 +159,9 @@ def flip(path: Path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("array,damage", [("keys", delete), ("values", truncate), ("keys", flip),
-                                          ("values", flip), ("class_ids", cut_tail), ("source", flip)],
+@pytest.mark.parametrize("array,damage", [("images", delete), ("images", truncate), ("images", flip),
+                                          ("images", cut_tail), ("images", replace_with_valid_bytes),
+                                          ("digests", flip), ("digests", delete)],
                          ids=lambda v: v if isinstance(v, str) else v.__name__)
 def test_damaged_done_shard_is_an_error_and_repaired(tmp_path, data, pristine, array, damage):
     from lemmse_ray.storage.bank_store import clear_done, verify_bank
@@ -163,10 +172,10 @@ def test_damaged_done_shard_is_an_error_and_repaired(tmp_path, data, pristine, a
     pattern = rf"{re.escape(url)}.*{array}.*shard 2|{re.escape(url)}.*shard 2.*{array}"
     bank = open_copy(url, data)
     with pytest.raises(ValueError, match=pattern):
-        bank.read_rows(0, bank.n_rows)
+        bank.read_images(2)
     rows = verify_bank(url)
-    assert [(r["shard"], r["first_row"], r["last_row"], r["done"]) for r in rows] == \
-        [(s, 64 * s, 64 * s + 64, True) for s in range(6)]
+    assert [(r["shard"], r["first_image"], r["last_image"], r["done"]) for r in rows] == \
+        [(s, s, s + 1, True) for s in range(6)]
     assert [r["status"] == "ok" for r in rows] == [True, True, False, True, True, True]
     assert array in rows[2]["status"]
 
@@ -178,22 +187,20 @@ def test_damaged_done_shard_is_an_error_and_repaired(tmp_path, data, pristine, a
     group = zarr.open_group(url, mode="r")
     for name, reference in pristine[1].items():
         np.testing.assert_array_equal(group[name][...], reference)
-    # and the pristine bank holds the training pixels (independent check of what "repaired" means)
-    source, values = group["source"][...], group["values"][...]
-    flat = train.numpy().reshape(train.shape[0], -1)
-    np.testing.assert_allclose(values[:, 0], flat[source[:, 0], source[:, 1]], atol=1e-7)
+    # and the pristine bank holds the training images (independent check of what "repaired" means)
+    np.testing.assert_array_equal(group["images"][...].astype(np.float64), train.numpy())
 
 
 def test_actors_refuse_a_damaged_shard(tmp_path, data, pristine):
     _, _, z, _ = data
     url = copy_bank(pristine, tmp_path)
     bank = open_copy(url, data)
-    flip(shard_file(url, "keys", 4))
+    flip(shard_file(url, "images", 4))
     with pytest.raises(Exception) as info:
         estimate_on_ray(bank, z[:2], SIGMA, str(tmp_path / "out.zarr"), batch_images=2, n_actors=2, stats=STATS,
                         progress=False)
     last = str(info.value).strip().splitlines()[-1]
-    assert "shards [3, 6)" in last and url in last and "keys" in last and "shard 4" in last, last
+    assert "shards [3, 6)" in last and url in last and "'images'" in last and "shard 4" in last, last
     assert not zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["done"][...].any()
 
 
@@ -293,11 +300,11 @@ def test_actor_init_error_fails_the_driver_with_its_shards(tmp_path, data, prist
     _, _, z, _ = data
     url = copy_bank(pristine, tmp_path)
     bank = open_copy(url, data)
-    shutil.rmtree(Path(url) / "values")  # every actor fails while loading its shards
+    shutil.rmtree(Path(url) / "images")  # every actor fails while loading its shards
     error = run_bounded(lambda: estimate_on_ray(bank, z[:2], SIGMA, str(tmp_path / "out.zarr"), batch_images=2,
                                                 n_actors=2, stats=STATS, progress=False))
     last = str(error).strip().splitlines()[-1]
-    assert re.search(r"actor for shards \[(0, 3|3, 6)\) of " + re.escape(url) + r" failed: .*values", last), last
+    assert re.search(r"actor for shards \[(0, 3|3, 6)\) of " + re.escape(url) + r" failed: .*images", last), last
 
 
 def test_actor_restarts_are_bounded(tmp_path, data, pristine):

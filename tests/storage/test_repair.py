@@ -37,16 +37,16 @@ def build_here(cfg: Config) -> None:
     """The bank of ``cfg``, built in this process as ``build_bank`` would (no Ray)."""
     train, _ = load_data(cfg)
     problem = make_problem(cfg, tuple(train.shape[1:]))
-    plan, centers, layout, attrs = bank_request(train, problem, cfg.patch_size, cfg.padding, cfg.candidates,
+    _, centers, layout, attrs = bank_request(train, problem, cfg.patch_size, cfg.padding, cfg.candidates,
                                                 cfg.shard_rows, DTYPES[cfg.dtype])
-    create_bank_group(cfg.bank_url, attrs, centers)
+    create_bank_group(cfg.bank_url, attrs, centers, tuple(train.shape[1:]))
     for shard in range(layout.n_shards):
-        build_shard(cfg.bank_url, None, shard, train.numpy(), layout, problem, plan, centers, cfg.dtype, attrs)
+        build_shard(cfg.bank_url, None, shard, train.numpy(), layout, attrs)
 
 
 def damage_shard_2(url: str) -> None:
-    """Flip a byte of shard 2 of ``keys`` (one file: the bank has one inner chunk per shard)."""
-    path = Path(url, "keys", "c", "2", "0")
+    """Flip a byte of shard 2 of ``images`` (one file: a shard is one chunk of whole images)."""
+    path = Path(url, "images", "c", "2", "0", "0", "0")
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x5A
     path.write_bytes(bytes(data))
@@ -59,7 +59,8 @@ def snapshot(folder: Path) -> dict:
 
 @pytest.fixture
 def damaged(tmp_path, monkeypatch):
-    """A 6-shard digits bank (8×8 images, patch 3: 64 rows per image) with shard 2 damaged; Ray may not
+    """A 6-shard digits bank (8×8 images, patch 3: 64 rows per image, shards of 64 rows: one image) with shard 2
+    damaged; Ray may not
     start (a refusal must come before it)."""
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started: the repair went on")
@@ -103,7 +104,7 @@ def test_cli_repair_with_other_images_is_one_line(damaged, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.err.startswith(f"lemmse: error: train: the bank at {damaged.bank_url} was built from other "
                                    "training images") and captured.err.count("\n") == 1, captured.err
-    assert "repaired" not in captured.out and "keys" in captured.out  # the table, then the refusal
+    assert "repaired" not in captured.out and "'images', shard 2" in captured.out  # the table, then the refusal
     assert snapshot(Path(damaged.bank_url)) == before
 
 
