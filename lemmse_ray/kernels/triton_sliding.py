@@ -2,24 +2,28 @@ r"""Triton version of the sliding-window kernel (imported lazily: Triton is an o
 
 It computes what :func:`lemmse_ray.kernels.sliding.sliding_partials` computes, from the same
 :class:`~lemmse_ray.kernels.sliding.SlidingRows` (moved to the device with :meth:`SlidingRows.to`): for every
-window :math:`i=(i_y,i_x)` of the query image :math:`Z = w z` (padded circularly under circular padding) and
-every window :math:`j=(j_y,j_x)` of every key image :math:`K_n` of the bank,
+window :math:`i=(i_y,i_x)` of the query image :math:`Z = w z` (padded circularly under circular padding, as
+:meth:`SlidingRows.query_images` does; the interior windows only under zero padding) and every window
+:math:`j=(j_y,j_x)` of every key image :math:`K_n` of the bank,
 
 .. math:: D(i, j) = \sum_{o_y=0}^{P-1} R_{i_y+o_y,\ j_y+o_y}(i_x, j_x),\qquad
-          R_{a,b}(i_x, j_x) = \sum_{o_x=0}^{P-1}\sum_c \bigl(Z_{c,a,i_x+o_x} - K_{n,c,b,j_x+o_x}\bigr)^2,
+          R_{a,b}(i_x, j_x) = \sum_{c}\sum_{o_x=0}^{P-1} \bigl(Z_{c,a,i_x+o_x} - K_{n,c,b,j_x+o_x}\bigr)^2,
 
 formed from differences (no :math:`\lVert q\rVert^2+\lVert k\rVert^2-2q\cdot k` cancellation), in float32 on
-CUDA cores (no TF32, fp16 or bf16 products).  A row block :math:`R_{a,b}` serves the :math:`P` pairs of
-query and key rows :math:`(a-o_y, b-o_y)` on the diagonal :math:`\delta = i_y - j_y = a - b`: one program walks
-each diagonal, computes each row block once and keeps the last :math:`P` of them in a ring of registers,
-so that a pair costs about :math:`2CP + 2P` operations instead of the :math:`2CP^2` of a direct sum.
+CUDA cores (no TF32, fp16 or bf16 anywhere).  A row block :math:`R_{a,b}` serves the :math:`P` pairs of query
+and key rows :math:`(a-o_y, b-o_y)` on the diagonal :math:`\delta = i_y - j_y = a - b`: a program walks each
+diagonal key row by key row, computes each row block once (``block_t`` of its :math:`CP` terms
+:math:`(c, o_x)` at a time) and keeps the last :math:`P` in a ring of registers (row block :math:`b` in slot
+:math:`b \bmod P`), so that a pair costs about :math:`2CP + 2P` operations instead of the :math:`2CP^2` of a
+direct sum (plus :math:`P-1` row blocks to fill the ring on each diagonal).
 
 One program owns a tile of ``block_y`` × ``block_x`` query windows of one query image and one range of
-``groups_per_split`` lane groups of the bank (the rows of a group, window by window and lane by lane in the
-lane-interleaved layout of :class:`SlidingRows`, are taken ``block_r`` at a time).  It keeps, per query, the
-online log-sum-exp state of the C kernel, in base 2 with the running *minimum distance* :math:`d_\min` as the
-reference (so :math:`s - m = (D - d_\min)\,\kappa` with :math:`\kappa = -\log_2 e/2\sigma^2` is formed without
-cancellation): on a tile of rows with distances :math:`D_r`,
+``groups_per_split`` lane groups of the bank; it takes the rows of a group ``block_r`` at a time, in the order
+of their memory (window column, then lane: image :math:`Lg + k` in lane :math:`k` of group :math:`g`; lanes
+beyond ``rows.n_images`` count as absent).  Per query it keeps the online log-sum-exp state of the C kernel, in
+base 2 with the running *minimum distance* :math:`d_\min` as the reference, so that
+:math:`s - m = (D - d_\min)\,\kappa` with :math:`\kappa = -\log_2 e/2\sigma^2` is formed without cancellation.
+On a tile of rows with distances :math:`D_r` and values :math:`v_r`,
 
 .. math::
     d' = \min(d_\min, \min_r D_r),\quad t = (d_\min - d')\kappa \le 0,\quad \alpha = 2^t,\quad
@@ -29,20 +33,24 @@ cancellation): on a tile of rows with distances :math:`D_r`,
     l_2 \leftarrow \alpha^2 l_2 + \textstyle\sum_r e_r^2,\quad
     l_s \leftarrow \alpha\,(l_s + t\,l) + \textstyle\sum_r e_r (D_r - d')\kappa,
 
-the states living in registers for the whole program (no read-modify-write of global memory).
+the sums in brackets being one float32 product ``tl.dot(e, [1, v, v²], input_precision="ieee")``.  The states
+stay in registers for the whole program (no read-modify-write of global memory, no atomics), and are written
+once, as the C kernel's ``[d_min, l, o, (o2), (l2), (ls)]``: :func:`lemmse_ray.kernels.sliding.states_to_partials`
+turns them into :class:`~lemmse_ray.core.partials.Partials` (natural logarithms, float64), the ranges of groups
+are merged by :func:`lemmse_ray.core.partials.merge` in range order, and the result is rounded to float32 as the
+C kernel's is.
 
-Reduction order, fixed by the sizes, the block sizes and ``groups_per_split`` only (never by the number of
-programs in flight or their scheduling): within a program the lane groups ascend, then the tiles of
-``block_r`` rows, then the diagonals :math:`\delta` and the key rows :math:`j_y` along each; within a tile
-the :math:`P` ring blocks, the row minimum and the row sums are reduced by ``tl.sum``/``tl.min``, whose
-tree is fixed at compile time; each query's state is owned by exactly one program per range of groups, with
-no atomics.  The ranges' states become :class:`~lemmse_ray.core.partials.Partials` (float64,
-:func:`lemmse_ray.kernels.sliding.states_to_partials`), merged by :func:`lemmse_ray.core.partials.merge` in
-range order, then rounded to float32 as the C kernel's are.  The default ``groups_per_split`` depends on
-the bank only (as the C kernel's chunks), so the result does not depend on the device either, up to the
-device's ``exp2`` (``ex2.approx`` on NVIDIA GPUs: relative error below :math:`2^{-22}`; terms below
-:math:`2^{-126}` of the largest are flushed to 0, changing :math:`l \ge 1` by less than float32's rounding
-unit for any bank below :math:`2^{100}` rows).  Top-k rows are not kept.
+Reduction order.  It is fixed by the sizes and by ``groups_per_split``, ``block_r``, ``block_t`` and
+``num_warps`` (the trees of ``tl.reduce`` and ``tl.dot`` are fixed when the kernel is compiled), never by the
+number of programs, their scheduling or the device's load: each query's state is owned by one program per range
+of groups; its folds come in the order lane groups ascending, tiles of ``block_r`` rows ascending, diagonals
+:math:`\delta` ascending (key rows :math:`j_y = i_y - \delta` descending), whatever tile of queries holds it
+(``block_y`` and ``block_x`` change no bit); within a fold the :math:`P` ring slots and the rows of the tile are
+reduced by fixed trees; the ranges are merged in order.  The default ``groups_per_split`` depends on the bank
+only (as the C kernel's chunks).  Up to the device's ``exp2`` (``ex2.approx`` on NVIDIA GPUs: relative error below
+:math:`2^{-22}`; terms below :math:`2^{-126}` of the largest flushed to 0, which changes :math:`l \ge 1` by
+less than float32's rounding unit for any bank below :math:`2^{100}` rows), the result agrees with the C kernel
+within float32 rounding.  Top-k rows are not kept.
 
 Validation mirrors :func:`lemmse_ray.kernels.sliding.check_arguments` (a Triton kernel trusts every size it
 is given): :func:`check_arguments` refuses, on one line naming the argument, a call the kernel could not
@@ -64,8 +72,6 @@ from .sliding import MAX_CHANNELS, SlidingRows, states_to_partials
 
 #: Largest number of ranges of lane groups (programs along the bank) of the default split.
 MAX_SPLITS = 64
-#: Largest flat index of one query image or one lane group of keys (the kernel's in-image offsets are int32).
-MAX_INDEX = 2 ** 31 - 1
 
 
 @triton.jit
@@ -118,6 +124,7 @@ def _sliding_kernel(a_ptr, k_ptr, v_ptr, out_ptr, C, HA, WA, HB, WB, L, n_images
         is_sq = (offs_w > C) & (offs_w <= 2 * C)
     else:
         is_sq = offs_w < 0
+    is_one = offs_w == 0
     channel = tl.where(is_v, offs_w - 1, tl.where(is_sq, offs_w - 1 - C, 0)).to(tl.int64)
 
     dmin = tl.full((BLOCK_Y, BLOCK_X), float("inf"), tl.float32)
@@ -125,7 +132,14 @@ def _sliding_kernel(a_ptr, k_ptr, v_ptr, out_ptr, C, HA, WA, HB, WB, L, n_images
     l2_sum = tl.full((BLOCK_Y, BLOCK_X), 0.0, tl.float32)
     ls_sum = tl.full((BLOCK_Y, BLOCK_X), 0.0, tl.float32)
 
-    a_img = a_ptr + img * C * a_chan + offs_x  # (BLOCK_X,): the query columns
+    n_terms = C * P
+    # the first BLOCK_T terms (c, o_x) of a row block: (BLOCK_T, BLOCK_X) pointers into the query image at row 0
+    c_t = terms // P
+    ox_t = terms - c_t * P
+    live_t = terms < n_terms
+    a_img = a_ptr + img * C * a_chan + offs_x  # (BLOCK_X,): the query columns at row 0
+    a_first = a_img[None, :] + (c_t * a_chan + ox_t)[:, None]
+    a_first_mask = live_t[:, None] & valid_x[None, :]
     g0 = split * groups_per_split
     g1 = tl.minimum(tl.cast(n_groups, tl.int64), g0 + groups_per_split)
     k_grp = k_ptr + g0 * C * k_chan
@@ -136,34 +150,40 @@ def _sliding_kernel(a_ptr, k_ptr, v_ptr, out_ptr, C, HA, WA, HB, WB, L, n_images
             p = r0 + offs_r
             in_row = p < width_r
             valid_r = in_row & (p % lanes < n_images - lane0)
-            k_cols = k_grp + p  # (BLOCK_R,): the key columns
-            v_cols = v_grp + channel[None, :] * v_chan + p[:, None]  # (BLOCK_R, BLOCK_W)
+            valid_rows = valid_r[None, :]
+            k_cols = k_grp + p  # (BLOCK_R,): the key columns at row 0
+            k_first = k_cols[None, :] + (c_t * k_chan + ox_t * lanes)[:, None]  # (BLOCK_T, BLOCK_R)
+            k_first_mask = live_t[:, None] & in_row[None, :]
+            v_cols = v_grp + channel[None, :] * v_chan + p[:, None]  # (BLOCK_R, BLOCK_W) values at row 0
             v_mask = valid_r[:, None] & (is_v | is_sq)[None, :]
             ring = tl.full((BLOCK_P, BLOCK_X, BLOCK_R), 0.0, tl.float32)
             for delta in range(iy0 - nby + 1, iy_hi):  # iy - jy
                 jy0 = tl.maximum(0, iy0 - delta)
                 jy1 = tl.minimum(tl.cast(nby, tl.int64), iy_hi - delta)
                 for b in range(jy0, jy1 + P - 1):  # key row b against query row b + delta
-                    a_row = a_img + (b + delta) * wa
-                    k_row = k_cols + b * k_row_stride
-                    blk = tl.full((BLOCK_X, BLOCK_R), 0.0, tl.float32)
-                    for t0 in range(0, C * P, BLOCK_T):  # the C·P terms (c, o_x) of a row block, BLOCK_T at a time
+                    a_at = (b + delta) * wa
+                    k_at = b * k_row_stride
+                    zq = tl.load(a_first + a_at, mask=a_first_mask, other=0.0)
+                    kk = tl.load(k_first + k_at, mask=k_first_mask, other=0.0)
+                    diff = zq[:, :, None] - kk[:, None, :]  # (BLOCK_T, BLOCK_X, BLOCK_R)
+                    blk = tl.reduce(diff * diff, 0, ADD)
+                    for t0 in range(BLOCK_T, n_terms, BLOCK_T):  # the further terms, BLOCK_T at a time
                         term = t0 + terms
                         c = term // P
                         ox = term - c * P
-                        live = term < C * P
-                        zq = tl.load(a_row[None, :] + (c * a_chan + ox)[:, None],
+                        live = term < n_terms
+                        zq = tl.load(a_img[None, :] + (a_at + c * a_chan + ox)[:, None],
                                      mask=live[:, None] & valid_x[None, :], other=0.0)
-                        kk = tl.load(k_row[None, :] + (c * k_chan + ox * lanes)[:, None],
+                        kk = tl.load(k_cols[None, :] + (k_at + c * k_chan + ox * lanes)[:, None],
                                      mask=live[:, None] & in_row[None, :], other=0.0)
-                        diff = zq[:, :, None] - kk[:, None, :]  # (BLOCK_T, BLOCK_X, BLOCK_R)
+                        diff = zq[:, :, None] - kk[:, None, :]
                         blk += tl.reduce(diff * diff, 0, ADD)
-                    step = b - jy0
-                    ring = tl.where((slots == step % P)[:, None, None], blk[None, :, :], ring)
-                    if step >= P - 1:  # the ring holds the P row blocks of query row jy + delta, key row jy
+                    # slot b mod P: which slot holds which o_y depends on the key row only, not on the tile
+                    ring = tl.where((slots == b % P)[:, None, None], blk[None, :, :], ring)
+                    if b - jy0 >= P - 1:  # the ring holds the P row blocks of query row jy + delta, key row jy
                         jy = b - (P - 1)
                         sel = (offs_y == jy + delta - iy0)[:, None]
-                        dist = tl.where(valid_r[None, :], tl.reduce(ring, 0, ADD), float("inf"))
+                        dist = tl.where(valid_rows, tl.reduce(ring, 0, ADD), float("inf"))
                         d_old = tl.reduce(tl.where(sel, dmin, float("inf")), 0, MIN)
                         d_new = tl.minimum(d_old, tl.reduce(dist, 1, MIN))
                         d_ref = tl.where(d_new < float("inf"), d_new, 0.0)
@@ -176,13 +196,12 @@ def _sliding_kernel(a_ptr, k_ptr, v_ptr, out_ptr, C, HA, WA, HB, WB, L, n_images
                             l2_new = alpha * alpha * l2_sum + tl.reduce(e * e, 1, ADD)[None, :]
                             l2_sum = tl.where(sel, l2_new, l2_sum)
                         if WANT_LS:
-                            l_old = tl.reduce(tl.where(offs_w == 0, sums, 0.0), 2, ADD)
+                            l_old = tl.reduce(tl.where(is_one, sums, 0.0), 2, ADD)
                             ls_new = alpha * (ls_sum + tl.maximum(t, -200.0) * l_old) \
-                                + tl.reduce(e * tl.where(valid_r[None, :], arg, 0.0), 1, ADD)[None, :]
+                                + tl.reduce(e * tl.where(valid_rows, arg, 0.0), 1, ADD)[None, :]
                             ls_sum = tl.where(sel, ls_new, ls_sum)
                         vals = tl.load(v_cols + jy * width_r, mask=v_mask, other=0.0)
-                        vals = tl.where(is_sq[None, :], vals * vals, vals)
-                        vals = tl.where(offs_w[None, :] == 0, 1.0, vals)
+                        vals = tl.where(is_one[None, :], 1.0, tl.where(is_sq[None, :], vals * vals, vals))
                         weighted = tl.dot(e, vals, input_precision="ieee")  # (BLOCK_X, BLOCK_W)
                         sums = tl.where(sel[:, :, None], alpha[None, :, None] * sums + weighted[None, :, :], sums)
                         dmin = tl.where(sel, d_new[None, :], dmin)
@@ -212,12 +231,13 @@ def _power_of_two(n: int) -> int:
 
 
 def default_blocks(patch_size: int, channels: int) -> dict[str, int]:
-    """The default tile: ``block_y`` × ``block_x`` = 16 × 16 query windows against ``block_r`` = 32 rows,
-    ``block_t`` = 8 of the :math:`CP` terms of a row block at a time (fewer where :math:`CP` is smaller), and 4
-    warps, 8 where the ring of row blocks holds 16 (:math:`P > 8`)."""
-    ring = _power_of_two(patch_size)
-    return {"block_y": 16, "block_x": 16, "block_r": 32, "block_t": min(8, _power_of_two(channels * patch_size)),
-            "num_warps": 8 if ring > 8 else 4}
+    """The default tile: ``block_y`` × ``block_x`` = 16 × 16 query windows (``block_y`` 8 or 4 where the weighted
+    sums of many channels make the per-query state large) against ``block_r`` = 32 rows, ``block_t`` = 8 of the
+    :math:`CP` terms of a row block at a time (fewer where :math:`CP` is smaller), 4 warps.  Compiled for sm_90
+    these keep every value in registers up to 3 channels (no spill); they are a starting point, not a tuning."""
+    width = max(16, _power_of_two(1 + 2 * channels))  # the columns [1, v, v²] of the weighted sums
+    return {"block_y": max(4, min(16, 4096 // (16 * width))), "block_x": 16, "block_r": 32,
+            "block_t": min(8, _power_of_two(channels * patch_size)), "num_warps": 4}
 
 
 def default_groups_per_split(n_groups: int) -> int:
@@ -246,11 +266,11 @@ def check_arguments(rows: SlidingRows, z: torch.Tensor, sigma: float, groups_per
     As :func:`lemmse_ray.kernels.sliding.check_arguments` for the compiled kernel, except that the tensors are
     on one device, CUDA (or the CPU under ``TRITON_INTERPRET=1``), and the interleaving width is any: the keys
     and values are contiguous 5-D float32 tensors, the values the windows of the keys, with at most
-    :data:`~lemmse_ray.kernels.sliding.MAX_CHANNELS` channels and ``rows.n_images`` images in their groups, one
-    group of keys and one query image below 2³¹ floats; ``z`` a (B, C, H, W) tensor on the keys' device with
-    their channels and images no smaller than a patch; ``sigma`` positive and finite; the ``blocks`` (those of
-    :func:`default_blocks`) powers of two, ``block_x`` and ``block_r`` at least 16 (the sizes of a Triton
-    product), ``groups_per_split`` and ``max_floats`` positive integers.
+    :data:`~lemmse_ray.kernels.sliding.MAX_CHANNELS` channels and ``rows.n_images`` images in their groups;
+    ``z`` a (B, C, H, W) tensor on the keys' device with their channels and images no smaller than a patch;
+    ``sigma`` positive and finite; the ``blocks`` (those of :func:`default_blocks`) powers of two, ``block_x``
+    and ``block_r`` at least 16 (the sizes of a Triton product), ``groups_per_split`` and ``max_floats`` positive
+    integers.
     """
     if not isinstance(rows, SlidingRows):
         raise ValueError(f"rows must be SlidingRows, got {_describe(rows)}")  # noqa: TRY004 (as sliding.py)
@@ -274,9 +294,6 @@ def check_arguments(rows: SlidingRows, z: torch.Tensor, sigma: float, groups_per
     if tuple(rows.values.shape) != windows:
         raise ValueError(f"rows.values must have the shape {windows} of the windows of rows.keys, "
                          f"got {tuple(rows.values.shape)}")
-    if channels * height * width * lanes > MAX_INDEX:
-        raise ValueError(f"rows.keys: one lane group holds {channels * height * width * lanes} floats, the kernel's "
-                         f"offsets within a group reach {MAX_INDEX}")
     n = rows.n_images
     if not isinstance(n, int) or isinstance(n, bool) or not max(1, (groups - 1) * lanes + 1) <= n <= groups * lanes:
         raise ValueError(f"rows.n_images must be the number of images in the {groups} groups of {lanes} of "
@@ -290,9 +307,6 @@ def check_arguments(rows: SlidingRows, z: torch.Tensor, sigma: float, groups_per
     pad = p - 1 if rows.padding == "circular" else 0
     if min(z.shape[2], z.shape[3]) + pad < p:
         raise ValueError(f"z's images ({z.shape[2]}×{z.shape[3]}) are smaller than a patch ({p}×{p})")
-    if channels * (z.shape[2] + pad) * (z.shape[3] + pad) > MAX_INDEX:
-        raise ValueError(f"z's images ({z.shape[2]}×{z.shape[3]}, {channels} channels) exceed the kernel's "
-                         f"offsets within an image ({MAX_INDEX})")
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < sigma < math.inf:
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
     for label, value in (("groups_per_split", groups_per_split), ("max_floats", max_floats)):
