@@ -284,7 +284,7 @@ def resolve(kernel: str, plan: ClassPlan, *, dtype: torch.dtype, device: torch.d
 
 
 def sliding_backend_partials(choice: Choice, rows: sliding.SlidingRows, z: torch.Tensor, sigma: float,
-                             stats: Iterable[str] = (), threads: int | None = None) -> Partials:
+                             stats: Iterable[str] = (), threads: int | None = None, **blocks: int) -> Partials:
     """Partials (float32, natural logarithms) of every window of every estimator input ``z`` (B, C, H, W) over
     the rows of the sliding class, by the implementation its :class:`Choice` (from :func:`resolve`) names: the one
     call for whoever holds the class's :class:`~lemmse_ray.kernels.sliding.SlidingRows`.
@@ -293,7 +293,8 @@ def sliding_backend_partials(choice: Choice, rows: sliding.SlidingRows, z: torch
       CPU; ``threads``: its OpenMP threads);
     * :data:`SLIDING_TRITON` — :func:`lemmse_ray.kernels.triton_sliding.triton_sliding_partials` on ``z``'s
       device (CUDA; the CPU under ``TRITON_INTERPRET=1``); ``rows`` are moved there first where they are not
-      (:meth:`~lemmse_ray.kernels.sliding.SlidingRows.to`: keep them on the device to move them once).
+      (:meth:`~lemmse_ray.kernels.sliding.SlidingRows.to`: keep them on the device to move them once);
+      ``blocks``: its tile (:func:`lemmse_ray.kernels.triton_sliding.default_blocks`), for benchmarks and tests.
 
     The query order is (image, window row, window column), the windows of
     :func:`lemmse_ray.kernels.sliding.query_windows`.  ``stats``: any statistics but top-k.  A call the kernel
@@ -303,10 +304,12 @@ def sliding_backend_partials(choice: Choice, rows: sliding.SlidingRows, z: torch
         raise ValueError(f"choice must be a Choice of the sliding backend, got {choice!r}")
     stats = tuple(stats)
     if choice.epilogue != "triton":
+        if blocks:
+            raise ValueError(f"blocks ({', '.join(blocks)}) tile the Triton sliding kernel, not the compiled one")
         return sliding.sliding_partials(rows, z, sigma, stats, threads=threads)
     from .triton_sliding import triton_sliding_partials  # optional: triton
 
     if isinstance(rows, sliding.SlidingRows) and isinstance(z, torch.Tensor) \
             and isinstance(rows.keys, torch.Tensor) and isinstance(rows.values, torch.Tensor):
         rows = rows.to(z.device)
-    return triton_sliding_partials(rows, z, sigma, stats)
+    return triton_sliding_partials(rows, z, sigma, stats, **blocks)
