@@ -2,6 +2,8 @@
 lists every backend's reasons when a request cannot be honoured; ``kernel`` in Config, flags and the Ray path."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -133,7 +135,13 @@ def test_cli_kernel_flag_refuses_sliding_on_ray_before_anything(tmp_path, monkey
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the kernel was validated")
 
-    monkeypatch.setattr("lemmse_ray.cluster.session.ensure_ray", no_ray)
+    # the modules that bind ensure_ray when imported are imported before any patch, then patched too: imported
+    # while the session's was patched, they would keep the fake for the rest of the test session (a later Ray
+    # test would fail with this AssertionError)
+    modules = [importlib.import_module(f"lemmse_ray.{name}") for name in
+               ("cluster.session", "cluster.build", "cluster.driver", "studies.engine")]
+    for module in modules:
+        monkeypatch.setattr(module, "ensure_ray", no_ray)
     out = tmp_path / "out"
     argv = ["estimate", "--dataset", "digits", "--n-train", "20", "--n-queries", "1", "--kernel", "sliding",
             "--out", str(out)]
