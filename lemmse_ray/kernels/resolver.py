@@ -123,7 +123,7 @@ def epilogue_library(requested: str, dtype: torch.dtype, device: torch.device | 
     return lib
 
 
-def sliding_variant(requested: str, device: torch.device | str | None) -> str:
+def pick_sliding_variant(requested: str, device: torch.device | str | None) -> str:
     """The implementation of the sliding backend for a request among :data:`SLIDING_VARIANTS` on ``device``:
     ``"compiled"`` or ``"triton"`` (``"auto"``: Triton on a CUDA device where the ``triton`` package is installed,
     else compiled; ``device=None``, not known yet: compiled, the caller resolving again where the work runs)."""
@@ -162,12 +162,12 @@ def image_class(plan: ClassPlan, dtype: torch.dtype, device: torch.device | str 
     It is the class :func:`lemmse_ray.kernels.sliding.eligible_class` finds, when the arithmetic is float32, the
     images have at most :data:`~lemmse_ray.kernels.sliding.MAX_CHANNELS` channels, the compiled sliding library
     builds here (it also fixes the lane width of :class:`~lemmse_ray.kernels.sliding.SlidingRows`), and the
-    implementation :func:`sliding_variant` picks for ``device`` can run there: the compiled kernel on the CPU,
+    implementation :func:`pick_sliding_variant` picks for ``device`` can run there: the compiled kernel on the CPU,
     the Triton one on CUDA (see the module docstring)."""
     if dtype != torch.float32 or plan.geometry.shape[0] > sliding.MAX_CHANNELS or sliding.load() is None:
         return None
     device = torch.device(device)
-    variant = globals()["sliding_variant"](sliding_variant, device)
+    variant = pick_sliding_variant(sliding_variant, device)
     if _sliding_machine_reasons(variant, sliding_variant, device):
         return None
     return sliding.eligible_class(plan)
@@ -261,7 +261,7 @@ def resolve(kernel: str, plan: ClassPlan, *, dtype: torch.dtype, device: torch.d
     check_kernel(kernel)
     stats = tuple(stats)
     device = None if device is None else torch.device(device)
-    variant = globals()["sliding_variant"](sliding_variant, device)
+    variant = pick_sliding_variant(sliding_variant, device)
     triton_refused, triton_delegated = _triton_reasons(plan, dtype, device, stats)
     reasons = {"torch": [], "sliding": _sliding_reasons(plan, images, in_memory, dtype, device, stats, variant,
                                                         sliding_variant),
