@@ -27,7 +27,13 @@ from ..core.validation import (
     check_query_mask,
 )
 from ..kernels import sliding
-from ..kernels.resolver import Choice, check_kernel, image_class, resolve
+from ..kernels.resolver import (
+    Choice,
+    check_kernel,
+    image_class,
+    resolve,
+    sliding_backend_partials,
+)
 from .features import (
     ClassKeys,
     QuerySet,
@@ -101,8 +107,8 @@ def bank_keys(train: torch.Tensor, inputs: torch.Tensor, problem: Problem, plan:
 def part_bytes(plan: ClassPlan, n_images: int, dtype: torch.dtype, device: torch.device | str | None = "cpu") -> int:
     """An upper bound of the bytes a :class:`PatchBank` of ``n_images`` images holds on ``device`` (None: a CPU
     not known yet): key features of the classes scanned by matrix product, and for the class the sliding kernel
-    evaluates (:func:`image_class`) its key and value images (float32, in groups of up to 16 lanes) and the
-    float64 images kept to build its keys on demand."""
+    evaluates (:func:`image_class`: on the CPU, or on CUDA with Triton) its key and value images (float32, in
+    groups of up to 16 lanes) and the float64 images kept (in host memory) to build its keys on demand."""
     index = image_class(plan, dtype, device)
     per_image = plan.rows_per_image()
     rows = n_images * int(per_image.sum() - (0 if index is None else per_image[index]))
@@ -199,7 +205,7 @@ class PatchBank:
         self.first, self.n_images, self.n_bank_images = first, train.shape[0], n_images
         index = image_class(plan, dtype, self.device)
         #: the rows of the class the sliding kernel evaluates (:mod:`lemmse_ray.kernels.sliding`), or None
-        self.sliding = None if index is None else sliding.SlidingRows.build(train, inputs, plan, index)
+        self.sliding = None if index is None else sliding.SlidingRows.build(train, inputs, plan, index).to(self.device)
         others = None if index is None else [c for c in range(plan.n_classes) if c != index]
         self._keys = keys_to(bank_keys(train, inputs, problem, plan, centers, dtype, classes=others, first=first,
                                        n_images=n_images), self.device)
@@ -249,8 +255,9 @@ class PatchBank:
             windows = torch.from_numpy(np.flatnonzero(sliding.query_windows(self.geometry.padding, self.shape,
                                                                             self.geometry.patch_size)))
             ids = (torch.arange(batch.z.shape[0])[:, None] * len(self.plan.position_class) + windows[None]).flatten()
-            merge_into(part, ids.to(self.device),
-                       sliding.sliding_partials(self.sliding, batch.z, queries.sigma, stats).to(device=self.device))
+            slid = sliding_backend_partials(batch.choices[batch.sliding], self.sliding, batch.z.to(self.device),
+                                            queries.sigma, stats)
+            merge_into(part, ids.to(self.device), slid.to(device=self.device))
         return part
 
     def estimate(self, z, sigma: float, mask=None, stats=("variance", "ess"), topk: int = 5,

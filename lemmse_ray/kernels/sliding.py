@@ -39,8 +39,8 @@ from __future__ import annotations
 import ctypes
 import math
 import numbers
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, replace
+from functools import cache
 
 import numpy as np
 import torch
@@ -317,7 +317,7 @@ SIGNATURES = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, built at first call (None: disabled by ``LEMMSE_RAY_FUSED=0``, or no compiler)."""
     if not compiled.enabled():
@@ -418,7 +418,7 @@ class SlidingRows:
     patch_size: int
 
     @staticmethod
-    def build(train: torch.Tensor, inputs: torch.Tensor, plan, index: int) -> "SlidingRows":
+    def build(train: torch.Tensor, inputs: torch.Tensor, plan, index: int) -> SlidingRows:
         """From float64 training images ``train`` and their noiseless inputs ``inputs`` (N, C, H, W)."""
         geometry, cls = plan.geometry, plan.classes[index]
         half = geometry.patch_size // 2
@@ -439,6 +439,14 @@ class SlidingRows:
         if self.padding == "circular":
             images = wrap_pad(images, self.patch_size // 2)
         return images.to(torch.float32).contiguous()
+
+    def to(self, device: torch.device | str) -> SlidingRows:
+        """These rows with their key images and values on ``device`` (``self`` where they already are), for the
+        Triton sliding kernel (:mod:`lemmse_ray.kernels.triton_sliding`), which reads the same layout."""
+        device = torch.device(device)
+        if self.keys.device == device and self.values.device == device:
+            return self
+        return replace(self, keys=self.keys.to(device), values=self.values.to(device))
 
 
 def _describe(value: object) -> str:
@@ -462,7 +470,7 @@ def check_arguments(rows: SlidingRows, z: torch.Tensor, sigma: float, threads: i
     positive and finite; ``threads`` and ``max_floats`` positive.
     """
     if not isinstance(rows, SlidingRows):
-        raise ValueError(f"rows must be SlidingRows, got {_describe(rows)}")
+        raise ValueError(f"rows must be SlidingRows, got {_describe(rows)}")  # noqa: TRY004 (the kernels' one error type)
     for label, t in (("rows.keys", rows.keys), ("rows.values", rows.values)):
         if not (isinstance(t, torch.Tensor) and t.ndim == 5 and t.dtype == torch.float32 and t.device.type == "cpu"
                 and t.is_contiguous()):
@@ -538,15 +546,25 @@ def sliding_partials(rows: SlidingRows, z: torch.Tensor, sigma: float, stats: tu
                                         out[i0:i1].data_ptr(), threads)
         if failed:
             raise MemoryError("the sliding kernel could not allocate its buffers")
-    out = out.reshape(n_img * n_q, n_fields).to(torch.float64)
+    return states_to_partials(out.reshape(n_img * n_q, n_fields), rows, sigma, sums).to(torch.float32)
+
+
+def states_to_partials(states: torch.Tensor, rows: SlidingRows, sigma: float, sums: tuple[str, ...]) -> Partials:
+    r"""float64 :class:`~lemmse_ray.core.partials.Partials` (natural logarithms) from per-query sliding states
+    ``states`` (M, F) ``[d_min, l, o[C], (o_2[C]), (l_2), (l_s)]`` (base 2, reference :math:`d_\min`, the optional
+    fields those of ``sums``), the layout of both the compiled and the Triton sliding kernels:
+    :math:`m = -d_\min/2\sigma^2 - \tfrac12 r\log(2\pi\sigma^2) - \tfrac12\log\operatorname{pdet}` and
+    :math:`l_s = \ln 2\, l_{s,2} + m\,l`."""
+    channels = rows.keys.shape[1]
+    out = states.to(torch.float64)
     shift = -0.5 * rows.rank * math.log(2 * math.pi * sigma * sigma) - 0.5 * rows.log_pdet
     m = -out[:, 0] / (2.0 * sigma * sigma) + shift
     part = Partials(m=m, l=out[:, 1], o=out[:, 2:2 + channels])
     at = 2 + channels
-    if want_var:
+    if "o2" in sums:
         part.o2, at = out[:, at:at + channels], at + channels
-    if want_l2:
+    if "l2" in sums:
         part.l2, at = out[:, at], at + 1
-    if want_ls:
+    if "ls" in sums:
         part.ls = LN2 * out[:, at] + m * part.l
-    return part.to(torch.float32)
+    return part

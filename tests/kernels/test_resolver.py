@@ -2,11 +2,13 @@
 lists every backend's reasons when a request cannot be honoured; ``kernel`` in Config, flags and the Ray path."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import lemmse_ray as lm
-import lemmse_ray.cli as cli
+from lemmse_ray import cli
 from lemmse_ray.core.classes import plan_classes
 from lemmse_ray.core.patches import PatchGeometry
 from lemmse_ray.kernels import epilogue, resolver
@@ -44,11 +46,14 @@ def test_zero_padding_denoising_in_memory():
     assert set(backends(resolve("triton", p, dtype=F32, device="cpu", images=interior)).values()) == {"triton"}
 
 
-def test_image_class_needs_float32_on_the_cpu():
+def test_image_class_needs_float32_and_a_sliding_implementation(monkeypatch):
+    """float32; on the CPU the compiled kernel, on CUDA the Triton one (test_triton_sliding.py checks the latter)."""
     p = plan()
     assert image_class(p, F64) is None
-    assert image_class(p, F32, "cuda") is None
     assert image_class(plan(lm.Inpainting(keep_prob=0.5, input="adjoint")), F32) is None  # masked kind
+    assert image_class(p, F32, "cuda", sliding_variant="compiled") is None  # the C kernel runs on the CPU
+    monkeypatch.setattr(resolver, "triton_installed", lambda: False)
+    assert image_class(p, F32, "cuda") is None
 
 
 def test_auto_on_cuda_takes_triton_for_matrix_products_only():
@@ -88,7 +93,7 @@ def test_refusal_lists_every_backend():
     assert "\n" not in message
 
 
-def test_sliding_refusals():
+def test_sliding_refusals(monkeypatch):
     p = plan()
     with pytest.raises(KernelUnavailable, match="holds no images"):  # a bank built without the sliding kernel
         resolve("sliding", p, dtype=F32, device=None)
@@ -99,7 +104,12 @@ def test_sliding_refusals():
     assert image_class(p, F64, None) is None
     with pytest.raises(KernelUnavailable, match="whitened by a multiple of the identity"):
         resolve("sliding", plan(lm.Inpainting(keep_prob=0.5, input="adjoint")), dtype=F32, device="cpu")
-    with pytest.raises(KernelUnavailable, match="runs on the CPU, not cuda"):
+    with pytest.raises(KernelUnavailable, match="runs on the CPU, not cuda"):  # the compiled kernel, asked for
+        resolve("sliding", p, dtype=F32, device="cuda", images=image_class(p, F32),
+                sliding_variant="compiled")
+    monkeypatch.setattr(resolver, "triton_installed", lambda: False)  # on CUDA, the Triton one needs triton
+    with pytest.raises(KernelUnavailable, match="runs on the CPU, not cuda .on CUDA the Triton sliding kernel needs "
+                                                "the triton package"):
         resolve("sliding", p, dtype=F32, device="cuda", images=image_class(p, F32))
     with pytest.raises(ValueError, match="kernel must be one of"):
         resolve("fast", p, dtype=F32, device="cpu")
@@ -130,7 +140,13 @@ def test_cli_kernel_flag_refuses_sliding_on_ray_before_anything(tmp_path, monkey
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the kernel was validated")
 
-    monkeypatch.setattr("lemmse_ray.cluster.session.ensure_ray", no_ray)
+    # the modules that bind ensure_ray when imported are imported before any patch, then patched too: imported
+    # while the session's was patched, they would keep the fake for the rest of the test session (a later Ray
+    # test would fail with this AssertionError)
+    modules = [importlib.import_module(f"lemmse_ray.{name}") for name in
+               ("cluster.session", "cluster.build", "cluster.driver", "studies.engine")]
+    for module in modules:
+        monkeypatch.setattr(module, "ensure_ray", no_ray)
     out = tmp_path / "out"
     argv = ["estimate", "--dataset", "digits", "--n-train", "20", "--n-queries", "1", "--stats", "topk",
             "--kernel", "sliding", "--out", str(out)]
