@@ -65,11 +65,11 @@ def test_pipelined_equals_sequential_and_streaming_equals_resident(tmp_path, dig
         np.testing.assert_array_equal(runs["pipelined"][name][...], runs["sequential"][name][...], err_msg=name)
         np.testing.assert_array_equal(runs["streaming"][name][...], runs["sequential"][name][...], err_msg=name)
     assert [d["streaming"] for d in described] == [False, False, True, True]
-    row_bytes = 4 * (bank.plan.width + 1 + 1) + 4 + 16  # keys, ½‖k‖², one channel (float32), class id, source
+    image_bytes = 4 * 8 * 8  # a stored 8×8 grayscale image, float32
     for d in described[2:]:  # streaming: each shard read once per batch (5 batches)
-        assert d["read_bytes"] == 5 * d["rows"] * row_bytes
+        assert d["read_bytes"] == 5 * d["images"] * image_bytes
     for d in described[:2]:
-        assert d["read_bytes"] == d["rows"] * row_bytes
+        assert d["read_bytes"] == d["images"] * image_bytes
     entry = runs["pipelined"].attrs["history"][-1]
     assert len(entry["actor_busy_s"]) == 2 and all(s > 0 for s in entry["actor_busy_s"])
     assert 0 < entry["busy_fraction"] <= 1
