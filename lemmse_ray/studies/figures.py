@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from ..core.metrics import PSNR_CAP, psnr_of_mse
+from ..runs.report import as_images, draw_image_grid, show_image
 from ..storage.files import write_bytes
 
 DPI = 120
@@ -55,26 +56,6 @@ def _check_path(path: Any, optional: bool = False) -> str | None:
     return path
 
 
-def _images(value: Any, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    array = np.asarray(value, dtype=np.float64)
-    if array.ndim != 4 or array.shape[1] not in (1, 3) or array.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (B, C, H, W) with B ≥ 1 and C = 1 or 3, got {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or inf values")
-    return array
-
-
-def _show(ax, image: np.ndarray) -> None:
-    """One (C, H, W) image, clipped to [0, 1] (noisy inputs leave it), nearest-neighbour, no ticks."""
-    shown = np.clip(image.transpose(1, 2, 0), 0, 1)
-    ax.imshow(shown[..., 0] if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0, vmax=1,
-              interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def image_grid_figure(rows: Mapping[str, Any], x: Any, path: str, title: str, max_images: int = 8,
                       storage_options: dict | None = None) -> None:
     """Rows of images labelled by the keys of ``rows`` ({label: (B, C, H, W)}, e.g. "input z", "LE-MMSE",
@@ -82,34 +63,7 @@ def image_grid_figure(rows: Mapping[str, Any], x: Any, path: str, title: str, ma
     against ``x`` (dB, data range 1).  The first ``max_images`` images are shown; values are clipped to
     [0, 1] for display only."""
     _check_path(path)
-    truth = _images(x, "x")
-    if not isinstance(rows, Mapping) or not rows:
-        raise ValueError("rows must be a non-empty mapping {label: (B, C, H, W) images}")
-    arrays = {}
-    for label, value in rows.items():
-        if not isinstance(label, str) or not label:
-            raise ValueError(f"rows: labels must be non-empty strings, got {label!r}")
-        arrays[label] = _images(value, f"rows[{label!r}]")
-        if arrays[label].shape != truth.shape:
-            raise ValueError(f"rows[{label!r}] has shape {arrays[label].shape}, but x has {truth.shape}")
-    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-        raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
-    n = min(max_images, len(truth))
-    tile = min(1.2, MAX_WIDTH / (n + 1))
-    fig = Figure(figsize=(tile * n + 1.2, (tile + 0.35) * (len(arrays) + 1) + 0.5))
-    axes = fig.subplots(len(arrays) + 1, n, squeeze=False)
-    for r, (label, images) in enumerate(arrays.items()):
-        values = psnr_of_mse(((images[:n] - truth[:n]) ** 2).reshape(n, -1).mean(axis=1))
-        for b in range(n):
-            _show(axes[r, b], images[b])
-            axes[r, b].set_xlabel(f"{values[b]:.1f} dB", fontsize=7, labelpad=2)
-        axes[r, 0].set_ylabel(label, fontsize=8)
-    for b in range(n):
-        _show(axes[-1, b], truth[b])
-    axes[-1, 0].set_ylabel("ground truth x", fontsize=8)
-    fig.suptitle(f"{title}\n(PSNR against x under each tile, capped at {PSNR_CAP:g} dB)", fontsize=9)
-    fig.subplots_adjust(wspace=0.08, hspace=0.35)
-    _save(fig, path, storage_options)
+    _save(draw_image_grid(rows, x, title, max_images), path, storage_options)
 
 
 def ess_map_figure(z: Any, ess: Any, path: str, title: str, max_images: int = 4,
@@ -117,7 +71,7 @@ def ess_map_figure(z: Any, ess: Any, path: str, title: str, max_images: int = 4,
     """Each input ``z`` (B, C, H, W) beside its per-pixel effective number of patches ``ess`` (B, H, W),
     on a log colour scale from 1 (one training patch) with a colourbar; first ``max_images`` images."""
     _check_path(path)
-    inputs = _images(z, "z")
+    inputs = as_images(z, "z")
     if isinstance(ess, torch.Tensor):
         ess = ess.detach().cpu().numpy()
     ess = np.asarray(ess, dtype=np.float64)
@@ -132,7 +86,7 @@ def ess_map_figure(z: Any, ess: Any, path: str, title: str, max_images: int = 4,
     fig = Figure(figsize=(2.2 * n + 1.0, 4.6))
     axes = fig.subplots(2, n, squeeze=False)
     for b in range(n):
-        _show(axes[0, b], inputs[b])
+        show_image(axes[0, b], inputs[b])
         axes[0, b].set_title(f"image {b}", fontsize=8)
         shown = axes[1, b].imshow(np.clip(ess[b], 1.0, None), norm=norm, cmap="viridis", interpolation="nearest")
         axes[1, b].set_xticks([])
@@ -422,12 +376,12 @@ def draw_problem_grid(rows: Sequence[tuple[str, Mapping[str, Any], Any]], title:
         if not (isinstance(row, (tuple, list)) and len(row) == 3 and isinstance(row[0], str) and row[0]
                 and isinstance(row[1], Mapping) and row[1]):
             raise ValueError(f"rows[{r}] must be (label, {{column: (C, H, W) image}}, x)")
-        truth = _images(np.asarray(row[2])[None], f"rows[{r}] x")
+        truth = as_images(np.asarray(row[2])[None], f"rows[{r}] x")
         tiles = {}
         for label, image in row[1].items():
             if not isinstance(label, str) or not label:
                 raise ValueError(f"rows[{r}]: column labels must be non-empty strings, got {label!r}")
-            tiles[label] = _images(np.asarray(image)[None], f"rows[{r}][{label!r}]")
+            tiles[label] = as_images(np.asarray(image)[None], f"rows[{r}][{label!r}]")
             if tiles[label].shape != truth.shape:
                 raise ValueError(f"rows[{r}][{label!r}] has shape {tiles[label].shape[1:]}, but x has {truth.shape[1:]}")
             if label not in columns:
@@ -441,9 +395,9 @@ def draw_problem_grid(rows: Sequence[tuple[str, Mapping[str, Any], Any]], title:
         for c, column in enumerate(columns):
             ax = axes[r, c]
             if column == "ground truth x":
-                _show(ax, truth[0])
+                show_image(ax, truth[0])
             elif column in tiles:
-                _show(ax, tiles[column][0])
+                show_image(ax, tiles[column][0])
                 value = float(psnr_of_mse(((tiles[column] - truth) ** 2).mean()))
                 ax.set_xlabel(f"{value:.1f} dB", fontsize=7, labelpad=2)
             else:
