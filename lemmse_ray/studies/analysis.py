@@ -370,9 +370,9 @@ def loss_floor(variance) -> tuple[float, float, np.ndarray]:
 
     .. math:: \bar v = \frac1B\sum_b v_b,\qquad v_b = \frac1{CHW}\sum_{c,k}\operatorname{Var}(x_c[k]\mid\Pi_k z_b),
 
-    estimated from the :math:`B` train queries with standard error :math:`\operatorname{sd}(v_b)/\sqrt B`
-    (unbiased when the train queries are a random sample of the training images with fresh noise: the
-    distribution the networks are trained on).
+    estimated from :math:`B` floor queries with standard error :math:`\operatorname{sd}(v_b)/\sqrt B`
+    (unbiased when they are training images drawn i.i.d. with fresh noise, the distribution the networks are
+    trained on: :func:`lemmse_ray.studies.engine.floor_queries`).
     """
     var = as_float64(variance, "variance")
     if var.ndim != 4 or len(var) == 0:
@@ -390,7 +390,8 @@ def floor_check(variance, output, x, train_loss: float | None = None, network: s
     (``below_floor_mse``) when :math:`\bar g < -3\,\operatorname{se}(\bar g)`.  The final training loss
     (a mean over fresh draws) is flagged (``below_floor_train_loss``) when it is below
     :math:`\bar v - 3\operatorname{se}(\bar v)`.  Either flag means a bug or a leak (e.g. a network that
-    sees the clean image), or a receptive field larger than :math:`P`.
+    sees the clean image), or a receptive field larger than :math:`P` -- for a network of the LE-MMSE's class;
+    one whose class is larger (the U-Net, ``docs/theory.md`` §7) may legitimately lie below.
 
     Columns: ``network``, ``loss_floor``, ``loss_floor_se``, ``mse_net_x``, ``mse_gap``, ``mse_gap_se``,
     ``train_loss`` (NaN if not given), ``below_floor_mse``, ``below_floor_train_loss``, ``below_floor``.

@@ -15,6 +15,9 @@ A spec (a YAML file or a built-in preset, :mod:`lemmse_ray.studies.presets`) is 
       input: [direct, tikhonov]
     figures: [...]             # optional: figures of the report (see lemmse_ray.studies.report)
 
+and two optional part keys: ``floor_images`` (the loss floor's training queries, drawn i.i.d. with fresh
+noise; default 256 in a part that trains networks, else none) and ``references: true`` (the global and the
+translation-equivariant MMSE beside the LE-MMSE; denoising with the direct input);
 or, for several experiments in one study, ``parts: [<spec>, ...]`` (each with its own name, base, grid,
 zip and figures) beside an optional shared ``base``.  Every combination is one ordinary :class:`Config`,
 validated when the spec is read; a configuration with several noise levels ``sigmas`` gives one cell per
