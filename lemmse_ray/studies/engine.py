@@ -174,7 +174,8 @@ def spec_record(name: str, size: str | None, parts: list[Part], work_dir: str) -
     (:func:`lemmse_ray.storage.redact.public`: ``storage_options`` dropped, credentials and URL passwords
     redacted), so that the record written and the record compared with an existing one are the same."""
     return public({"name": name, "size": size, "work": work_dir,
-                   "parts": [{"name": p.name, "description": p.description, "base": p.base, "grid": p.grid,
+                   "parts": [{"name": p.name, "description": p.description, "base": p.base,
+                              **({"grid": p.grid} if p.grid else {}),  # a zip-only part has no grid
                               "zip": p.zip, "figures": p.figures, "floor_images": p.floor_images,
                               "references": p.references, "varying": p.varying} for p in parts]})
 

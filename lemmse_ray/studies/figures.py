@@ -234,8 +234,20 @@ def draw_lines(rows: Sequence[Mapping], x: str, y: str, title: str, xlabel: str,
     if len(hue_values) * len(style_values) > 1 or hues or styles or refs or hline is not None:
         if legend_title is None:
             legend_title = " / ".join(part for part in (", ".join(hues), ", ".join(styles)) if part) or None
-        axes[-1].legend(fontsize=7, title=legend_title, title_fontsize=7, loc="best")
+        handles = _legend_entries(axes)
+        axes[-1].legend(handles.values(), handles.keys(), fontsize=7, title=legend_title, title_fontsize=7,
+                        loc="best")
     return fig
+
+
+def _legend_entries(axes: list) -> dict:
+    """{label: handle} of every panel, in order, each label once (a curve may be drawn in some panels only)."""
+    entries: dict = {}
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        for handle, label in zip(handles, labels):
+            entries.setdefault(label, handle)
+    return entries
 
 
 def line_figure(rows: Sequence[Mapping], x: str, y: str, path: str | None, title: str, xlabel: str, ylabel: str,
@@ -285,25 +297,33 @@ def draw_bars(rows: Sequence[Mapping], category: str, value: str, hue: str | Seq
                 raise ValueError(f"rows: two rows for {category}={cats[i]!r}, {labels[i]}; aggregate them first")
             table[(f, cats[i], labels[i])] = (float(values[i]), float(errs[i]))
     width = 0.8 / len(hue_values)
+    # with the split among the hue columns, train and test of one network share a colour (test hatched)
+    split = hues.index("split") if "split" in hues and len(hues) > 1 else None
+    colour_keys = list(dict.fromkeys(_label({**r, "split": ""}, [c for c in hues if c != "split"]) if split is not None
+                                     else labels[i] for i, r in enumerate(rows)))
     fig, axes = _panels(title, xlabel or category, ylabel, facets, facet,
                         (max(SIZE[0], 1.0 + 0.35 * len(cat_values)), SIZE[1]))
     for ax, (f, _) in zip(axes, facets):
         for j, h in enumerate(hue_values):
+            row = rows[labels.index(h)]
+            key = _label(row, [c for c in hues if c != "split"]) if split is not None else h
+            colour, hatch = f"C{colour_keys.index(key) % 10}", ("//" if split is not None and row["split"] != "train"
+                                                                   else None)
             present = [(i, c) for i, c in enumerate(cat_values) if (f, c, h) in table]
             if not present:
                 continue
             pos = [i + (j - (len(hue_values) - 1) / 2) * width for i, _ in present]
             heights = [table[(f, c, h)][0] for _, c in present]
             spread = [table[(f, c, h)][1] for _, c in present]
-            bars = ax.bar(pos, heights, width=width * 0.95, label=h, color=f"C{j % 10}",
+            bars = ax.bar(pos, heights, width=width * 0.95, label=h, color=colour, hatch=hatch, edgecolor="white",
                           yerr=[e if math.isfinite(e) else 0.0 for e in spread] if error is not None else None,
                           error_kw={"elinewidth": 0.8, "capsize": 2})
             ax.bar_label(bars, labels=[f"{v:.{decimals}f}" for v in heights], fontsize=6, rotation=90, padding=2)
-        ax.set_xticks(range(len(cat_values)), cat_values, rotation=20 if len(cat_values) > 4 else 0, fontsize=8)
+        ax.set_xticks(range(len(cat_values)), cat_values, rotation=20 if len(cat_values) > 2 else 0, fontsize=8,
+                      ha="right" if len(cat_values) > 2 else "center")
         ax.margins(y=0.15)
         _hline([ax], hline, hline_label)
-    handles, names = axes[0].get_legend_handles_labels()
-    unique = dict(zip(names, handles))
+    unique = _legend_entries(axes)
     axes[-1].legend(unique.values(), unique.keys(), fontsize=7, title=", ".join(hues), title_fontsize=7,
                     loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig

@@ -146,6 +146,9 @@ def test_lines_share_a_colour_per_network_with_a_style_per_split_and_a_panel_per
     labels = legend_labels(fig)
     assert "the paper's level (25)" in labels and "global MMSE, train" in labels and "unet, test" in labels
     assert len(axes[0].collections) >= 4  # error bars per curve
+    only_a = [r for r in rows if r["data"] == "A" or r["net"] == "patchmlp"]  # unet drawn in panel A only
+    fig = draw_lines(only_a, "step", "psnr", "t", "steps", "dB", hue="net", style="split", facet="data")
+    assert "unet, test" in legend_labels(fig)  # the legend lists the curves of every panel
 
 
 def test_bars_have_error_bars_a_reference_level_and_facets():
@@ -158,6 +161,9 @@ def test_bars_have_error_bars_a_reference_level_and_facets():
     assert [ax.get_title() for ax in axes] == ["sigma = 0.1", "sigma = 0.2"]
     assert "paper" in legend_labels(fig) and "patchmlp, test" in legend_labels(fig)
     assert all(any(len(c.get_segments()) for c in ax.collections) for ax in axes)  # error bars drawn
+    bars = {b.get_label(): b for b in axes[0].containers}
+    assert bars["patchmlp, train"].patches[0].get_facecolor() == bars["patchmlp, test"].patches[0].get_facecolor()
+    assert bars["patchmlp, test"].patches[0].get_hatch() and not bars["patchmlp, train"].patches[0].get_hatch()
 
 
 def test_problem_grid_labels_rows_columns_and_psnr():
