@@ -12,7 +12,8 @@ eval mode without gradients, so that the comparison isolates the estimator: with
 
 and the matching ``mse_*``.  Outputs (local ``out`` or fsspec URL): ``evaluation.parquet`` (one row per
 split × σ × network × image), ``summary.parquet`` (means per split × σ × network) and, per (split, σ),
-``figures/networks_<split>_sigma<σ>.png`` (rows: input z, LE-MMSE, each network, ground truth).
+``figures/networks_<split>_sigma<σ>.png`` (labelled rows: input z, LE-MMSE, each network with its receptive
+field, ground truth; the PSNR against the ground truth under each tile).
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ import torch
 from ..core.metrics import mse, psnr
 from ..data.loaders import SPLITS
 from ..storage.bank_store import open_group
-from ..storage.files import save_parquet, save_png
+from ..storage.files import save_parquet, write_bytes
 from ..storage.results import EstimateArrays
 from .config import Config, join
 from .pipeline import estimate_url
-from .report import group_means, image_grid
+from .report import draw_image_grid, group_means, png_bytes
 from .training import load_network
 
 COLUMNS = ("psnr_net_lemmse", "psnr_net_x", "psnr_lemmse_x")
@@ -57,7 +58,7 @@ def evaluate_all(cfg: Config, networks: dict[tuple[str, float], str], n_show: in
             z, x, mean = (torch.from_numpy(a.astype(np.float32)) for a in (est.z, est.x, est.mean))
             mask = None if est.mask is None else torch.from_numpy(est.mask.astype(np.float32))
             problem = group.attrs["config"]["problem"]
-            figure = [z[:n_show], mean[:n_show]]
+            figure = {"input z": z, "LE-MMSE": mean}
             for (name, net_sigma), (net, checkpoint) in loaded.items():
                 if net_sigma != sigma:
                     continue
@@ -68,7 +69,7 @@ def evaluate_all(cfg: Config, networks: dict[tuple[str, float], str], n_show: in
                     raise ValueError(f"networks: {name} takes the mask as input, but {url} holds no masks")
                 inputs = torch.cat([z, mask], dim=1) if checkpoint["mask_channel"] else z
                 output = run_network(net, inputs)
-                figure.append(output[:n_show])
+                figure[f"{name} (RF {net.receptive_field})"] = output
                 metrics = {"psnr_net_lemmse": psnr(output, mean), "psnr_net_x": psnr(output, x),
                            "psnr_lemmse_x": psnr(mean, x), "mse_net_lemmse": mse(output, mean),
                            "mse_net_x": mse(output, x), "mse_lemmse_x": mse(mean, x)}
@@ -77,9 +78,10 @@ def evaluate_all(cfg: Config, networks: dict[tuple[str, float], str], n_show: in
                                  "input": problem["input"], "sigma": sigma, "patch_size": cfg.patch_size,
                                  "receptive_field": net.receptive_field, "epochs": checkpoint["epoch"],
                                  **{key: float(value[i]) for key, value in metrics.items()}})
-            figure.append(x[:n_show])
-            save_png(image_grid(figure), join(cfg.out, "figures", f"networks_{split}_sigma{sigma:g}.png"),
-                     cfg.storage_options)
+            title = (f"{split} queries: {problem['problem']} ({problem['input']}), σ = {sigma:g}, "
+                     f"P = {cfg.patch_size}, {cfg.dataset}")
+            write_bytes(join(cfg.out, "figures", f"networks_{split}_sigma{sigma:g}.png"),
+                        png_bytes(draw_image_grid(figure, x, title, n_show)), cfg.storage_options)
     save_parquet(rows, join(cfg.out, "evaluation.parquet"), cfg.storage_options)
     save_parquet(summary_rows(rows), join(cfg.out, "summary.parquet"), cfg.storage_options)
     return rows

@@ -28,12 +28,12 @@ from ..core.validation import DTYPES, available_memory
 from ..data.loaders import SPLITS, load_dataset, query_indices, subset_indices
 from ..storage.bank_store import MEMBERS as BANK_MEMBERS
 from ..storage.bank_store import Bank, open_group, verify_bank
-from ..storage.files import read_bytes, save_json, save_parquet, save_png, save_text
+from ..storage.files import read_bytes, save_json, save_parquet, save_text, write_bytes
 from ..storage.ownership import check_apart, check_output_folder, owned_group
 from ..storage.results import MEMBERS as RESULT_MEMBERS
 from ..storage.results import EstimateArrays
 from .config import Config, join
-from .report import group_means, image_grid
+from .report import draw_image_grid, group_means, png_bytes
 
 log = logging.getLogger("lemmse_ray")
 
@@ -231,7 +231,8 @@ def verify_step(cfg: Config, train: torch.Tensor, problem: Problem, repair: bool
 
 
 def report_step(cfg: Config, urls: dict, n_show: int = 8) -> list[dict]:
-    """PSNR table (Parquet) and figures (PNG: input z / LE-MMSE / ground truth) from the estimate outputs."""
+    """PSNR table (Parquet) and figures (PNG, labelled rows: input z / LE-MMSE / ground truth, the PSNR against
+    the ground truth under each tile) from the estimate outputs."""
     rows = []
     for (split, sigma), url in urls.items():
         est = EstimateArrays.from_group(open_group(url, "r", cfg.storage_options), stats=())
@@ -239,8 +240,10 @@ def report_step(cfg: Config, urls: dict, n_show: int = 8) -> list[dict]:
         for i, (p_est, p_in) in enumerate(zip(psnr(mean, x).tolist(), psnr(z, x).tolist())):
             rows.append({"split": split, "sigma": sigma, "image": i, "problem": cfg.problem, "input": cfg.input,
                          "patch_size": cfg.patch_size, "psnr_lemmse_x": p_est, "psnr_z_x": p_in})
-        save_png(image_grid([z[:n_show], mean[:n_show], x[:n_show]]),
-                 join(cfg.out, "figures", f"{split}_sigma{sigma:g}.png"), cfg.storage_options)
+        title = (f"{split} queries: {cfg.problem} ({cfg.input}), σ = {sigma:g}, P = {cfg.patch_size}, "
+                 f"{cfg.dataset}")
+        write_bytes(join(cfg.out, "figures", f"{split}_sigma{sigma:g}.png"),
+                    png_bytes(draw_image_grid({"input z": z, "LE-MMSE": mean}, x, title, n_show)), cfg.storage_options)
     save_parquet(rows, join(cfg.out, "psnr.parquet"), cfg.storage_options)
     return rows
 

@@ -28,6 +28,9 @@ Outputs, in ``<out>/networks/<name>_sigma<σ>/`` (a local folder or an fsspec UR
   epoch so far).
 * ``metrics.parquet`` -- the per-epoch rows: epoch, step, train_loss (mean over the epoch's steps of the
   batch MSE), lr (of the epoch's last step), seconds, network, sigma.
+* ``epochs/epoch<e>.pt`` -- with ``snapshots`` (studies: a network's agreement with the LE-MMSE as training
+  proceeds), the weights after each epoch ``e``: ``{"model", "epoch", "step"}``, loaded by
+  :func:`load_snapshot`.
 
 Re-running resumes an unfinished checkpoint of the same run, skips a finished one, and refuses one of
 another run; ``overwrite`` starts afresh in both of the last cases.
@@ -62,6 +65,7 @@ log = logging.getLogger("lemmse_ray")
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.parquet"
+SNAPSHOTS = "epochs"
 _IDENTITY = ("network", "problem", "sigma", "config")  # checkpoint keys that must match to resume
 
 
@@ -188,6 +192,10 @@ def _fit(config: dict[str, Any], rank: int, world: int, device: torch.device,
             buffer = io.BytesIO()
             torch.save(state, buffer)
             write_bytes(join(folder, CHECKPOINT), buffer.getvalue(), options)
+            if config.get("snapshots"):
+                buffer = io.BytesIO()
+                torch.save({"model": net.state_dict(), "epoch": epoch, "step": epoch * steps}, buffer)
+                write_bytes(snapshot_path(folder, epoch), buffer.getvalue(), options)
             save_parquet(history, join(folder, METRICS), options)
             # not print(): Ray Train routes print() through its loggers, which show each line twice
             sys.stdout.write(f"{row['network']} sigma={sigma:g} epoch {epoch}/{run['epochs']} step {row['step']}: "
@@ -215,7 +223,7 @@ def _plain_task(config: dict[str, Any], use_gpu: bool) -> None:
 # --- driver -----------------------------------------------------------------------------------------------
 
 def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tensor, problem: Problem,
-                  progress: bool = True, plain: bool = False) -> str:
+                  progress: bool = True, plain: bool = False, snapshots: bool = False) -> str:
     """Train (or resume, or skip if finished) the network ``name`` at noise level ``sigma`` on Ray Train.
 
     ``train_images``: (N, C, H, W) floats in [0, 1].  Returns the checkpoint path (or URL) once the run
@@ -223,6 +231,8 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
     checkpoint of another run unless ``cfg.overwrite``.  ``plain`` (``n_workers`` must be 1) runs the same
     loop as one plain Ray task instead of a Ray Train run: the same checkpoints and numbers, without Ray
     Train's fixed cost per run (tens of seconds), for studies that train many small networks.
+    ``snapshots`` also keeps the weights after every epoch (``epochs/epoch<e>.pt``; epochs trained before a
+    resume without it have none).
     """
     import ray  # Ray only where networks train; checkpoints load without it
     from ray.train import RunConfig, ScalingConfig  # Ray only where networks train; checkpoints load without it
@@ -256,7 +266,8 @@ def train_network(cfg: Config, name: str, sigma: float, train_images: torch.Tens
 
     queue = Queue(actor_options={"num_cpus": 0}) if progress and not plain else None
     loop_config = {"identity": identity, "images": ray.put(train_images.to(torch.float32)), "problem": problem,
-                   "folder": folder, "storage_options": cfg.storage_options, "resume": resume, "progress": queue}
+                   "folder": folder, "storage_options": cfg.storage_options, "resume": resume, "progress": queue,
+                   "snapshots": snapshots}
     if plain:
         task = ray.remote(_plain_task).options(num_cpus=worker_cpus(cfg), num_gpus=1 if cfg.use_gpu else 0)
         ray.get(task.remote(loop_config, cfg.use_gpu))
@@ -337,6 +348,24 @@ def load_network(path: str, storage_options: dict | None = None) -> tuple[nn.Mod
     if checkpoint is None:
         raise ValueError(f"path: no network checkpoint at {path} (train it first)")
     return checked_network(checkpoint, path).eval(), checkpoint
+
+
+def snapshot_path(folder: str, epoch: int) -> str:
+    """The weights after ``epoch`` of the network whose folder is ``folder`` (written with ``snapshots``)."""
+    return join(folder, SNAPSHOTS, f"epoch{epoch:04d}.pt")
+
+
+def load_snapshot(folder: str, epoch: int, checkpoint: dict,
+                  storage_options: dict | None = None) -> nn.Module | None:
+    """The network of ``checkpoint`` (its folder ``folder``) with the weights it had after ``epoch``, in
+    eval mode on CPU, checked as :func:`checked_network` checks a checkpoint; None when that epoch has no
+    snapshot."""
+    data = read_bytes(snapshot_path(folder, epoch), storage_options)
+    if data is None:
+        return None
+    snapshot = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return checked_network({"network": checkpoint.get("network"), "model": snapshot.get("model")},
+                           snapshot_path(folder, epoch)).eval()
 
 
 MAX_PARAMETERS = 1 << 28  # 256 M parameters (1 GiB of float32): far above any network of this project

@@ -21,13 +21,14 @@ range 1, mean over channels and pixels.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..core.classes import ClassPlan
-from ..core.metrics import mse, psnr
+from ..core.metrics import mse, psnr_of_mse, psnr_summary
 from ..core.statistics import STATISTICS
 from ..core.validation import as_float64, as_int64, check_shape
 from ..storage.results import EstimateArrays
@@ -35,8 +36,9 @@ from ..storage.results import EstimateArrays
 QUANTILES = {"q25": 0.25, "median": 0.5, "q75": 0.75}
 #: The stored per-pixel measures of concentration (the table's), in its order.
 CONCENTRATION_OUTPUTS = tuple(o.name for s in STATISTICS.values() if s.concentration for o in s.outputs)
-#: The columns of :func:`concentration_row`: the stored measures, then the top-k mass and the ESS fraction.
-CONCENTRATION_STATS = (*CONCENTRATION_OUTPUTS, "topk_mass", "ess_fraction")
+#: The per-class measures of :func:`class_rows`: the stored ones, the top-k mass, the ESS fraction and the
+#: distance to the class mean (the σ → ∞ limit).
+CLASS_STATS = (*CONCENTRATION_OUTPUTS, "topk_mass", "ess_fraction", "class_mean_distance")
 FLOOR_SIGMAS = 3.0  # a network this many standard errors below the loss floor is flagged
 
 
@@ -45,32 +47,62 @@ def _outputs(outputs: Mapping[str, Any] | None, shape: tuple) -> dict[str, np.nd
             for name, out in (outputs or {}).items()}
 
 
-# --- PSNR per image -----------------------------------------------------------------------------------------
+# --- PSNR per image, and pooled ------------------------------------------------------------------------------
+
+#: the MSE column of each PSNR column of :func:`image_rows` (the pair that :func:`psnr_columns` pools)
+PSNR_METRICS = {"psnr_z_x": "mse_z_x", "psnr_lemmse_x": "mse_lemmse_x", "psnr_net_lemmse": "mse_net_lemmse",
+                "psnr_net_x": "mse_net_x"}
+
 
 def image_rows(est: EstimateArrays, outputs: Mapping[str, Any] | None = None) -> list[dict]:
     r"""One row per query image (× network when ``outputs`` = {network name: (B, C, H, W) output}).
 
-    Columns: ``image``, ``network`` (None without networks), ``psnr_z_x``, ``psnr_lemmse_x``,
+    Columns: ``image``, ``network`` (None without networks), ``psnr_z_x``, ``mse_z_x``, ``psnr_lemmse_x``,
     ``mse_lemmse_x``, ``posterior_variance`` (mean of ``variance`` over channels and pixels, if stored) and,
-    per network, ``psnr_net_lemmse``, ``psnr_net_x``, ``mse_net_lemmse``, ``mse_net_x``.
+    per network, ``psnr_net_lemmse``, ``psnr_net_x``, ``mse_net_lemmse``, ``mse_net_x``.  Every PSNR is
+    capped at :data:`lemmse_ray.core.metrics.PSNR_CAP` (never inf).
     """
     x, z, mean = (torch.from_numpy(a) for a in (est.x, est.z, est.mean))
-    base = {"psnr_z_x": psnr(z, x), "psnr_lemmse_x": psnr(mean, x), "mse_lemmse_x": mse(mean, x)}
+    base = {"mse_z_x": mse(z, x), "mse_lemmse_x": mse(mean, x)}
     if est.variance is not None:
         base["posterior_variance"] = torch.from_numpy(est.variance.reshape(len(x), -1).mean(axis=1))
     per_net = {}
     for name, out in _outputs(outputs, est.shape).items():
         out = torch.from_numpy(out)
-        per_net[name] = {"psnr_net_lemmse": psnr(out, mean), "psnr_net_x": psnr(out, x),
-                         "mse_net_lemmse": mse(out, mean), "mse_net_x": mse(out, x)}
+        per_net[name] = {"mse_net_lemmse": mse(out, mean), "mse_net_x": mse(out, x)}
     rows = []
     for b in range(len(x)):
         common = {"image": b, **{k: float(v[b]) for k, v in base.items()}}
+        common.update({p: float(psnr_of_mse(common[m])) for p, m in PSNR_METRICS.items() if m in common})
         if not per_net:
             rows.append({**common, "network": None})
         for name, metrics in per_net.items():
-            rows.append({**common, "network": name, **{k: float(v[b]) for k, v in metrics.items()}})
+            values = {k: float(v[b]) for k, v in metrics.items()}
+            values.update({p: float(psnr_of_mse(values[m])) for p, m in PSNR_METRICS.items() if m in values})
+            rows.append({**common, "network": name, **values})
     return rows
+
+
+def psnr_columns(rows: list[Mapping], metric: str) -> dict[str, float]:
+    r"""The PSNR columns of one metric (a key of :data:`PSNR_METRICS`) over ``rows`` (per-image rows holding
+    its MSE column), by :func:`lemmse_ray.core.metrics.psnr_summary`:
+
+    * ``<metric>`` -- PSNR of the pooled MSE :math:`10\log_{10}(1/\overline{\mathrm{MSE}})` (the headline);
+    * ``<metric>_se`` -- its delta-method standard error; ``<metric>_lo``, ``<metric>_hi`` -- ± one s.e.;
+    * ``<metric>_mean``, ``<metric>_median`` -- of the per-image PSNRs (capped);
+    * ``<metric>_capped`` -- images whose PSNR is at the cap;
+
+    and ``<mse column>`` -- the mean MSE.  No row with a value: no columns.
+    """
+    values = [float(r[PSNR_METRICS[metric]]) for r in rows if r.get(PSNR_METRICS[metric]) is not None]
+    if not values:
+        return {}
+    summary = psnr_summary(values)
+    out = {metric: summary["psnr"], f"{metric}_se": summary["se"], f"{metric}_lo": summary["psnr"] - summary["se"],
+           f"{metric}_hi": summary["psnr"] + summary["se"], f"{metric}_mean": summary["mean"],
+           f"{metric}_median": summary["median"], f"{metric}_capped": summary["capped"],
+           PSNR_METRICS[metric]: float(np.mean(values))}
+    return out
 
 
 # --- concentration ------------------------------------------------------------------------------------------
@@ -126,31 +158,119 @@ def rows_met(plan: ClassPlan, n_images: int, mask=None) -> np.ndarray:
 
 
 def _quantiles(values: np.ndarray, name: str) -> dict[str, float]:
+    if values.size == 0:
+        return {f"{name}_{label}": math.nan for label in QUANTILES}
     return {f"{name}_{label}": float(np.quantile(values, q)) for label, q in QUANTILES.items()}
 
 
-def concentration_row(est: EstimateArrays, plan: ClassPlan | None = None) -> dict:
-    r"""Concentration of the weights over all query pixels of a cell (quantiles over the B·H·W pixels).
+def interior_class(plan: ClassPlan) -> int | None:
+    """The headline class: among the classes whose patches have no padded pixel (every pixel inside the
+    image, or circular padding), the one holding the most positions; None when every patch is padded
+    (``P`` larger than the image).  Without masks it is the only such class."""
+    counts = np.bincount(plan.position_class, minlength=plan.n_classes)
+    inside = [c for c, cls in enumerate(plan.classes) if not cls.padded_pixels.any() and counts[c]]
+    return max(inside, key=lambda c: counts[c]) if inside else None
 
-    Columns: ``pixels``; ``{stat}_q25``, ``{stat}_median``, ``{stat}_q75`` for each stored ``stat`` of
-    ``ess``, ``max_weight``, ``entropy``, ``topk_mass`` (needs ``topk_logits`` and ``max_weight``, or
-    ``log_evidence`` and ``n_rows``; see :func:`topk_mass`) and ``ess_fraction`` = ESS / :func:`rows_met`
-    (needs ``plan`` and ``n_rows``; 1 means uniform weights over every row the pixel meets, so it compares
-    across classes of different sizes);
-    ``frac_ess_lt2``, the fraction of pixels with ESS < 2 (essentially one training patch); ``topk``.
-    Missing statistics give no columns.
+
+def class_mean_values(plan: ClassPlan, train_images) -> np.ndarray:
+    r"""(n_classes, C): the mean centre pixel of the rows a query of each class meets, the σ → ∞ limit of the
+    LE-MMSE (uniform weights over those rows, ``docs/theory.md`` §6):
+
+    .. math:: m_j = \frac{\sum_{c:\ \text{meets}[c, j]} \sum_i \sum_{k \in K_c} x_i[:, k]}
+                         {\sum_{c:\ \text{meets}[c, j]} N\,|K_c|}
+
+    (:math:`K_c` the candidate positions of class :math:`c`, ``train_images`` (N, C, H, W) the clean
+    training images).  Whitened and mixture plans only (for aware random masks the limit weights each row by
+    its mask prior): ValueError otherwise.
     """
-    row: dict[str, Any] = {"pixels": int(np.prod(est.shape)) // est.shape[1]}
-    values = {name: getattr(est, name) for name in CONCENTRATION_OUTPUTS}
+    if plan.kind == "masked":
+        raise ValueError("plan: the uniform-weight limit of aware random masks weights rows by their mask prior")
+    images = as_float64(train_images, "train_images")
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(plan.geometry.shape):
+        raise ValueError(f"train_images must have shape (N, {', '.join(map(str, plan.geometry.shape))}), "
+                         f"got {images.shape}")
+    flat = images.reshape(len(images), images.shape[1], -1)
+    sums = np.stack([flat[:, :, plan.positions(c)].sum(axis=(0, 2)) for c in range(plan.n_classes)])
+    counts = plan.rows_per_image().astype(np.float64) * len(images)
+    meets = plan.meets.astype(np.float64)  # [c, j]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (meets.T @ sums) / (meets.T @ counts)[:, None]
+
+
+def _class_values(est: EstimateArrays, plan: ClassPlan, train_images=None) -> dict[str, np.ndarray]:
+    """Per query pixel (B, H, W): every concentration measure available, and the distance to the class mean."""
+    values = {name: getattr(est, name) for name in CONCENTRATION_OUTPUTS if getattr(est, name) is not None}
     if est.topk_logits is not None and (est.max_weight is not None or
                                         (est.log_evidence is not None and est.n_rows is not None)):
         values["topk_mass"] = topk_mass(est.topk_logits, est.max_weight, est.log_evidence, est.n_rows)
-        row["topk"] = int(est.topk_logits.shape[-1])
-    if plan is not None and est.ess is not None and est.n_rows is not None:
+    if est.ess is not None and est.n_rows is not None:
         values["ess_fraction"] = est.ess / rows_met(plan, n_bank_images(plan, est.n_rows), est.mask)
-    for name in CONCENTRATION_STATS:
-        if values.get(name) is not None:
-            row.update(_quantiles(values[name], name))
+    if train_images is not None and plan.kind != "masked":
+        limit = class_mean_values(plan, train_images)[plan.position_class]  # (H·W, C)
+        batch, channels, height, width = est.shape
+        gap = est.mean.reshape(batch, channels, -1) - limit.T[None]
+        values["class_mean_distance"] = np.sqrt((gap ** 2).mean(axis=1)).reshape(batch, height, width)
+    return values
+
+
+def class_rows(est: EstimateArrays, plan: ClassPlan, train_images=None) -> list[dict]:
+    r"""One row per class holding query pixels: the concentration of the weights *within* that class, where
+    ESS, max weight, entropy and top-k mass are comparable (``docs/theory.md`` §4).
+
+    Columns: ``class``, ``padded_pixels`` (padded pixels of its patches, 0 for an interior class),
+    ``interior`` (:func:`interior_class`), ``positions`` (per image), ``pixels`` (query pixels),
+    ``rows_met_median``; quantiles ``{stat}_q25``, ``{stat}_median``, ``{stat}_q75`` of each available
+    ``stat`` of ``ess``, ``max_weight``, ``entropy``, ``topk_mass`` (:func:`topk_mass`), ``ess_fraction``
+    (ESS / :func:`rows_met`: 1 for uniform weights over every row met) and ``class_mean_distance``
+    (:math:`\sqrt{\frac1C\sum_c(\hat x_c[k] - m_{j,c})^2}` with :math:`m_j` of :func:`class_mean_values`:
+    → 0 as σ → ∞; needs ``train_images``); ``frac_ess_lt2``.
+    """
+    values = _class_values(est, plan, train_images)
+    batch, _, height, width = est.shape
+    where = np.broadcast_to(plan.position_class.reshape(1, height, width), (batch, height, width))
+    inside = interior_class(plan)
+    met = None
+    if est.n_rows is not None:
+        met = np.broadcast_to(rows_met(plan, n_bank_images(plan, est.n_rows), est.mask), (batch, height, width))
+    rows = []
+    for c in np.unique(plan.position_class):
+        sel = where == c
+        row: dict[str, Any] = {"class": int(c), "padded_pixels": int(plan.classes[c].padded_pixels.sum()),
+                               "interior": bool(c == inside), "positions": int((plan.position_class == c).sum()),
+                               "pixels": int(sel.sum()),
+                               "rows_met_median": float(np.median(met[sel])) if met is not None else math.nan}
+        for name in CLASS_STATS:
+            if name in values:
+                row.update(_quantiles(values[name][sel], name))
+        if est.ess is not None:
+            row["frac_ess_lt2"] = float(np.mean(est.ess[sel] < 2))
+        rows.append(row)
+    return rows
+
+
+def concentration_row(est: EstimateArrays, plan: ClassPlan, train_images=None) -> dict:
+    r"""The concentration columns of a cell: the interior class (:func:`interior_class`) as the headline,
+    and the statistics that compare across classes over all pixels.
+
+    Columns: ``pixels`` (all query pixels); ``interior_share`` (the fraction of them in the interior class);
+    ``{stat}_interior_{q25,median,q75}`` for each ``stat`` of :func:`class_rows` over the interior class's
+    pixels (NaN without one); ``ess_fraction_{q25,median,q75}`` over all pixels (ESS / rows met compares
+    across classes); ``frac_ess_lt2`` over all pixels (ESS < 2: essentially one training patch, meaningful
+    in any class); ``topk``.  Missing statistics give no columns.
+    """
+    values = _class_values(est, plan, train_images)
+    batch, _, height, width = est.shape
+    row: dict[str, Any] = {"pixels": batch * height * width}
+    inside = interior_class(plan)
+    sel = np.broadcast_to((plan.position_class == inside).reshape(1, height, width), (batch, height, width))
+    row["interior_share"] = float(sel.mean())
+    if est.topk_logits is not None and "topk_mass" in values:
+        row["topk"] = int(est.topk_logits.shape[-1])
+    for name in CLASS_STATS:
+        if name in values:
+            row.update(_quantiles(values[name][sel], f"{name}_interior"))
+    if "ess_fraction" in values:
+        row.update(_quantiles(values["ess_fraction"], "ess_fraction"))
     if est.ess is not None:
         row["frac_ess_lt2"] = float(np.mean(est.ess < 2))
     return row
@@ -166,37 +286,17 @@ def n_bank_images(plan: ClassPlan, n_rows: int) -> int:
 
 # --- copying ------------------------------------------------------------------------------------------------
 
-def copied_own(top_image, top_position, query_image_ids) -> np.ndarray:
-    r"""(B, H, W) bool: the top-1 row is the query's own training image at the same position,
-    :math:`(i_{(1)}, j_{(1)}) = (\text{id}_b,\ r W + c)` at pixel :math:`(r, c)` of query :math:`b`.
+def duplicates_own(top_image, top_position, query_inputs, bank_inputs, plan: ClassPlan,
+                   atol: float = 1e-6) -> np.ndarray:
+    r"""(B, H, W, k) bool: the row of each top-k entry is the query pixel's own noiseless patch or an exact
+    duplicate of it: a row of the query position's class whose noiseless patch
+    :math:`\Pi_{j} BAx_{i}` equals :math:`\Pi_k BAx_b` (max abs difference ≤ ``atol``).
 
-    ``top_image``, ``top_position``: (B, H, W) (``topk_image[..., 0]``, ``topk_position[..., 0]``);
-    ``query_image_ids``: (B,) index of each query image among the bank's training images (−1: not in it).
-    Exact duplicates of the own patch have the same logit and are ordered by row id, so this can miss
-    copies; :func:`copied_patch` counts them.
-    """
-    top_image, top_position = as_int64(top_image, "top_image"), as_int64(top_position, "top_position")
-    if top_image.ndim != 3 or top_position.shape != top_image.shape:
-        raise ValueError(f"top_image and top_position must be (B, H, W) arrays of one shape, "
-                         f"got {top_image.shape} and {top_position.shape}")
-    ids = check_shape(as_int64(query_image_ids, "query_image_ids"), top_image.shape[:1], "query_image_ids")
-    batch, height, width = top_image.shape
-    own = np.arange(height * width).reshape(height, width)
-    in_bank = (ids >= 0)[:, None, None]  # −1: a query image outside the bank, and a missing row, never match
-    return in_bank & (top_image == ids[:, None, None]) & (top_position == own[None])
-
-
-def copied_patch(top_image, top_position, query_inputs, bank_inputs, plan: ClassPlan,
-                 atol: float = 1e-6) -> np.ndarray:
-    r"""(B, H, W) bool: the top-1 row is a copy of the query's own noiseless patch: a row of the query
-    position's class whose noiseless patch :math:`\Pi_{j_{(1)}} BAx_{i_{(1)}}` equals
-    :math:`\Pi_k BAx_b` (max abs difference ≤ ``atol``).
-
-    Such a row has exactly the logit of the query's own row (train queries) and the same value, so it is
-    the own patch up to the row-id tie-break; for test queries it means the query's clean patch occurs
-    verbatim in the training set.  ``query_inputs`` (B, C, H, W) :math:`= BAx_b` and ``bank_inputs``
-    (N, C, H, W) :math:`= BAx_i` are ``problem.noiseless_input`` of the query and training images (the clean
-    images for random masks).
+    ``top_image``, ``top_position``: (B, H, W, k) (``topk_image``, ``topk_position``); ``query_inputs``
+    (B, C, H, W) :math:`= BAx_b` and ``bank_inputs`` (N, C, H, W) :math:`= BAx_i` are
+    ``problem.noiseless_input`` of the query and training images (the clean images for random masks).  A
+    train query's own row is its own patch; a test query has one only where its clean patch occurs verbatim
+    in the training set.
     """
     top_image, top_position = as_int64(top_image, "top_image"), as_int64(top_position, "top_position")
     query = as_float64(query_inputs, "query_inputs")
@@ -207,36 +307,50 @@ def copied_patch(top_image, top_position, query_inputs, bank_inputs, plan: Class
     if bank.ndim != 4 or tuple(bank.shape[1:]) != tuple(geometry.shape):
         raise ValueError(f"bank_inputs must have shape (N, {', '.join(map(str, geometry.shape))}), got {bank.shape}")
     batch, _, height, width = query.shape
-    check_shape(top_image, (batch, height, width), "top_image")
-    check_shape(top_position, (batch, height, width), "top_position")
+    if top_image.ndim != 4 or top_image.shape[:3] != (batch, height, width):
+        raise ValueError(f"top_image must have shape {(batch, height, width)} + (k,), got {top_image.shape}")
+    check_shape(top_position, top_image.shape, "top_position")
     if top_image.min() < 0 or top_image.max() >= len(bank):
         raise ValueError(f"top_image: row image ids must lie in [0, {len(bank)}) (bank_inputs has {len(bank)} images)")
+    k = top_image.shape[-1]
     coords = geometry.coords  # (H·W, d), −1 = padded (exact 0)
     flat_q = np.concatenate([query.reshape(batch, -1), np.zeros((batch, 1))], axis=1)
     flat_b = np.concatenate([bank.reshape(len(bank), -1), np.zeros((len(bank), 1))], axis=1)
     pad = flat_q.shape[1] - 1
-    own = np.where(coords >= 0, coords, pad)  # (H·W, d)
-    own_patch = flat_q[:, own]  # (B, H·W, d)
-    top_pos = top_position.reshape(batch, -1)
-    top_patch = flat_b[top_image.reshape(batch, -1)[..., None], np.where(coords >= 0, coords, pad)[top_pos]]
-    same_class = plan.position_class[top_pos] == plan.position_class[None, :]
-    equal = np.abs(top_patch - own_patch).max(axis=-1) <= atol
-    return (same_class & equal).reshape(batch, height, width)
+    index = np.where(coords >= 0, coords, pad)  # (H·W, d)
+    own_patch = flat_q[:, index]  # (B, H·W, d)
+    top_pos = top_position.reshape(batch, -1, k)
+    top_patch = flat_b[top_image.reshape(batch, -1, k)[..., None], index[top_pos]]  # (B, H·W, k, d)
+    same_class = plan.position_class[top_pos] == plan.position_class[None, :, None]
+    equal = np.abs(top_patch - own_patch[:, :, None]).max(axis=-1) <= atol
+    return (same_class & equal).reshape(batch, height, width, k)
 
 
-def copying_row(est: EstimateArrays, query_image_ids=None, query_inputs=None, bank_inputs=None,
-                plan: ClassPlan | None = None) -> dict:
-    """Copying rates of a cell. Columns: ``copy_rate_own`` (fraction of pixels, :func:`copied_own`; needs
-    ``query_image_ids``), ``copy_rate`` (:func:`copied_patch`; needs ``query_inputs``, ``bank_inputs`` and
-    ``plan``); a rate that cannot be computed is NaN."""
-    est.require("topk_image", "topk_position")
-    top_image, top_position = est.topk_image[..., 0], est.topk_position[..., 0]
-    row = {"copy_rate_own": math.nan, "copy_rate": math.nan}
-    if query_image_ids is not None:
-        row["copy_rate_own"] = float(copied_own(top_image, top_position, query_image_ids).mean())
-    if query_inputs is not None and bank_inputs is not None and plan is not None:
-        row["copy_rate"] = float(copied_patch(top_image, top_position, query_inputs, bank_inputs, plan).mean())
-    return row
+def copied(top_image, top_position, top_logits, query_inputs, bank_inputs, plan: ClassPlan,
+           atol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    r"""(copied, undecided), each (B, H, W) bool.
+
+    A pixel is **copied** when the query's own noiseless patch, or an exact duplicate of it
+    (:func:`duplicates_own`), is among the rows of the largest logit :math:`s_{(1)}`: the top-k entries
+    whose logit equals :math:`s_{(1)}` exactly all count, so the order in which tied rows are listed
+    (by row id) cannot decide it.  **Undecided**: no tied entry is such a row, but every one of the ``k``
+    entries is tied (the tie may extend past the stored top-k); such pixels count as not copied, and their
+    fraction is reported beside the rate.  ``top_logits`` (B, H, W, k) are the ``topk_logits``.
+    """
+    logits = as_float64(top_logits, "top_logits")
+    own = duplicates_own(top_image, top_position, query_inputs, bank_inputs, plan, atol)
+    check_shape(logits, own.shape, "top_logits")
+    tied = logits == logits[..., :1]
+    hit = (own & tied).any(axis=-1)
+    return hit, ~hit & tied.all(axis=-1) & (logits.shape[-1] > 1)
+
+
+def copying_row(est: EstimateArrays, query_inputs, bank_inputs, plan: ClassPlan) -> dict:
+    """Columns: ``copy_rate`` (fraction of query pixels copied, :func:`copied`) and ``copy_undecided`` (the
+    fraction whose tie reaches past the stored top-k, counted as not copied)."""
+    est.require("topk_image", "topk_position", "topk_logits")
+    hit, undecided = copied(est.topk_image, est.topk_position, est.topk_logits, query_inputs, bank_inputs, plan)
+    return {"copy_rate": float(hit.mean()), "copy_undecided": float(undecided.mean())}
 
 
 # --- loss floor ---------------------------------------------------------------------------------------------
@@ -256,9 +370,9 @@ def loss_floor(variance) -> tuple[float, float, np.ndarray]:
 
     .. math:: \bar v = \frac1B\sum_b v_b,\qquad v_b = \frac1{CHW}\sum_{c,k}\operatorname{Var}(x_c[k]\mid\Pi_k z_b),
 
-    estimated from the :math:`B` train queries with standard error :math:`\operatorname{sd}(v_b)/\sqrt B`
-    (unbiased when the train queries are a random sample of the training images with fresh noise: the
-    distribution the networks are trained on).
+    estimated from :math:`B` floor queries with standard error :math:`\operatorname{sd}(v_b)/\sqrt B`
+    (unbiased when they are training images drawn i.i.d. with fresh noise, the distribution the networks are
+    trained on: :func:`lemmse_ray.studies.engine.floor_queries`).
     """
     var = as_float64(variance, "variance")
     if var.ndim != 4 or len(var) == 0:
@@ -276,7 +390,8 @@ def floor_check(variance, output, x, train_loss: float | None = None, network: s
     (``below_floor_mse``) when :math:`\bar g < -3\,\operatorname{se}(\bar g)`.  The final training loss
     (a mean over fresh draws) is flagged (``below_floor_train_loss``) when it is below
     :math:`\bar v - 3\operatorname{se}(\bar v)`.  Either flag means a bug or a leak (e.g. a network that
-    sees the clean image), or a receptive field larger than :math:`P`.
+    sees the clean image), or a receptive field larger than :math:`P` -- for a network of the LE-MMSE's class;
+    one whose class is larger (the U-Net, ``docs/theory.md`` §7) may legitimately lie below.
 
     Columns: ``network``, ``loss_floor``, ``loss_floor_se``, ``mse_net_x``, ``mse_gap``, ``mse_gap_se``,
     ``train_loss`` (NaN if not given), ``below_floor_mse``, ``below_floor_train_loss``, ``below_floor``.
@@ -425,32 +540,102 @@ def density_rows(est: EstimateArrays, plan: ClassPlan, outputs: Mapping[str, Any
     return rows
 
 
+# --- the paper's other estimators: memorisation references ---------------------------------------------------
+
+def _gaussian_inputs(train_images, z, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    train = torch.from_numpy(as_float64(train_images, "train_images"))
+    queries = torch.from_numpy(as_float64(z, "z"))
+    if train.ndim != 4 or queries.ndim != 4 or train.shape[1:] != queries.shape[1:] or len(train) == 0:
+        raise ValueError(f"train_images (N, C, H, W) and z (B, C, H, W) must share C, H, W, got "
+                         f"{tuple(train.shape)} and {tuple(queries.shape)}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    return train, queries
+
+
+def global_mmse(train_images, z, sigma: float) -> np.ndarray:
+    r"""The global empirical MMSE of denoising (``z = x + σe``, the prior uniform over the :math:`N` training
+    images), in float64:
+
+    .. math:: \hat x(z) = \sum_i w_i\,x_i, \qquad w_i = \operatorname{softmax}_i\Big(-\frac{\lVert z -
+              x_i\rVert^2}{2\sigma^2}\Big).
+
+    It is the LE-MMSE with a patch covering the whole image from every pixel (``P = 2H − 1``, zero padding:
+    each position is its own class and meets the same pixel of every training image), which reproduces the
+    training set as σ → 0.  ``train_images`` (N, C, H, W), ``z`` (B, C, H, W) → (B, C, H, W).
+    """
+    train, queries = _gaussian_inputs(train_images, z, sigma)
+    keys = train.flatten(1)
+    out = torch.empty_like(queries)
+    for b in range(len(queries)):
+        distance = ((queries[b].flatten() - keys) ** 2).sum(dim=1)  # (N,), formed from differences
+        weights = torch.softmax(-distance / (2 * sigma ** 2), dim=0)
+        out[b] = (weights @ keys).reshape(queries.shape[1:])
+    return out.numpy()
+
+
+def translation_equivariant_mmse(train_images, z, sigma: float) -> np.ndarray:
+    r"""The translation-equivariant empirical MMSE of denoising, in float64: the global MMSE
+    (:func:`global_mmse`) whose prior is uniform over every circular shift :math:`T_s x_i` of every training
+    image (:math:`(T_s x)[k] = x[k - s]`, indices mod :math:`(H, W)`),
+
+    .. math:: \hat x(z)[k] = \sum_{i, s} w_{is}\,x_i[k - s], \qquad
+              w_{is} = \operatorname{softmax}_{i,s}\Big(-\frac{\lVert z - T_s x_i\rVert^2}{2\sigma^2}\Big).
+
+    For odd square images it is the LE-MMSE with ``P = H`` and circular padding (the patch at :math:`k`
+    is :math:`T_{-k}z` and the row :math:`(i, j)` is :math:`T_{-j}x_i`, so row :math:`(i, j)` is the shift
+    :math:`s = k - j`; ``tests/studies/test_analysis.py`` checks both forms against explicit loops).  Here
+    :math:`\lVert z - T_s x_i\rVert^2 = \lVert z\rVert^2 + \lVert x_i\rVert^2 - 2\,(z \star x_i)[s]` and
+    the estimate :math:`\sum_i (w_{i\cdot} \circledast x_i)[k]` are circular correlations and
+    convolutions, evaluated by FFT: :math:`O(N\,HW\log HW)` per query instead of :math:`O(N\,(HW)^2)`.
+    ``train_images`` (N, C, H, W), ``z`` (B, C, H, W) → (B, C, H, W).
+    """
+    train, queries = _gaussian_inputs(train_images, z, sigma)
+    height, width = train.shape[2:]
+    spectrum = torch.fft.rfft2(train)  # (N, C, H, W//2+1)
+    energy = (train ** 2).sum(dim=(1, 2, 3))  # (N,)
+    out = torch.empty_like(queries)
+    for b in range(len(queries)):
+        query = queries[b]
+        correlation = torch.fft.irfft2(torch.fft.rfft2(query)[None] * spectrum.conj(), s=(height, width)).sum(dim=1)
+        distance = (query ** 2).sum() + energy[:, None, None] - 2 * correlation  # (N, H, W): ‖z − T_s x_i‖²
+        weights = torch.softmax((-distance / (2 * sigma ** 2)).flatten(), dim=0).reshape(distance.shape)
+        mixed = (torch.fft.rfft2(weights)[:, None] * spectrum).sum(dim=0)  # Σ_i FFT(w_i) FFT(x_i)
+        out[b] = torch.fft.irfft2(mixed, s=(height, width))
+    return out.numpy()
+
+
 # --- one cell -----------------------------------------------------------------------------------------------
 
 def cell_metrics(est: EstimateArrays, plan: ClassPlan, outputs: Mapping[str, Any] | None = None,
-                 query_image_ids=None, query_inputs=None, bank_inputs=None,
-                 train_losses: Mapping[str, float] | None = None, n_bins: int = 10) -> dict[str, list[dict]]:
+                 query_inputs=None, bank_inputs=None, train_images=None, n_bins: int = 10) -> dict[str, list[dict]]:
     """Every metric of one cell (one estimate output and the networks run on its inputs), as row lists:
 
     * ``"images"``: :func:`image_rows`;
-    * ``"cell"``: one row, :func:`concentration_row` and :func:`copying_row` merged;
-    * ``"floor"``: train queries only (``query_image_ids`` given): :func:`floor_check` for ``"LE-MMSE"``
-      itself (its gap has expectation 0: a reference) and each network of ``outputs``, with its final training
-      loss from ``train_losses`` ({network: loss}, e.g. :func:`final_train_loss`); empty otherwise or
-      without ``variance``;
+    * ``"cell"``: one row, :func:`concentration_row` and, with ``topk`` stored and ``query_inputs`` and
+      ``bank_inputs`` given, :func:`copying_row`;
+    * ``"classes"``: :func:`class_rows`;
     * ``"density"``: :func:`density_rows` (empty without ``log_evidence``).
 
-    ``query_image_ids`` (B,): each train query's index among the bank's training images (None for test
-    queries); ``query_inputs`` (B, C, H, W) and ``bank_inputs`` (N, C, H, W): ``problem.noiseless_input`` of
-    the query and bank images, for :func:`copied_patch` (None skips ``copy_rate``).
+    ``query_inputs`` (B, C, H, W) and ``bank_inputs`` (N, C, H, W): ``problem.noiseless_input`` of the query
+    and bank images; ``train_images`` (N, C, H, W): the clean training images (the class means).  The loss
+    floor is not a metric of the query set: :func:`floor_rows` computes it on its own training queries.
     """
     outputs = _outputs(outputs, est.shape)
-    floor = []
-    if query_image_ids is not None and est.variance is not None:
-        floor.append(floor_check(est.variance, est.mean, est.x, network="LE-MMSE"))
-        floor += [floor_check(est.variance, out, est.x, (train_losses or {}).get(name), network=name)
-                  for name, out in outputs.items()]
-    copying = (copying_row(est, query_image_ids, query_inputs, bank_inputs, plan)
-               if est.topk_image is not None else {})
-    return {"images": image_rows(est, outputs), "cell": [{**concentration_row(est, plan), **copying}],
-            "floor": floor, "density": density_rows(est, plan, outputs, n_bins) if est.log_evidence is not None else []}
+    copying = (copying_row(est, query_inputs, bank_inputs, plan)
+               if est.topk_image is not None and query_inputs is not None and bank_inputs is not None else {})
+    return {"images": image_rows(est, outputs), "cell": [{**concentration_row(est, plan, train_images), **copying}],
+            "classes": class_rows(est, plan, train_images),
+            "density": density_rows(est, plan, outputs, n_bins) if est.log_evidence is not None else []}
+
+
+def floor_rows(est: EstimateArrays, outputs: Mapping[str, Any] | None = None,
+               train_losses: Mapping[str, float] | None = None) -> list[dict]:
+    """:func:`floor_check` on the floor queries ``est`` (training images drawn at random, fresh noise, with
+    ``variance``) for ``"LE-MMSE"`` itself (its gap has expectation 0: a reference) and each network of
+    ``outputs`` (its output on the same inputs), with its final training loss from ``train_losses``."""
+    est.require("variance")
+    outputs = _outputs(outputs, est.shape)
+    rows = [floor_check(est.variance, est.mean, est.x, network="LE-MMSE")]
+    return rows + [floor_check(est.variance, out, est.x, (train_losses or {}).get(name), network=name)
+                   for name, out in outputs.items()]

@@ -7,14 +7,16 @@ and ``work.json`` maps each name to its identity, human-readable:
 * a **bank** (``banks/<key>.zarr``) per (training set: dataset, root, size, channels, ``n_train``, subset,
   seed; ``problem.spec()``; P, padding, candidates, dtype, shard rows) -- for every σ;
 * an **estimate** group (``estimates/<key>.zarr``) per (bank, σ, split, ``n_queries``, seed, stats, top-k,
-  batch size);
-* a **network** (``networks/<key>/…/checkpoint.pt``) per (training set, problem, σ, name, P, padding,
-  width, training hyper-parameters).
+  batch size); the split ``floor`` holds the loss floor's queries: ``floor_images`` training images drawn at
+  random (seeded) with fresh noise, statistic ``variance`` only (:func:`floor_queries`);
+* a **network** (``networks/<key>/…/checkpoint.pt``, with its weights after every epoch) per (training set,
+  problem, σ, name, P, padding, width, training hyper-parameters).
 
 Each level resumes (finished shards, batches and epochs are kept), so a finished study run again computes
 nothing; ``history.json`` records, per invocation, the banks built, shards written, batches computed and
 networks trained.  The metrics of every cell × split × network (:func:`lemmse_ray.studies.analysis.cell_metrics`)
-then go to ``cells.parquet``, ``images.parquet`` and ``density.parquet``, and
+then go to ``cells.parquet``, ``images.parquet``, ``classes.parquet`` (concentration per class),
+``epochs.parquet`` (each network's agreement after each epoch) and ``density.parquet``, and
 :mod:`lemmse_ray.studies.report` renders ``report.md`` and ``figures/*.png`` from them.
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ import dataclasses
 import hashlib
 import math
 import time
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from ..cluster.build import build_bank
 from ..cluster.driver import EstimateRequest, estimate_outputs
 from ..cluster.session import ensure_ray
 from ..core.classes import plan_classes
+from ..core.metrics import mse
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
 from ..core.validation import DTYPES
@@ -39,22 +43,40 @@ from ..data.loaders import SPLITS
 from ..runs.config import Config, join
 from ..runs.evaluation import run_network
 from ..runs.pipeline import check_run, load_data, make_problem, simulate
-from ..runs.training import CHECKPOINT, load_network, network_dir, read_checkpoint, train_network
+from ..runs.training import (
+    CHECKPOINT,
+    load_network,
+    load_snapshot,
+    network_dir,
+    read_checkpoint,
+    train_network,
+)
 from ..storage.bank_store import open_group
 from ..storage.files import save_json, save_parquet
-from ..storage.ownership import check_output_folder, claim_output_folder
 from ..storage.inputs import read_json
+from ..storage.ownership import check_output_folder, claim_output_folder
 from ..storage.redact import public
 from ..storage.results import EstimateArrays
-from .analysis import cell_metrics, final_train_loss
-from .figures import ess_map_figure, image_grid_figure
+from .analysis import (
+    PSNR_METRICS,
+    cell_metrics,
+    final_train_loss,
+    floor_rows,
+    global_mmse,
+    psnr_columns,
+    translation_equivariant_mmse,
+)
+from .figures import ess_map_figure, image_grid_figure, problem_grid_figure
 from .report import render
-from .spec import CELL_FIELDS, Cell, Part, canonical
+from .spec import CELL_FIELDS, Cell, Part, canonical, data_label
 
 STUDY = "study.json"
 WORK = "work.json"
 HISTORY = "history.json"
 COUNTERS = ("banks_built", "shards_written", "batches_computed", "networks_trained")
+FLOOR = "floor"  # the split of the loss floor's queries
+FLOOR_STATS = ("variance",)
+FLOOR_STREAM = 2 * 1009  # the floor's noise stream: past the splits' (lemmse_ray.runs.pipeline.query_seed)
 # A planted "network": a function of (estimate arrays, split) returning (B, C, H, W) outputs (diagnostics)
 Planted = Callable[[EstimateArrays, str], np.ndarray]
 
@@ -73,10 +95,25 @@ def bank_identity(cfg: Config, problem: Problem) -> dict:
             "padding": cfg.padding, "candidates": cfg.candidates, "dtype": cfg.dtype, "shard_rows": cfg.shard_rows}
 
 
-def estimate_identity(cfg: Config, problem: Problem, split: str) -> dict:
+def estimate_identity(cfg: Config, problem: Problem, split: str, floor_images: int = 0) -> dict:
+    if split == FLOOR:
+        return {"bank": key(bank_identity(cfg, problem)), "sigma": cfg.sigmas[0], "split": split,
+                "n_queries": floor_images, "seed": cfg.seed, "stats": list(FLOOR_STATS),
+                "batch_images": cfg.batch_images}
     return {"bank": key(bank_identity(cfg, problem)), "sigma": cfg.sigmas[0], "split": split,
             "n_queries": cfg.n_queries, "seed": cfg.seed, "stats": sorted(cfg.stats), "topk": cfg.topk,
             "batch_images": cfg.batch_images}
+
+
+def floor_queries(cfg: Config, train: torch.Tensor, problem: Problem, count: int):
+    r"""The loss floor's queries: ``count`` training images drawn uniformly **with** replacement (i.i.d., so
+    any count serves any N and the standard error over images is that of independent draws; seeded) with fresh
+    noise (and masks) from a stream of their own (not the train split's): the distribution the networks are
+    trained on.  Returns (x, y, z, mask)."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + FLOOR_STREAM)
+    x = train[torch.randint(len(train), (count,), generator=generator)]
+    y, z, mask = problem.measure(x.to(torch.float64), cfg.sigmas[0], generator)
+    return x, y, z, mask
 
 
 def network_identity(cfg: Config, problem: Problem, name: str) -> dict:
@@ -109,16 +146,19 @@ class Work:
         return {"banks": self.banks, "estimates": self.estimates, "networks": self.networks}
 
 
-def plan_work(cells: list[Cell], problems: dict[int, Problem], work_dir: str) -> Work:
-    """The distinct banks, estimate groups and networks of ``cells`` (``problems``: cell index -> problem)."""
+def plan_work(cells: list[Cell], problems: dict[int, Problem], work_dir: str,
+              floors: Mapping[int, int] | None = None) -> Work:
+    """The distinct banks, estimate groups and networks of ``cells`` (``problems``: cell index -> problem;
+    ``floors``: cell index -> the loss floor's training queries, 0 or missing: none)."""
     work = Work(work_dir)
     for cell in cells:
         cfg, problem = cell.cfg, problems[cell.index]
         bank = bank_identity(cfg, problem)
         keys = {"bank": key(bank), "estimates": {}, "networks": {}}
         work.banks[keys["bank"]] = bank
-        for split in SPLITS:
-            identity = estimate_identity(cfg, problem, split)
+        floor = (floors or {}).get(cell.index, 0)
+        for split in (*SPLITS, FLOOR) if floor else SPLITS:
+            identity = estimate_identity(cfg, problem, split, floor)
             keys["estimates"][split] = key(identity)
             work.estimates[key(identity)] = identity
         for name in cfg.networks:
@@ -134,8 +174,10 @@ def spec_record(name: str, size: str | None, parts: list[Part], work_dir: str) -
     (:func:`lemmse_ray.storage.redact.public`: ``storage_options`` dropped, credentials and URL passwords
     redacted), so that the record written and the record compared with an existing one are the same."""
     return public({"name": name, "size": size, "work": work_dir,
-                   "parts": [{"name": p.name, "description": p.description, "base": p.base, "grid": p.grid,
-                              "zip": p.zip, "figures": p.figures, "varying": p.varying} for p in parts]})
+                   "parts": [{"name": p.name, "description": p.description, "base": p.base,
+                              **({"grid": p.grid} if p.grid else {}),  # a zip-only part has no grid
+                              "zip": p.zip, "figures": p.figures, "floor_images": p.floor_images,
+                              "references": p.references, "varying": p.varying} for p in parts]})
 
 
 def check_out(out: str, work_dir: str, record: dict, overwrite: bool, storage_options: dict | None = None) -> None:
@@ -222,7 +264,7 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
                 counters["networks_trained"] += 1
                 print(f"training {name} for {cell.label()}", flush=True)
             train_network(cfg, name, cfg.sigmas[0], train, problems[cell.index], progress=verbose,
-                          plain=cfg.n_workers == 1)
+                          plain=cfg.n_workers == 1, snapshots=True)
     return counters
 
 
@@ -231,27 +273,35 @@ def estimate_requests(members: list[Cell], work: Work, data: dict, problem: Prob
     """The estimate groups of the cells ``members`` of one bank (``problem``: the bank's), each group once."""
     done: set[str] = set()
     for cell in members:
-        _, queries = _data(data, cell.cfg)
-        for split in SPLITS:
-            est_key = work.cell_keys[cell.index]["estimates"][split]
+        train, queries = _data(data, cell.cfg)
+        for split, est_key in work.cell_keys[cell.index]["estimates"].items():
             if est_key in done:
                 continue
             done.add(est_key)
             c = cell.cfg
-            _, z, mask = simulate(c, problem, queries[split], split, 0)
+            if split == FLOOR:
+                x, _, z, mask = floor_queries(c, train, problem, work.estimates[est_key]["n_queries"])
+            else:
+                x = queries[split]
+                _, z, mask = simulate(c, problem, x, split, 0)
             yield EstimateRequest(
-                z, c.sigmas[0], work.estimate_url(est_key), x=queries[split],
+                z, c.sigmas[0], work.estimate_url(est_key), x=x,
                 mask=mask if problem.random_mask else None,
                 metadata={"split": split, "dataset": c.dataset, "identity": work.estimates[est_key]},
-                options={"batch_images": c.batch_images, "n_actors": c.n_actors, "stats": tuple(c.stats),
+                options={"batch_images": c.batch_images, "n_actors": c.n_actors,
+                         "stats": FLOOR_STATS if split == FLOOR else tuple(c.stats),
                          "topk": c.topk, "dtype": DTYPES[c.dtype], "kernel": c.kernel,
                          "storage_options": storage_options, "progress": verbose})
 
 
+def network_folder(work: Work, cfg: Config, name: str, net_key: str) -> str:
+    """The folder of network ``name`` (work item ``net_key``) of a cell configuration ``cfg``."""
+    return network_dir(dataclasses.replace(cfg, out=work.network_out(net_key)), name, cfg.sigmas[0])
+
+
 def checkpoint_path(work: Work, cfg: Config, name: str, net_key: str) -> str:
     """The checkpoint of network ``name`` (work item ``net_key``) of a cell configuration ``cfg``."""
-    return join(network_dir(dataclasses.replace(cfg, out=work.network_out(net_key)), name, cfg.sigmas[0]),
-                CHECKPOINT)
+    return join(network_folder(work, cfg, name, net_key), CHECKPOINT)
 
 
 def network_output(net: torch.nn.Module, checkpoint: dict, est: EstimateArrays) -> np.ndarray:
@@ -262,24 +312,82 @@ def network_output(net: torch.nn.Module, checkpoint: dict, est: EstimateArrays) 
     return run_network(net, inputs).double().numpy()
 
 
-def _mean(rows: list[dict], column: str) -> float:
-    values = [r[column] for r in rows if r.get(column) is not None]
-    return float(np.mean(values)) if values else math.nan
+def in_lemmse_class(net: torch.nn.Module) -> bool:
+    """True when the network is a function :math:`g(\\Pi_k z)` of the patch alone (PatchMLP, ResNet); False
+    for a U-Net, whose pooling makes it depend on the pixel's phase too (``docs/theory.md`` §7)."""
+    return int(getattr(net, "factor", 1)) == 1
 
 
-IMAGE_COLUMNS = ("psnr_z_x", "psnr_lemmse_x", "mse_lemmse_x", "posterior_variance", "psnr_net_lemmse",
+IMAGE_COLUMNS = ("psnr_z_x", "mse_z_x", "psnr_lemmse_x", "mse_lemmse_x", "posterior_variance", "psnr_net_lemmse",
                  "psnr_net_x", "mse_net_lemmse", "mse_net_x")
-FLOOR_COLUMNS = ("loss_floor", "loss_floor_se", "mse_gap", "mse_gap_se", "train_loss", "below_floor_mse",
-                 "below_floor_train_loss", "below_floor")
+FLOOR_COLUMNS = ("floor_images", "loss_floor", "loss_floor_se", "mse_gap", "mse_gap_se", "train_loss",
+                 "below_floor_mse", "below_floor_train_loss", "below_floor")
+TABLES = ("cells", "images", "classes", "epochs", "density")
 
 
-def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_options: dict | None = None,
-              planted: Mapping[str, Planted] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
-    """(cells rows, image rows, density rows) of one cell: one cells row per split × network (``"none"``:
-    the LE-MMSE's own metrics, concentration and copying), from the stored estimates and networks."""
+def _pooled(images: list[dict], metrics: tuple[str, ...]) -> dict:
+    out: dict[str, Any] = {}
+    for metric in metrics:
+        out.update(psnr_columns(images, metric))
+    return out
+
+
+def floor_table(cell: Cell, work: Work, train: torch.Tensor, problem: Problem, nets: dict, storage_options=None,
+                planted: Mapping[str, Planted] | None = None) -> dict[str, dict]:
+    """{network or "LE-MMSE": its :func:`lemmse_ray.studies.analysis.floor_check` row on the cell's floor
+    queries, with ``floor_images``}; {} when the cell has no floor."""
+    floor_key = work.cell_keys[cell.index]["estimates"].get(FLOOR)
+    if floor_key is None:
+        return {}
+    est = EstimateArrays.from_group(open_group(work.estimate_url(floor_key), "r", storage_options))
+    outputs = {name: network_output(net, checkpoint, est) for name, (net, checkpoint) in nets.items()}
+    outputs.update({name: np.asarray(fn(est, FLOOR), dtype=np.float64) for name, fn in (planted or {}).items()})
+    losses = {name: final_train_loss(checkpoint) for name, (_, checkpoint) in nets.items()}
+    return {r["network"]: {**r, "floor_images": len(est.x)} for r in floor_rows(est, outputs, losses)}
+
+
+def reference_columns(train: torch.Tensor, est: EstimateArrays, sigma: float) -> dict[str, float]:
+    """PSNR (pooled MSE) against x of the global MMSE and the translation-equivariant MMSE on the cell's
+    inputs (:func:`lemmse_ray.studies.analysis.global_mmse`, :func:`~lemmse_ray.studies.analysis.translation_equivariant_mmse`)."""
+    x = torch.from_numpy(est.x)
+    out = {}
+    for column, estimator in (("psnr_global_mmse_x", global_mmse), ("psnr_te_mmse_x", translation_equivariant_mmse)):
+        estimate = torch.from_numpy(estimator(train, est.z, sigma))
+        out[column] = psnr_columns([{"mse_lemmse_x": float(v)} for v in mse(estimate, x)], "psnr_lemmse_x")[
+            "psnr_lemmse_x"]
+    return out
+
+
+def epoch_rows(head: dict, work: Work, cfg: Config, nets: dict, est: EstimateArrays,
+               storage_options: dict | None = None) -> list[dict]:
+    """One row per network × epoch with a snapshot: PSNR (pooled MSE) of the network after that epoch
+    against the LE-MMSE and against x on the fixed query set ``est``, and that epoch's training loss."""
+    rows = []
+    for name, (_, checkpoint) in nets.items():
+        folder = network_folder(work, cfg, name, work.cell_keys[head["cell"]]["networks"][name])
+        for record in checkpoint["metrics"]:
+            snapshot = load_snapshot(folder, record["epoch"], checkpoint, storage_options)
+            if snapshot is None:
+                continue
+            out = torch.from_numpy(network_output(snapshot, checkpoint, est))
+            images = [{"mse_net_lemmse": float(a), "mse_net_x": float(b)}
+                      for a, b in zip(mse(out, torch.from_numpy(est.mean)), mse(out, torch.from_numpy(est.x)))]
+            rows.append({**head, "network": name, "epoch": record["epoch"], "step": record["step"],
+                         "train_loss": record["train_loss"], **_pooled(images, ("psnr_net_lemmse", "psnr_net_x"))})
+    return rows
+
+
+def cell_rows(cell: Cell, part: Part, work: Work, data: dict, problem: Problem, storage_options: dict | None = None,
+              planted: Mapping[str, Planted] | None = None) -> dict[str, list[dict]]:
+    """{table: rows} of one cell (:data:`TABLES`): one ``cells`` row per split × network (``"none"``: the
+    LE-MMSE's own metrics, concentration, copying and references), its images, its classes, its networks'
+    epochs and its density bins, from the stored estimates and networks.  PSNR columns are PSNRs of the pooled
+    MSE with their companions (:func:`lemmse_ray.studies.analysis.psnr_columns`); the loss floor, on its own
+    training queries, goes to the train rows."""
 
     cfg = cell.cfg
     train, queries = _data(data, cfg)
+    train64 = train.to(torch.float64)
     plan = plan_classes(problem, PatchGeometry(tuple(train.shape[1:]), cfg.patch_size, cfg.padding,
                                                cfg.candidates))
     keys = work.cell_keys[cell.index]
@@ -287,37 +395,42 @@ def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_opti
             for name, k in keys["networks"].items()}
     common = {"part": cell.part, "cell": cell.index, "sigma": cell.sigma, "bank_key": keys["bank"],
               **{f: getattr(cfg, f) for f in CELL_FIELDS}}
-    bank_inputs = problem.noiseless_input(train.to(torch.float64))
-    cells, images, density = [], [], []
+    bank_inputs = problem.noiseless_input(train64)
+    floor = floor_table(cell, work, train, problem, nets, storage_options, planted)
+    tables: dict[str, list[dict]] = {name: [] for name in TABLES}
     for split in SPLITS:
         est = EstimateArrays.from_group(open_group(work.estimate_url(keys["estimates"][split]), "r", storage_options))
-        outputs, losses, fields = {}, {}, {}
+        outputs, fields = {}, {}
         for name, (net, checkpoint) in nets.items():
             outputs[name] = network_output(net, checkpoint, est)
-            losses[name] = final_train_loss(checkpoint)
             fields[name] = {"receptive_field": net.receptive_field, "network_key": keys["networks"][name],
-                            "epochs_done": checkpoint["epoch"]}
-        for name, fn in (planted or {}).items():
+                            "epochs_done": checkpoint["epoch"], "in_lemmse_class": in_lemmse_class(net)}
+        for name, fn in (planted or {}).items():  # a planted "network" claims the LE-MMSE's class
             outputs[name] = np.asarray(fn(est, split), dtype=np.float64)
-            fields[name] = {"receptive_field": None, "network_key": "planted", "epochs_done": None}
-        ids = np.arange(len(est.x)) if split == "train" else None
-        metrics = cell_metrics(est, plan, outputs, query_image_ids=ids,
+            fields[name] = {"receptive_field": None, "network_key": "planted", "epochs_done": None,
+                            "in_lemmse_class": True}
+        metrics = cell_metrics(est, plan, outputs,
                                query_inputs=problem.noiseless_input(queries[split].to(torch.float64)),
-                               bank_inputs=bank_inputs, train_losses=losses)
+                               bank_inputs=bank_inputs, train_images=train64)
         head = {**common, "split": split, "estimate_key": keys["estimates"][split]}
-        floor = {r["network"]: r for r in metrics["floor"]}
         for name in ("none", *outputs):
             # the LE-MMSE's own per-image values repeat in every network's rows: take the first network's
             shown = next(iter(outputs), None) if name == "none" else name
             net_images = [r for r in metrics["images"] if r["network"] == shown]
             row = {**head, "network": name, "receptive_field": cfg.patch_size, "network_key": None,
-                   "epochs_done": None, **fields.get(name, {})}
-            for column in IMAGE_COLUMNS:
-                if name != "none" or not column.startswith(("psnr_net", "mse_net")):
-                    row[column] = _mean(net_images, column)
+                   "epochs_done": None, "in_lemmse_class": None, **fields.get(name, {}), "n_images": len(net_images)}
+            row.update(_pooled(net_images, tuple(m for m in PSNR_METRICS
+                                                 if name != "none" or not m.startswith("psnr_net"))))
+            if est.variance is not None:
+                values = np.array([r["posterior_variance"] for r in net_images])
+                row["posterior_variance"] = float(values.mean())
+                row["posterior_variance_se"] = (float(values.std(ddof=1) / math.sqrt(len(values)))
+                                                if len(values) > 1 else math.nan)
             if name == "none":
                 row.update(metrics["cell"][0])
-            reference = floor.get("LE-MMSE" if name == "none" else name)
+                if part.references:
+                    row.update(reference_columns(train64, est, cell.sigma))
+            reference = floor.get("LE-MMSE" if name == "none" else name) if split == "train" else None
             row.update({c: (reference[c] if reference else (False if c.startswith("below") else math.nan))
                         for c in FLOOR_COLUMNS})
             bins = [r for r in metrics["density"] if (r["network"] or "none") == name]
@@ -325,35 +438,59 @@ def cell_rows(cell: Cell, work: Work, data: dict, problem: Problem, storage_opti
                 low = next(r for r in bins if r["pixels"])["mean"]
                 high = next(r for r in reversed(bins) if r["pixels"])["mean"]
                 row.update({"density_metric": bins[0]["metric"], "density_low": low, "density_high": high})
-            cells.append(row)
+            tables["cells"].append(row)
             for r in net_images:
-                images.append({**head, "network": name, "image": r["image"],
-                               **{c: r.get(c) for c in IMAGE_COLUMNS
-                                  if name != "none" or not c.startswith(("psnr_net", "mse_net"))}})
-        density += [{**head, **r, "network": r["network"] or "none"} for r in metrics["density"]]
-    return cells, images, density
+                tables["images"].append({**head, "network": name, "image": r["image"],
+                                         **{c: r.get(c) for c in IMAGE_COLUMNS
+                                            if name != "none" or not c.startswith(("psnr_net", "mse_net"))}})
+        tables["classes"] += [{**head, **r} for r in metrics["classes"]]
+        tables["epochs"] += epoch_rows(head, work, cfg, nets, est, storage_options)
+        tables["density"] += [{**head, **r, "network": r["network"] or "none"} for r in metrics["density"]]
+    return tables
 
 
 def example_figures(out: str, part: str, cells: list[Cell], work: Work, storage_options: dict | None = None) -> None:
     """``figures/<part>_examples.png`` (test queries: input z, LE-MMSE, each network, ground truth, PSNR
     under each tile) and ``figures/<part>_ess.png`` (their per-pixel ESS) of the part's first cell, with the
-    networks of every cell of the part that shares its test estimates."""
+    networks of every cell of the part that shares its test estimates; and ``figures/<part>_grid.png``: one
+    row per distinct test estimate group of the part (dataset × problem × σ × P …), the first test image as
+    input z, LE-MMSE, each network and the ground truth, PSNR under each tile (the paper's Figure 1)."""
+
+    def shown(test_key: str) -> tuple[EstimateArrays, dict]:
+        est = EstimateArrays.from_group(open_group(work.estimate_url(test_key), "r", storage_options))
+        tiles = {"input z": est.z, "LE-MMSE": est.mean}
+        peers = [c for c in cells if work.cell_keys[c.index]["estimates"]["test"] == test_key]
+        networks = {name: (c.cfg, k) for c in peers for name, k in work.cell_keys[c.index]["networks"].items()}
+        for name, (net_cfg, net_key) in networks.items():
+            tiles[name] = network_output(*load_network(checkpoint_path(work, net_cfg, name, net_key),
+                                                       storage_options), est)
+        return est, tiles
+
+    def what(cell: Cell) -> str:
+        cfg = cell.cfg
+        return (f"{data_label(cfg.dataset, cfg.size, cfg.grayscale)}, {cfg.problem} ({cfg.input}), "
+                f"σ = {cell.sigma:g}, P = {cfg.patch_size}")
 
     cell = cells[0]
-    cfg, test_key = cell.cfg, work.cell_keys[cell.index]["estimates"]["test"]
-    est = EstimateArrays.from_group(open_group(work.estimate_url(test_key), "r", storage_options))
-    shown = {"input z": est.z, "LE-MMSE": est.mean}
-    peers = [c for c in cells if work.cell_keys[c.index]["estimates"]["test"] == test_key]
-    networks = {name: (c.cfg, k) for c in peers for name, k in work.cell_keys[c.index]["networks"].items()}
-    for name, (net_cfg, net_key) in networks.items():
-        shown[name] = network_output(*load_network(checkpoint_path(work, net_cfg, name, net_key), storage_options),
-                                     est)
-    what = f"{cfg.dataset}, {cfg.problem} ({cfg.input}), σ = {cell.sigma:g}, P = {cfg.patch_size}"
-    image_grid_figure(shown, est.x, join(out, "figures", f"{part}_examples.png"), f"Test queries: {what}",
+    est, tiles = shown(work.cell_keys[cell.index]["estimates"]["test"])
+    image_grid_figure(tiles, est.x, join(out, "figures", f"{part}_examples.png"), f"Test queries: {what(cell)}",
                       storage_options=storage_options)
     if est.ess is not None:
         ess_map_figure(est.z, est.ess, join(out, "figures", f"{part}_ess.png"),
-                       f"Effective number of training patches per pixel: {what}", storage_options=storage_options)
+                       f"Effective number of training patches per pixel: {what(cell)}", storage_options=storage_options)
+    rows, seen = [], set()
+    for c in cells:
+        test_key = work.cell_keys[c.index]["estimates"]["test"]
+        if test_key in seen or len(rows) == GRID_ROWS:
+            continue
+        seen.add(test_key)
+        est, tiles = shown(test_key)
+        rows.append((what(c), {label: images[0] for label, images in tiles.items()}, est.x[0]))
+    problem_grid_figure(rows, join(out, "figures", f"{part}_grid.png"),
+                        f"Test image 0 of each setting of {part}", storage_options=storage_options)
+
+
+GRID_ROWS = 12  # rows of a part's Figure-1 grid (its first distinct settings)
 
 
 def uniform(rows: list[dict]) -> list[dict]:
@@ -385,7 +522,8 @@ def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_di
     record = spec_record(name, size, parts, work_dir)
     check_out(out, work_dir, record, overwrite, storage_options)
     data, problems = prepare(cells)  # every check that needs the images, before anything is written
-    work = plan_work(cells, problems, work_dir)
+    by_name = {part.name: part for part in parts}
+    work = plan_work(cells, problems, work_dir, {c.index: by_name[c.part].floor_count(c.cfg) for c in cells})
     claim_output_folder(out, storage_options)
     claim_output_folder(work_dir, storage_options)
     save_json(record, join(out, STUDY), storage_options)
@@ -394,12 +532,13 @@ def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_di
           f"{len(work.networks)} networks (work in {public(work_dir)})", flush=True)
     ensure_ray(verbose=verbose)
     counters = compute(cells, work, data, problems, storage_options, verbose)
-    rows: tuple[list, list, list] = ([], [], [])
+    rows: dict[str, list[dict]] = {table: [] for table in TABLES}
     for cell in cells:
-        for table, new in zip(rows, cell_rows(cell, work, data, problems[cell.index], storage_options, planted)):
-            table.extend(new)
-    for table, filename in zip(rows, ("cells.parquet", "images.parquet", "density.parquet")):
-        save_parquet(uniform(table), join(out, filename), storage_options)
+        for table, new in cell_rows(cell, by_name[cell.part], work, data, problems[cell.index], storage_options,
+                                    planted).items():
+            rows[table].extend(new)
+    for table, values in rows.items():
+        save_parquet(uniform(values), join(out, f"{table}.parquet"), storage_options)
     seconds = time.perf_counter() - t0
     for part in parts:
         example_figures(out, part.name, [c for c in cells if c.part == part.name], work, storage_options)
@@ -407,4 +546,4 @@ def run_study(name: str, parts: list[Part], cells: list[Cell], out: str, work_di
     render(out, storage_options)
     print(f"study {name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items())
           + f" ({seconds:.0f} s); report {public(join(out, 'report.md'))}", flush=True)
-    return {"counters": counters, "cells": rows[0], "seconds": seconds}
+    return {"counters": counters, "cells": rows["cells"], "seconds": seconds}

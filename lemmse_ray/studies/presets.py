@@ -1,8 +1,9 @@
 """Built-in study presets: the experiments of the paper, each at two sizes, read from the YAML files of
 ``presets/`` beside this module.
 
-* ``quick`` -- the embedded ``digits`` (8×8) and ``faces`` (25×25) data, small banks, few query images and
-  short training: each preset finishes in minutes on a 2-core CPU machine (the README shows its figures);
+* ``quick`` -- 28×28 grayscale tiles of the embedded photographs (``photos``, ``size: 28``, ``grayscale``),
+  small banks, few query images and short training, sized for a 2-core CPU machine (the README gives the
+  estimated times and shows the figures);
 * ``full`` -- the paper's datasets (Fashion-MNIST, CIFAR-10, FFHQ-32: ``--root NAME=PATH`` tells where each
   one's files are), full training sets and longer training, for a cluster.
 

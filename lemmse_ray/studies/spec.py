@@ -15,6 +15,9 @@ A spec (a YAML file or a built-in preset, :mod:`lemmse_ray.studies.presets`) is 
       input: [direct, tikhonov]
     figures: [...]             # optional: figures of the report (see lemmse_ray.studies.report)
 
+and two optional part keys: ``floor_images`` (the loss floor's training queries, drawn i.i.d. with fresh
+noise; default 256 in a part that trains networks, else none) and ``references: true`` (the global and the
+translation-equivariant MMSE beside the LE-MMSE; denoising with the direct input);
 or, for several experiments in one study, ``parts: [<spec>, ...]`` (each with its own name, base, grid,
 zip and figures) beside an optional shared ``base``.  Every combination is one ordinary :class:`Config`,
 validated when the spec is read; a configuration with several noise levels ``sigmas`` gives one cell per
@@ -47,8 +50,9 @@ import itertools
 import json
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -60,21 +64,26 @@ from ..storage.inputs import load_yaml, read_yaml
 from .analysis import QUANTILES
 from .presets import SIZES as PRESET_SIZES
 
-SPEC_KEYS = ("name", "description", "base", "grid", "zip", "figures", "parts")
+SPEC_KEYS = ("name", "description", "base", "grid", "zip", "figures", "floor_images", "references", "parts")
+FLOOR_IMAGES = 256  # the loss floor's training queries in a part that trains networks, unless it sets floor_images
+MAX_FLOOR_IMAGES = 65536
 RESERVED = ("out", "bank", "overwrite")  # set by the study
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 _HINTS = typing.get_type_hints(Config)
 MAX_CELLS = 10_000  # a study's cells (a grid's product); more is refused before expanding
 SIZES = (None, *PRESET_SIZES)  # the size of a preset study (None: a spec file)
 
-# Figures: kind -> (required keys, optional keys); every kind also takes file and title (required), caption
-# and where (optional).  Keys naming columns, and those that must name numeric columns:
-FIGURES = {"line": (("x", "y", "xlabel", "ylabel"), ("hue", "style", "band", "logx", "logy")),
-           "bar": (("category", "value", "ylabel", "hue"), ("xlabel",)),
-           "binned": ((), ())}
-TEXT_KEYS = ("file", "title", "caption", "xlabel", "ylabel", "x", "y", "category", "value")
-COLUMN_KEYS = ("x", "y", "category", "value", "hue", "style", "band")
-NUMERIC_KEYS = ("x", "y", "value", "band")
+# Figures: kind -> (required keys, optional keys); every kind also takes file and title (required), caption,
+# where and facet (optional).  Keys naming columns, and those that must name numeric columns:
+FIGURES = {"line": (("x", "y", "xlabel", "ylabel"),
+                    ("hue", "style", "band", "error", "logx", "logy", "hline", "references", "table")),
+           "bar": (("category", "value", "ylabel", "hue"), ("xlabel", "error", "hline")),
+           "binned": ((), ("style",))}
+TEXT_KEYS = ("file", "title", "caption", "xlabel", "ylabel", "x", "y", "category", "value", "error")
+COLUMN_KEYS = ("x", "y", "category", "value", "hue", "style", "band", "error", "facet", "references")
+NUMERIC_KEYS = ("x", "y", "value", "band", "error", "references")
+#: the tables a line figure may draw from (``table``; default cells)
+TABLES = {"cells": "cells.parquet", "classes": "classes.parquet", "epochs": "epochs.parquet"}
 
 
 def is_list_field(name: str) -> bool:
@@ -92,6 +101,14 @@ class Part:
     figures: list[dict] = field(default_factory=list)
     description: str = ""
     where: str = ""  # the prefix of its keys in errors: "" or "parts[i]."
+    floor_images: int | None = None  # None: FLOOR_IMAGES where a cell trains networks, else no floor
+    references: bool = False  # the global and translation-equivariant MMSE beside the LE-MMSE (denoising)
+
+    def floor_count(self, cfg: Config) -> int:
+        """The loss floor's training queries of a cell of this part (0: no floor)."""
+        if self.floor_images is not None:
+            return self.floor_images
+        return FLOOR_IMAGES if cfg.networks else 0
 
     @property
     def varying(self) -> list[str]:
@@ -197,8 +214,15 @@ def parse_part(raw: Any, where: str, shared: dict | None = None, default_name: s
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise SpecError(f"{prefix}description must be a string")
+    floor = raw.get("floor_images")
+    if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int)
+                              or not 0 <= floor <= MAX_FLOOR_IMAGES):
+        raise SpecError(f"{prefix}floor_images must be an integer in [0, {MAX_FLOOR_IMAGES}], got {floor!r}")
+    references = raw.get("references", False)
+    if not isinstance(references, bool):
+        raise SpecError(f"{prefix}references must be true or false, got {references!r}")
     return Part(name=name, base=base, grid=grid, zip=zipped, figures=[dict(f) for f in figures],
-                description=description, where=prefix)
+                description=description, where=prefix, floor_images=floor, references=references)
 
 
 def _is_name(name: Any) -> bool:
@@ -217,7 +241,7 @@ def check_figure(figure: Mapping, where: str) -> None:
     if kind not in FIGURES:
         raise SpecError(f"{where}.kind must be one of {', '.join(FIGURES)}, got {kind!r}")
     required, optional = FIGURES[kind]
-    allowed = ("kind", "file", "title", "caption", "where", *required, *optional)
+    allowed = ("kind", "file", "title", "caption", "where", "facet", *required, *optional)
     unknown = [k for k in figure if k not in allowed]
     if unknown:
         raise SpecError(f"{where}.{unknown[0]} is not a key of a {kind} figure (keys: {', '.join(allowed)})")
@@ -238,6 +262,17 @@ def check_figure(figure: Mapping, where: str) -> None:
     if "band" in figure and not (isinstance(figure["band"], list) and len(figure["band"]) == 2
                                  and all(isinstance(c, str) and c for c in figure["band"])):
         raise SpecError(f"{where}.band must be a list of two column names (low, high)")
+    if "facet" in figure and not (isinstance(figure["facet"], str) and figure["facet"]):
+        raise SpecError(f"{where}.facet must be a column name")
+    if "hline" in figure and not (isinstance(figure["hline"], (int, float)) and not isinstance(figure["hline"], bool)
+                                  and math.isfinite(figure["hline"])):
+        raise SpecError(f"{where}.hline must be a number (a reference level drawn across the figure)")
+    references = figure.get("references")
+    if "references" in figure and not (isinstance(references, dict) and references and all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in references.items())):
+        raise SpecError(f"{where}.references must be a mapping of column: label")
+    if "table" in figure and figure["table"] not in TABLES:
+        raise SpecError(f"{where}.table must be one of {', '.join(TABLES)}, got {figure['table']!r}")
     for name in ("logx", "logy"):
         if name in figure and not isinstance(figure[name], bool):
             raise SpecError(f"{where}.{name} must be true or false")
@@ -277,7 +312,13 @@ def parse_spec(raw: Any) -> tuple[str, list[Part]]:
 
 def apply_overrides(parts: list[Part], overrides: dict[str, Any]) -> list[Part]:
     """``--set field=value``: the value replaces the field in every part's base, grid and zip (a field
-    removed from a zip must leave its other fields' lists as they are)."""
+    removed from a zip must leave its other fields' lists as they are); ``--set floor_images=N`` sets the
+    part key of every part."""
+    overrides = dict(overrides)
+    if "floor_images" in overrides:
+        floor = overrides.pop("floor_images")
+        parse_part({"floor_images": floor}, "--set")  # the same check as in a spec
+        parts = [dataclasses.replace(p, floor_images=floor) for p in parts]
     _check_fields(overrides, "--set")
     out = []
     for part in parts:
@@ -384,19 +425,39 @@ def check_networks(cells: list[Cell]) -> None:
 # Config fields written to every row (lists, secrets and the study's own fields are not)
 CELL_FIELDS = tuple(f for f in FIELDS if f not in ("sigmas", "stats", "networks", "storage_options", *RESERVED))
 ROW_COLUMNS = ("part", "cell", "sigma", "bank_key", *CELL_FIELDS, "split", "estimate_key")
+# the PSNR columns of one metric (analysis.psnr_columns): the pooled headline and its companions
+PSNR_SUFFIXES = ("", "_se", "_lo", "_hi", "_mean", "_median", "_capped")
+
+
+def psnr_family(metric: str) -> list[str]:
+    return [f"{metric}{suffix}" for suffix in PSNR_SUFFIXES]
+
+
 # cells.parquet (engine.cell_rows): columns with values whatever the statistics, with the statistic
-# variance (the loss floor, the posterior variance) and with a network
-CELLS_ALWAYS = ("network", "receptive_field", "setting", "psnr_z_x", "psnr_lemmse_x", "mse_lemmse_x", "pixels",
-                "below_floor_mse", "below_floor_train_loss", "below_floor")
-CELLS_VARIANCE = ("posterior_variance", "loss_floor", "loss_floor_se", "mse_gap", "mse_gap_se", "mse_net_x")
-CELLS_NETWORK = ("network_key", "epochs_done", "psnr_net_lemmse", "psnr_net_x", "mse_net_lemmse", "mse_net_x",
-                 "train_loss")
+# variance, with the loss floor (floor_images > 0), with a network and with the references; ``setting`` and
+# ``data`` are the report's labels (problem (input); dataset, size and channels)
+CELLS_ALWAYS = ("network", "receptive_field", "setting", "data", "n_images", *psnr_family("psnr_z_x"), "mse_z_x",
+                *psnr_family("psnr_lemmse_x"), "mse_lemmse_x", "pixels", "interior_share",
+                "class_mean_distance_interior_q25", "class_mean_distance_interior_median",
+                "class_mean_distance_interior_q75", "below_floor_mse", "below_floor_train_loss", "below_floor")
+CELLS_VARIANCE = ("posterior_variance", "posterior_variance_se")
+CELLS_FLOOR = ("floor_images", "loss_floor", "loss_floor_se", "mse_gap", "mse_gap_se")
+CELLS_NETWORK = ("network_key", "epochs_done", "in_lemmse_class", *psnr_family("psnr_net_lemmse"),
+                 *psnr_family("psnr_net_x"), "mse_net_lemmse", "mse_net_x", "train_loss")
+CELLS_REFERENCES = ("psnr_global_mmse_x", "psnr_te_mmse_x")
+# classes.parquet (analysis.class_rows), one row per cell × split × class holding query pixels
+CLASSES = ("class", "padded_pixels", "interior", "positions", "pixels", "rows_met_median", "setting", "data")
+# epochs.parquet (engine.epoch_rows): each network's agreement after each epoch, on the fixed query sets
+EPOCHS = ("network", "epoch", "step", "train_loss", *psnr_family("psnr_net_lemmse"), *psnr_family("psnr_net_x"),
+          "mse_net_lemmse", "mse_net_x",
+          "setting", "data")
 # density.parquet (analysis.density_rows), written for cells that store log_evidence
 DENSITY = ("metric", "network", "bin", "lo", "hi", "pixels", "mean", "se", "median", "mean_extra_evidence_centred",
-           "setting")
+           "setting", "data")
 # columns holding text or booleans (a line's x and y, a bar's value and a band need numbers)
-TEXT_COLUMNS = frozenset(("part", "bank_key", "split", "estimate_key", "network", "network_key", "setting", "metric",
-                          "density_metric", "below_floor_mse", "below_floor_train_loss", "below_floor",
+TEXT_COLUMNS = frozenset(("part", "bank_key", "split", "estimate_key", "network", "network_key", "setting", "data",
+                          "metric", "density_metric", "below_floor_mse", "below_floor_train_loss", "below_floor",
+                          "in_lemmse_class", "interior",
                           *(f for f in CELL_FIELDS
                             if not {int, float} & set(typing.get_args(_HINTS[f]) or (_HINTS[f],)))))
 
@@ -405,53 +466,85 @@ def _quantiles(stat: str) -> list[str]:
     return [f"{stat}_{label}" for label in QUANTILES]
 
 
-def columns_for(stats: frozenset[str], networks: bool) -> dict[str, set[str]]:
-    """{table: the columns that hold values} for cells that store ``stats`` and, when ``networks``, train
-    networks: the columns of :func:`lemmse_ray.studies.engine.cell_rows` and
-    :func:`lemmse_ray.studies.analysis.cell_metrics`, with what each needs (``tests/studies/test_study_inputs.py``
-    checks this list against the tables of a real study), plus ``setting`` (the report's
-    ``problem (input)``)."""
+def columns_for(stats: frozenset[str], networks: bool, floor: bool = False,
+                references: bool = False) -> dict[str, set[str]]:
+    """{table: the columns that hold values} for cells that store ``stats``, train networks (``networks``),
+    compute the loss floor (``floor``: floor_images > 0) and the references (``references``): the columns of
+    :func:`lemmse_ray.studies.engine.cell_rows` and :func:`lemmse_ray.studies.analysis.cell_metrics`, with
+    what each needs (``tests/studies/test_study_inputs.py`` checks this list against the tables of a real
+    study), plus ``setting`` and ``data`` (the report's labels)."""
     cells = {*ROW_COLUMNS, *CELLS_ALWAYS}
+    measures = ["class_mean_distance"]
     if "variance" in stats:
         cells.update(CELLS_VARIANCE)
+    if floor:
+        cells.update(CELLS_FLOOR)
     for stat in stats & set(STATISTICS):  # the stored measures of concentration, from the statistics table
         if STATISTICS[stat].concentration:
-            cells.update(c for output in STATISTICS[stat].outputs for c in _quantiles(output.name))
+            measures += [output.name for output in STATISTICS[stat].outputs]
     if "ess" in stats:
+        measures.append("ess_fraction")
         cells.update(["frac_ess_lt2", *_quantiles("ess_fraction")])
     if "topk" in stats:
-        cells.update(["copy_rate_own", "copy_rate"])
+        cells.update(["copy_rate", "copy_undecided"])
         if {"max_weight", "log_evidence"} & set(stats):
-            cells.update(["topk", *_quantiles("topk_mass")])
+            measures.append("topk_mass")
+            cells.add("topk")
+    for measure in measures:
+        cells.update(_quantiles(f"{measure}_interior"))
     if "log_evidence" in stats:
         cells.update(["density_metric", "density_low", "density_high"])
     if networks:
         cells.update(CELLS_NETWORK)
+    if references:
+        cells.update(CELLS_REFERENCES)
+    classes = {*ROW_COLUMNS, *CLASSES, *(c for m in measures for c in _quantiles(m))}
+    if "ess" in stats:
+        classes.add("frac_ess_lt2")
     density = {*ROW_COLUMNS, *DENSITY} if "log_evidence" in stats else set()
-    return {"cells.parquet": cells, "density.parquet": density}
+    epochs = {*ROW_COLUMNS, *EPOCHS} if networks else set()
+    return {"cells.parquet": cells, "classes.parquet": classes, "epochs.parquet": epochs,
+            "density.parquet": density}
 
 
-def study_columns(cells: list[Cell]) -> dict[str, set[str]]:
-    """{table: columns with values} of a study made of ``cells`` (:func:`columns_for` of their statistics)."""
-    stats = frozenset(s for c in cells for s in c.cfg.stats)
-    return columns_for(stats, any(c.cfg.networks for c in cells))
+def part_columns(part: Part, cells: list[Cell]) -> dict[str, set[str]]:
+    """{table: columns with values} of the cells of ``part`` among ``cells`` (:func:`columns_for` of their
+    statistics, networks, loss floor and references)."""
+    members = [c for c in cells if c.part == part.name]
+    stats = frozenset(s for c in members for s in c.cfg.stats)
+    return columns_for(stats, any(c.cfg.networks for c in members),
+                       any(part.floor_count(c.cfg) > 0 for c in members), part.references)
 
 
-def _needs(column: str, table: str, stats: frozenset[str], networks: bool) -> str | None:
+def study_columns(parts: list[Part], cells: list[Cell]) -> dict[str, set[str]]:
+    """{table: columns with values} of a study made of ``parts`` and their ``cells``."""
+    out: dict[str, set[str]] = {}
+    for part in parts:
+        for table, columns in part_columns(part, cells).items():
+            out.setdefault(table, set()).update(columns)
+    return out
+
+
+def _needs(column: str, table: str, stats: frozenset[str], networks: bool, floor: bool,
+           references: bool) -> str | None:
     """What a column that holds no value in a part needs, or None when no study writes such a column."""
-    everything = columns_for(frozenset(STATS), True)[table]
+    everything = columns_for(frozenset(STATS), True, True, True)[table]
     if column not in everything:
         return None
     missing = [s for s in STATS if s not in stats]
     for stat in missing:
-        if column in columns_for(stats | {stat}, networks)[table]:
+        if column in columns_for(stats | {stat}, networks, floor, references)[table]:
             return f"the statistic {stat!r} (stats)"
     for pair in itertools.combinations(missing, 2):
-        if column in columns_for(stats | set(pair), networks)[table]:
+        if column in columns_for(stats | set(pair), networks, floor, references)[table]:
             return f"the statistics {pair[0]!r} and {pair[1]!r} (stats)"
-    if not networks and column in columns_for(stats, True)[table]:
+    if not networks and column in columns_for(stats, True, floor, references)[table]:
         return "a network (networks)"
-    return f"the statistics {', '.join(missing)} (stats) and a network (networks)"
+    if not floor and column in columns_for(stats, networks, True, references)[table]:
+        return "the loss floor (floor_images > 0)"
+    if not references and column in columns_for(stats, networks, floor, True)[table]:
+        return "the references (references: true)"
+    return f"the statistics {', '.join(missing)} (stats), a network (networks) and the loss floor (floor_images)"
 
 
 def figure_columns(figure: Mapping) -> list[tuple[str, str]]:
@@ -489,17 +582,25 @@ def check_figures(parts: list[Part], cells: list[Cell]) -> None:
         members = [c for c in cells if c.part == part.name]
         stats = frozenset(s for c in members for s in c.cfg.stats)
         networks = any(c.cfg.networks for c in members)
-        available = columns_for(stats, networks)
+        floor = any(part.floor_count(c.cfg) > 0 for c in members)
+        available = part_columns(part, cells)
         for i, figure in enumerate(part.figures):
             where = f"{part.where}figures[{i}]"
-            table = "density.parquet" if figure["kind"] == "binned" else "cells.parquet"
+            table = ("density.parquet" if figure["kind"] == "binned" else TABLES[figure.get("table", "cells")])
             if figure["kind"] == "binned" and "log_evidence" not in stats:
                 raise SpecError(f"{where}: a binned figure needs the statistic 'log_evidence' (stats) in {part.name}")
+            if table == "epochs.parquet" and not networks:
+                raise SpecError(f"{where}.table: epochs needs a network (networks) in {part.name}")
             try:
                 check_columns(figure, where, table, available[table], TEXT_COLUMNS,
-                              functools.partial(_needs, table=table, stats=stats, networks=networks))
+                              functools.partial(_needs, table=table, stats=stats, networks=networks, floor=floor,
+                                                references=part.references))
             except SpecError as err:
                 raise SpecError(str(err).replace("in this part", f"in {part.name}")) from None
+        for member in members:
+            if part.references and (member.cfg.problem, member.cfg.input) != ("denoising", "direct"):
+                raise SpecError(f"{part.where}references: the global and translation-equivariant MMSE are "
+                                f"computed for denoising with the direct input, not in {member.label()}")
 
 
 def parse_record(record: Any, path: str) -> tuple[str, str | None, list[Part]]:
@@ -572,6 +673,13 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         except ValueError as err:
             raise SpecError(str(err)) from None
     return out
+
+
+def data_label(dataset: str, size: int | None, grayscale: bool | None) -> str:
+    """The data of a cell in words: the dataset, then its size and channels where the cell sets them
+    (``photos 28px gray``); the reports' ``data`` column, by which figures are faceted."""
+    return " ".join([dataset, *([f"{size}px"] if size else []),
+                     *(["gray"] if grayscale else ["rgb"] if grayscale is False else [])])
 
 
 def canonical(value: Any) -> str:

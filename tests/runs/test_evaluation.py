@@ -105,12 +105,35 @@ def test_summary_is_the_mean_per_split_sigma_network(evaluated):
     assert f"{expected:.2f}" in next(line for line in text.splitlines() if line.startswith("test") and "resnet" in line)
 
 
-def test_figure_has_one_row_per_estimator_and_one_column_per_image(evaluated):
-    cfg, _, _ = evaluated
+def test_figure_is_labelled_with_one_row_per_estimator_and_the_psnr_under_each_tile(tmp_path, monkeypatch):
+    import lemmse_ray.runs.evaluation as evaluation
+    from lemmse_ray.runs.report import draw_image_grid
+
+    drawn = {}
+
+    def capture(rows, x, title, max_images=8):
+        fig = draw_image_grid(rows, x, title, max_images)
+        drawn[title] = fig
+        return fig
+
+    monkeypatch.setattr(evaluation, "draw_image_grid", capture)
+    cfg = Config(out=str(tmp_path), sigmas=[SIGMA], patch_size=3)
+    spec = Denoising().spec()
+    data = write_estimates(cfg, spec)
+    networks = {("patchmlp", SIGMA): save_network(linear_pixel_mlp(1, [0.0], 0.5), tmp_path / "const.pt", spec)}
+    evaluate_all(cfg, networks)
+    assert sorted(drawn) == [f"{split} queries: denoising (direct), σ = {SIGMA:g}, P = 3, photos" for split in
+                             ("test", "train")]
     for split in ("train", "test"):
         with Image.open(f"{cfg.out}/figures/networks_{split}_sigma{SIGMA:g}.png") as image:
-            # rows: z, LE-MMSE, 2 networks, x; tiles of 4× upscaled images separated by 2 px
-            assert image.size == (B * (4 * W + 2) + 2, 5 * (4 * H + 2) + 2)
+            assert image.format == "PNG" and image.size[0] > 200
+        fig = drawn[f"{split} queries: denoising (direct), σ = {SIGMA:g}, P = 3, photos"]
+        rows = fig.axes[::B]  # the first tile of each row carries the row's label
+        assert [ax.get_ylabel() for ax in rows] == ["input z", "LE-MMSE", "patchmlp (RF 1)", "ground truth x"]
+        x, z = data[split]["x"], data[split]["z"]
+        expected = np_psnr(z, x)  # the input row's first tile: PSNR(z, x) under it
+        assert fig.axes[0].get_xlabel() == f"{expected[0]:.1f} dB"
+        assert fig.axes[2 * B].get_xlabel() == f"{np_psnr(np.full_like(x, 0.5), x)[0]:.1f} dB"
 
 
 def test_mask_is_fed_as_last_channel(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 import lemmse_ray as lm
 from lemmse_ray.storage.results import EstimateArrays
-from lemmse_ray.studies.analysis import binned_rows, cell_metrics, class_keys, concentration_row, copied_own, copied_patch, copying_row, density_rows, final_train_loss, floor_check, image_rows, loss_floor, rows_met, topk_mass, within_class_centred, within_class_percentile
+from lemmse_ray.studies.analysis import binned_rows, cell_metrics, class_keys, class_rows, concentration_row, copied, copying_row, density_rows, duplicates_own, final_train_loss, floor_check, floor_rows, image_rows, interior_class, loss_floor, rows_met, topk_mass, within_class_centred, within_class_percentile
 from lemmse_ray.core.classes import plan_classes
 from lemmse_ray.data.loaders import load_dataset
 from lemmse_ray.core.patches import PatchGeometry
@@ -110,66 +110,100 @@ def test_topk_mass_both_forms_match_sorted_weights():
         topk_mass(top, log_evidence=np.zeros((5, 5)), n_rows=0)
 
 
-def test_concentration_row_quantiles_and_fraction():
+def test_concentration_per_class_with_the_interior_class_as_headline():
     rng = np.random.default_rng(2)
-    est = synthetic(rng)
-    est.ess[0, 0, :3] = [1.0, 1.5, 1.99]
-    row = concentration_row(est)
+    est = synthetic(rng)  # 4 images of 5×5, bank of 7 images
+    est.ess[0, 2, 1:4] = [1.0, 1.5, 1.99]
+    train = rng.random((7, 1, 5, 5))
+    plan = plan_classes(lm.Denoising(), PatchGeometry((1, 5, 5), 3))
     mass = topk_mass(est.topk_logits, max_weight=est.max_weight)
-    for name, values in (("ess", est.ess), ("max_weight", est.max_weight), ("entropy", est.entropy),
-                         ("topk_mass", mass)):
-        for label, q in (("q25", 0.25), ("median", 0.5), ("q75", 0.75)):
-            assert row[f"{name}_{label}"] == pytest.approx(loop_quantile(values, q), rel=1e-12)
+    patterns = {}  # the border pattern of each position, and the training values of each pattern's positions
+    for r in range(5):
+        for c in range(5):
+            patterns.setdefault(border_pattern(r, c, 5, 5, 3), []).append((r, c))
+    interior = border_pattern(2, 2, 5, 5, 3)
+    assert plan.classes[interior_class(plan)].padded_pixels.sum() == 0
+    rows = class_rows(est, plan, train)
+    assert len(rows) == len(patterns) == 9 and sum(r["pixels"] for r in rows) == 4 * 25
+    by_size = {r["positions"]: r for r in rows if r["interior"]}
+    assert list(by_size) == [9]  # the 3×3 positions whose patch lies inside the image
+    for row in rows:
+        first = int(np.flatnonzero(plan.position_class == row["class"])[0])  # a position of the class
+        pattern = border_pattern(*divmod(first, 5), 5, 5, 3)
+        cells = patterns[pattern]  # every position of its border pattern, independently of the plan
+        assert row["positions"] == len(cells) and row["padded_pixels"] == sum(pattern)
+        assert row["interior"] == (pattern == interior)
+        met = 7 * len(cells)  # rows met: every image at every position of the same pattern
+        centre = [math.fsum(train[i, 0, r, c] for i in range(7) for r, c in cells) / met]
+        for name, values in (("ess", est.ess), ("max_weight", est.max_weight), ("entropy", est.entropy),
+                             ("topk_mass", mass), ("ess_fraction", est.ess / met)):
+            picked = [values[b, r, c] for b in range(4) for r, c in cells]
+            for label, q in (("q25", 0.25), ("median", 0.5), ("q75", 0.75)):
+                assert row[f"{name}_{label}"] == pytest.approx(loop_quantile(picked, q), rel=1e-12), (name, label)
+        distance = [abs(est.mean[b, 0, r, c] - centre[0]) for b in range(4) for r, c in cells]
+        assert row["class_mean_distance_median"] == pytest.approx(loop_quantile(distance, 0.5), rel=1e-12)
+        assert row["rows_met_median"] == met
+    head = concentration_row(est, plan, train)
+    inner = [(b, r, c) for b in range(4) for r, c in patterns[interior]]
+    assert head["ess_interior_median"] == pytest.approx(loop_quantile([est.ess[i] for i in inner], 0.5), rel=1e-12)
+    assert head["interior_share"] == 9 / 25 and head["pixels"] == 100 and head["topk"] == 3
+    all_fraction = [est.ess[b, r, c] / (7 * len(patterns[border_pattern(r, c, 5, 5, 3)]))
+                    for b in range(4) for r in range(5) for c in range(5)]
+    assert head["ess_fraction_median"] == pytest.approx(loop_quantile(all_fraction, 0.5), rel=1e-12)
+    assert "ess_median" not in head  # ESS pooled over classes is not a column
     below = sum(1 for v in est.ess.ravel() if v < 2)
-    assert row["frac_ess_lt2"] == below / est.ess.size and below >= 3
-    assert row["pixels"] == 4 * 25 and row["topk"] == 3 and "ess_fraction_median" not in row
+    assert head["frac_ess_lt2"] == below / est.ess.size and below >= 3
 
 
 # --- copying --------------------------------------------------------------------------------------------------
 
-def test_copied_own_against_loop():
-    rng = np.random.default_rng(3)
-    batch, height, width = 3, 4, 5
-    ids = np.array([2, 0, -1])
-    top_image = rng.integers(0, 3, (batch, height, width))
-    top_position = rng.integers(0, height * width, (batch, height, width))
-    for b, r, c in [(0, 1, 2), (0, 3, 4), (1, 0, 0), (2, 2, 2)]:  # planted copies (the last: not in the bank)
-        top_image[b, r, c], top_position[b, r, c] = ids[b], r * width + c
-    got = copied_own(top_image, top_position, ids)
-    for b in range(batch):
-        for r in range(height):
-            for c in range(width):
-                assert got[b, r, c] == (ids[b] >= 0 and top_image[b, r, c] == ids[b]
-                                        and top_position[b, r, c] == r * width + c)
-    assert got[0, 1, 2] and got[0, 3, 4] and got[1, 0, 0] and not got[2].any()
-    with pytest.raises(ValueError, match="query_image_ids"):
-        copied_own(top_image, top_position, ids[:2])
-
-
-def test_copied_patch_counts_exact_duplicates_in_the_same_class():
+def copy_case():
+    """A bank of 4 images of 5×5 (image 3 duplicates image 1) and a train query of image 1 (ids 1 and 3 hold
+    its patches), P = 3."""
     rng = np.random.default_rng(4)
-    height = width = 5
-    bank = (rng.random((4, 1, height, width)) * 4).round() / 4  # few levels: duplicate patches occur
-    bank[3] = 0.0  # a blank image: its interior patches duplicate each other
-    query = bank[[1, 3]] + 0.0
-    plan = plan_classes(lm.Denoising(), PatchGeometry((1, height, width), 3))
-    top_image = rng.integers(0, 4, (2, height, width))
-    top_position = rng.integers(0, height * width, (2, height, width))
-    top_image[1, 2, 2], top_position[1, 2, 2] = 3, 1 * width + 1  # another interior blank patch: a copy
-    top_image[1, 0, 0], top_position[1, 0, 0] = 3, 2 * width + 2  # blank, but interior vs corner class
-    got = copied_patch(top_image, top_position, query, bank, plan)
-    for b in range(2):
-        for r in range(height):
-            for c in range(width):
-                tr, tc = divmod(int(top_position[b, r, c]), width)
-                same_border = border_pattern(tr, tc, height, width, 3) == border_pattern(r, c, height, width, 3)
-                equal = np.array_equal(patch_at(bank[top_image[b, r, c]], tr, tc, 3), patch_at(query[b], r, c, 3))
-                assert got[b, r, c] == (same_border and equal), (b, r, c)
-    assert got[1, 2, 2] and not got[1, 0, 0]
+    bank = rng.random((4, 1, 5, 5))
+    bank[3] = bank[1]
+    return bank, bank[[1]] + 0.0, plan_classes(lm.Denoising(), PatchGeometry((1, 5, 5), 3))
+
+
+def test_a_planted_tie_and_a_planted_duplicate_are_copies_whatever_the_order():
+    bank, query, plan = copy_case()
+    k = 3
+    image = np.zeros((1, 5, 5, k), dtype=np.int64)
+    position = np.zeros((1, 5, 5, k), dtype=np.int64)
+    logits = np.tile(np.array([-1.0, -2.0, -3.0]), (1, 5, 5, 1))
+    for r in range(5):
+        for c in range(5):
+            image[0, r, c] = [0, 2, 0]  # other images' patches: not copies
+            position[0, r, c] = [(r * 5 + c + 1) % 25, r * 5 + c, r * 5 + c]
+    # (1, 1): a tie at the top between another image's patch (listed first) and the own patch (listed second)
+    image[0, 1, 1], logits[0, 1, 1] = [0, 1, 2], [-1.0, -1.0, -3.0]
+    # (2, 2): the top row is the exact duplicate (image 3), not the own row
+    image[0, 2, 2], position[0, 2, 2] = [3, 0, 2], [12, 12, 12]
+    # (3, 3): the own patch second but *not* tied: not a copy
+    image[0, 3, 3] = [0, 1, 2]
+    # (0, 4): every stored entry tied and none a copy: undecided
+    logits[0, 0, 4] = [-1.0, -1.0, -1.0]
+    hit, undecided = copied(image, position, logits, query, bank, plan)
+    own = duplicates_own(image, position, query, bank, plan)
+    for r in range(5):
+        for c in range(5):
+            for j in range(k):  # a row is a copy when its patch equals the query's own, in the same class
+                tr, tc = divmod(int(position[0, r, c, j]), 5)
+                same = border_pattern(tr, tc, 5, 5, 3) == border_pattern(r, c, 5, 5, 3)
+                equal = np.array_equal(patch_at(bank[image[0, r, c, j]], tr, tc, 3), patch_at(query[0], r, c, 3))
+                assert own[0, r, c, j] == (same and equal), (r, c, j)
+            tied = [j for j in range(k) if logits[0, r, c, j] == logits[0, r, c, 0]]
+            assert hit[0, r, c] == any(own[0, r, c, j] for j in tied), (r, c)
+    assert hit[0, 1, 1] and hit[0, 2, 2] and not hit[0, 3, 3] and not hit[0, 0, 0]
+    assert undecided[0, 0, 4] and undecided.sum() == 1
+    est = EstimateArrays(x=query, z=query, mean=query, topk_image=image, topk_position=position, topk_logits=logits)
+    row = copying_row(est, query, bank, plan)
+    assert row == {"copy_rate": float(hit.mean()), "copy_undecided": 1 / 25}
     with pytest.raises(ValueError, match="top_image"):
-        copied_patch(top_image + 4, top_position, query, bank, plan)
-    with pytest.raises(ValueError, match="bank_inputs"):
-        copied_patch(top_image, top_position, query, bank[:, :, :4], plan)
+        copied(image + 4, position, logits, query, bank, plan)
+    with pytest.raises(ValueError, match="top_logits"):
+        copied(image, position, logits[..., :2], query, bank, plan)
 
 
 # --- loss floor -----------------------------------------------------------------------------------------------
@@ -311,7 +345,8 @@ def test_estimate_arrays_validation_and_zarr_group(tmp_path):
     with pytest.raises(ValueError, match="topk_image"):
         EstimateArrays(x=est.x, z=est.z, mean=est.mean, topk_logits=est.topk_logits, topk_image=est.topk_image[..., :2])
     with pytest.raises(ValueError, match="ess_fraction|not stored"):
-        copying_row(EstimateArrays(x=est.x, z=est.z, mean=est.mean))
+        copying_row(EstimateArrays(x=est.x, z=est.z, mean=est.mean), est.x, est.x,
+                    plan_classes(lm.Denoising(), PatchGeometry((1, 5, 5), 3)))
 
     group = open_results(str(tmp_path / "est.zarr"), {"n_rows": est.n_rows}, est.shape, 2,
                          ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk"), 3, "float32")
@@ -346,10 +381,9 @@ def test_real_estimates_copy_at_tiny_sigma(digits):
     train, test = digits
     height, width = train.shape[2:]
     plan = plan_classes(lm.Denoising(), PatchGeometry(tuple(train.shape[1:]), 3))
-    ids = np.arange(10)
     est = estimate_arrays(train, train[:10], 1e-3)
-    row = copying_row(est, ids, train[:10], train, plan)
-    assert row["copy_rate"] == 1.0
+    row = copying_row(est, train[:10], train, plan)
+    assert row["copy_rate"] == 1.0  # σ → 0 on train queries: every pixel copies its own patch or a duplicate
     # the own row wins unless an exact duplicate (same border class, same patch) precedes it; ESS = multiplicity
     bank = train.double().numpy()
     rows = [(border_pattern(r, c, height, width, 3), patch_at(bank[i], r, c, 3))
@@ -363,12 +397,9 @@ def test_real_estimates_copy_at_tiny_sigma(digits):
                 assert est.ess[b, r, c] == pytest.approx(copies, rel=1e-3)
                 if copies == 1:
                     assert est.topk_image[b, r, c, 0] == b and est.topk_position[b, r, c, 0] == r * width + c
-    unique = est.ess < 1.5
-    assert unique.mean() > 0.5 and copied_own(est.topk_image[..., 0], est.topk_position[..., 0], ids)[unique].all()
-
     test_est = estimate_arrays(train, test, 1e-3, seed=1)
-    test_row = copying_row(test_est, None, test, train, plan)
-    assert test_row["copy_rate"] < 0.5 and math.isnan(test_row["copy_rate_own"])
+    test_row = copying_row(test_est, test, train, plan)
+    assert test_row["copy_rate"] < 0.5
 
 
 def test_real_estimates_uniform_weights_at_large_sigma_and_floor(digits):
@@ -382,24 +413,28 @@ def test_real_estimates_uniform_weights_at_large_sigma_and_floor(digits):
             class_rows = len(train) * sum(1 for rr in range(height) for cc in range(width)
                                           if border_pattern(rr, cc, height, width, 3) == pattern)
             assert (est.ess[:, r, c] > 0.99 * class_rows).all() and (est.ess[:, r, c] <= class_rows * 1.0001).all()
-    row = concentration_row(est, plan)
+    row = concentration_row(est, plan, train)
     assert row["ess_fraction_q25"] > 0.99 and row["frac_ess_lt2"] == 0.0
+    assert row["ess_fraction_interior_q25"] > 0.99 and row["class_mean_distance_interior_q75"] < 0.01  # σ → ∞
     mass_z = topk_mass(est.topk_logits, log_evidence=est.log_evidence, n_rows=est.n_rows)
     np.testing.assert_allclose(mass_z, topk_mass(est.topk_logits, max_weight=est.max_weight), rtol=1e-4)
 
     mid = estimate_arrays(train, train[:10], 0.3)  # the LE-MMSE itself sits at the floor; a leak is below it
+    assert concentration_row(mid, plan, train)["class_mean_distance_interior_median"] > \
+        10 * row["class_mean_distance_interior_median"]
     assert not floor_check(mid.variance, mid.mean, mid.x, network="LE-MMSE")["below_floor"]
     assert floor_check(mid.variance, mid.x, mid.x, network="leak")["below_floor"]
     rows = density_rows(mid, plan, {"leak": mid.x})
     assert {(r["metric"], r["network"]) for r in rows} == {("mse_lemmse_x", None), ("mse_net_lemmse", "leak")}
     assert sum(r["pixels"] for r in rows if r["network"] is None) == 10 * height * width
 
-    cell = cell_metrics(mid, plan, {"leak": mid.x}, np.arange(10), train[:10], train, {"leak": 0.0})
-    assert [r["network"] for r in cell["floor"]] == ["LE-MMSE", "leak"]
-    assert [r["below_floor"] for r in cell["floor"]] == [False, True] and cell["floor"][1]["below_floor_train_loss"]
+    floor = floor_rows(mid, {"leak": mid.x}, {"leak": 0.0})  # a planted leak: it returns the clean image
+    assert [r["network"] for r in floor] == ["LE-MMSE", "leak"]
+    assert [r["below_floor"] for r in floor] == [False, True] and floor[1]["below_floor_train_loss"]
+    cell = cell_metrics(mid, plan, {"leak": mid.x}, train[:10], train, train)
     assert len(cell["images"]) == 10 and len(cell["cell"]) == 1 and cell["cell"][0]["copy_rate"] <= 1
     assert len(cell["density"]) == 20 and {r["network"] for r in cell["density"]} == {None, "leak"}
-    assert cell_metrics(mid, plan)["floor"] == []  # test queries: no floor
+    assert sum(r["pixels"] for r in cell["classes"]) == 10 * height * width
 
 
 @pytest.mark.parametrize("input_mode", ["adjoint", "direct"])
@@ -411,7 +446,7 @@ def test_real_random_mask_estimates_stay_within_rows_met(digits, input_mode):
     res = lm.estimate(train, z, problem, 0.05, patch_size=3, mask=mask, stats=ALL_STATS, topk=5)
     est = EstimateArrays.from_result(res, z, train[:5], mask)
     assert (est.ess <= rows_met(plan, len(train), est.mask) * (1 + 1e-4)).all()
-    row = {**concentration_row(est, plan), **copying_row(est, np.arange(5), train[:5], train, plan)}
-    assert 0 < row["ess_fraction_median"] <= 1 and row["copy_rate_own"] <= row["copy_rate"] <= 1
+    row = {**concentration_row(est, plan), **copying_row(est, train[:5], train, plan)}
+    assert 0 < row["ess_fraction_median"] <= 1 and 0 <= row["copy_rate"] <= 1
     rows = density_rows(est, plan)
     assert sum(r["pixels"] for r in rows) == 5 * 64

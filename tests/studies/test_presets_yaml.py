@@ -1,9 +1,10 @@
 """Study presets read from the package's YAML files: the same specs as the Python builders they replaced.
 
-``fixtures/presets.json`` holds ``preset(name, size)`` for every preset and size as the Python builders of
-``lemmse_ray/studies/presets.py`` returned them before the presets became YAML files (captured from that code,
-key order included), so a spec that changes by one value, one type (``1`` against ``1.0``, a number read as
-a string) or one key's place fails here.
+``fixtures/presets.json`` holds ``preset(name, size)`` for every preset and size as last reviewed (first
+captured from the Python builders the YAML files replaced; rewritten when the quick presets moved from the
+8×8 digits to the 28×28 gray photos), key order included, so a spec that changes by one value, one type
+(``1`` against ``1.0``, a number read as a string) or one key's place fails here: change the fixture with
+the preset, on purpose.
 """
 from __future__ import annotations
 

@@ -19,15 +19,19 @@ import yaml
 import zarr
 
 from lemmse_ray.cli import main
+from lemmse_ray.core.metrics import PSNR_CAP
 
-SPEC = {"name": "tiny",
+SPEC = {"name": "tiny", "floor_images": 12,
         "base": {"dataset": "digits", "n_train": 120, "n_queries": 3, "patch_size": 3, "networks": ["patchmlp"],
                  "hidden": 32, "epochs": 1, "steps_per_epoch": 60, "batch_size": 16, "lr": 3e-3,
                  "batch_images": 3},
         "grid": {"sigmas": [0.002, 0.2], "problem": ["denoising", "inpainting"]},
         "figures": [{"kind": "line", "file": "psnr", "x": "sigma", "y": "psnr_lemmse_x", "hue": "setting",
                      "style": "split", "where": {"network": "none"}, "logx": True, "title": "PSNR vs σ",
-                     "xlabel": "σ", "ylabel": "PSNR [dB]", "caption": "LE-MMSE quality."}]}
+                     "xlabel": "σ", "ylabel": "PSNR [dB]", "caption": "LE-MMSE quality.", "error": "psnr_lemmse_x_se"},
+                    {"kind": "line", "table": "epochs", "file": "epochs", "x": "step", "y": "psnr_net_lemmse",
+                     "hue": ["network", "sigma"], "style": "split", "facet": "setting", "hline": 25,
+                     "title": "Agreement per epoch", "xlabel": "steps", "ylabel": "PSNR [dB]"}]}
 CELLS, SPLITS = 4, ("train", "test")
 
 
@@ -66,27 +70,34 @@ def test_a_row_for_every_cell_split_and_network(study):
 
 def test_rerun_computes_nothing_and_two_sigmas_share_one_bank(study):
     first, second = study["history"]
-    assert first["banks_built"] == 2 and first["networks_trained"] == 4 and first["batches_computed"] == 8
+    # per cell: train and test (3 images, one batch each) and the floor (12 images, 4 batches)
+    assert first["banks_built"] == 2 and first["networks_trained"] == 4 and first["batches_computed"] == 8 + 16
     assert first["shards_written"] >= 2
     assert {k: second[k] for k in ("banks_built", "shards_written", "batches_computed", "networks_trained")} == \
         dict.fromkeys(("banks_built", "shards_written", "batches_computed", "networks_trained"), 0)
     work = json.loads((study["out"] / "work.json").read_text())
-    assert len(work["banks"]) == 2 and len(work["estimates"]) == 8 and len(work["networks"]) == 4
+    assert len(work["banks"]) == 2 and len(work["estimates"]) == 8 + 4 and len(work["networks"]) == 4
     final = rows(study["out"] / "cells.parquet")
     for problem in ("denoising", "inpainting"):
         assert len({r["bank_key"] for r in final if r["problem"] == problem}) == 1
     assert all(Path(study["out"], "work", "banks", f"{k}.zarr").is_dir() for k in work["banks"])
 
 
-def test_aggregates_match_the_per_image_table(study):
+def test_aggregates_are_psnrs_of_the_pooled_mse_of_the_per_image_table(study):
     cells = rows(study["out"] / "cells.parquet")
     images = rows(study["out"] / "images.parquet")
     for row in cells:
         mine = [i for i in images if (i["cell"], i["split"], i["network"]) == (row["cell"], row["split"], row["network"])]
-        assert len(mine) == 3
-        columns = ("psnr_z_x", "psnr_lemmse_x") + (("psnr_net_lemmse", "psnr_net_x") if row["network"] != "none" else ())
-        for column in columns:
-            assert row[column] == pytest.approx(np.mean([i[column] for i in mine]), rel=1e-12)
+        assert len(mine) == 3 == row["n_images"]
+        metrics = (("psnr_z_x", "mse_z_x"), ("psnr_lemmse_x", "mse_lemmse_x"))
+        if row["network"] != "none":
+            metrics += (("psnr_net_lemmse", "mse_net_lemmse"), ("psnr_net_x", "mse_net_x"))
+        for column, error in metrics:
+            pooled = math.fsum(i[error] for i in mine) / 3
+            expected = min(PSNR_CAP, 10 * math.log10(1 / pooled)) if pooled > 0 else PSNR_CAP
+            assert row[column] == pytest.approx(expected, rel=1e-12)
+            assert row[f"{column}_mean"] == pytest.approx(math.fsum(i[column] for i in mine) / 3, rel=1e-12)
+            assert math.isfinite(row[f"{column}_mean"])
 
 
 def test_per_image_psnr_matches_the_stored_arrays(study):
@@ -100,7 +111,7 @@ def test_per_image_psnr_matches_the_stored_arrays(study):
             total = 0.0
             for a, b in zip(estimate.ravel(), x.ravel()):
                 total += (a - b) ** 2
-            expected = 10 * math.log10(x.size / total) if total > 0 else math.inf  # an exact copy
+            expected = min(PSNR_CAP, 10 * math.log10(x.size / total)) if total > 0 else PSNR_CAP  # capped
             assert row[column] == pytest.approx(expected, abs=1e-6)
 
 
@@ -108,7 +119,9 @@ def test_loss_floor_flags_the_planted_clean_image_network_only(study):
     train = {r["network"]: r for r in study["first"]["cells"]
              if (r["split"], r["problem"], r["sigma"]) == ("train", "denoising", 0.2)}
     assert train["oracle"]["below_floor"] and train["oracle"]["mse_net_x"] == 0.0
-    assert train["oracle"]["loss_floor"] > 0
+    assert train["oracle"]["loss_floor"] > 0 and train["oracle"]["floor_images"] == 12
+    assert train["oracle"]["mse_gap"] == pytest.approx(-train["oracle"]["loss_floor"], rel=1e-12)  # MSE 0 − floor
+    assert train["patchmlp"]["in_lemmse_class"] is True and train["none"]["loss_floor"] == train["oracle"]["loss_floor"]
     assert not train["patchmlp"]["below_floor"]
     assert not any(r["below_floor"] for r in study["first"]["cells"] if r["network"] == "patchmlp")
     assert "**oracle** in cell" in study["first_report"]
@@ -120,7 +133,24 @@ def test_copying_is_total_on_train_queries_at_tiny_sigma_not_on_test(study):
             if r["network"] == "none"}
     assert none[("denoising", 0.002, "train")]["copy_rate"] == 1.0
     assert none[("denoising", 0.002, "test")]["copy_rate"] < 1.0
-    assert math.isnan(none[("denoising", 0.002, "test")]["copy_rate_own"])
+    assert none[("denoising", 0.002, "train")]["copy_undecided"] == 0.0
+    assert all(0.0 <= r["copy_undecided"] <= 1.0 - r["copy_rate"] for r in none.values())
+
+
+def test_epochs_table_ends_at_the_final_network(study):
+    cells = {(r["cell"], r["split"], r["network"]): r for r in rows(study["out"] / "cells.parquet")}
+    epochs = rows(study["out"] / "epochs.parquet")
+    assert {(r["cell"], r["split"], r["network"], r["epoch"]) for r in epochs} == \
+        {(c, s, "patchmlp", 1) for c in range(CELLS) for s in SPLITS}
+    for r in epochs:  # one epoch: its snapshot is the final checkpoint
+        final = cells[(r["cell"], r["split"], "patchmlp")]
+        assert r["psnr_net_lemmse"] == pytest.approx(final["psnr_net_lemmse"], rel=1e-9) and r["step"] == 60
+    classes = rows(study["out"] / "classes.parquet")
+    for (cell, split, network), row in cells.items():
+        if network == "none":
+            mine = [c for c in classes if (c["cell"], c["split"]) == (cell, split)]
+            assert sum(c["pixels"] for c in mine) == row["pixels"] == 3 * 64
+            assert sum(c["pixels"] for c in mine if c["interior"]) == row["interior_share"] * row["pixels"]
 
 
 def test_report_rerenders_without_ray(study):
@@ -139,6 +169,7 @@ def test_report_rerenders_without_ray(study):
     assert (out / "figures" / "tiny_psnr.png").stat().st_size > 1000
     assert "| problem | sigma | split | network | RF |" in text
     assert "![tiny examples](figures/tiny_examples.png)" in text and "![tiny ess](figures/tiny_ess.png)" in text
+    assert "![tiny grid](figures/tiny_grid.png)" in text and (out / "figures" / "tiny_epochs.png").is_file()
 
 
 def test_another_spec_or_foreign_folder_is_refused(study, tmp_path, capsys):
@@ -202,14 +233,14 @@ def test_presets_expand_to_valid_cells():
 
     for name in PRESETS:
         _, parts, cells = load_study(name, "quick")
-        assert cells and all(c.cfg.dataset in ("digits", "faces") for c in cells)
+        assert cells and all(c.cfg.dataset == "photos" and c.cfg.grayscale for c in cells)
         assert all(part.figures for part in parts)
         roots = [f"{d}=/data/{d}" for d in ("fashion-mnist", "cifar10", "ffhq32")]
         _, _, full = load_study(name, "full", roots=roots)
         assert {c.cfg.dataset for c in full} == {"fashion-mnist", "cifar10", "ffhq32"}
     _, _, cells = load_study("concentration")
     sigmas = sorted(c.sigma for c in cells)
-    assert len(sigmas) >= 8 and sigmas[0] <= 0.01 and sigmas[-1] >= 1.0
+    assert len(sigmas) >= 8 and sigmas[0] <= 0.01 and sigmas[-1] >= 30.0  # both limits of docs/theory.md §6
     _, _, cells = load_study("patch-size")
     assert sorted({c.cfg.patch_size for c in cells}) == [3, 5, 7, 9, 11]
 

@@ -235,9 +235,9 @@ def spec_with(figure: dict | None = None, base: dict | None = None, figures: lis
     ({"x": "sigmaa"}, None, "figures[0].x: 'sigmaa' is not a column of cells.parquet (did you mean 'sigma'?)"),
     ({"hue": ["network", "nosuch"]}, None, "figures[0].hue: 'nosuch' is not a column of cells.parquet"),
     ({"where": {"netwrk": "none"}}, None, "figures[0].where: 'netwrk' is not a column of cells.parquet"),
-    ({"band": ["ess_q25", "ess_q7"]}, None, "figures[0].band: 'ess_q7' is not a column"),
-    ({"y": "ess_median"}, {"stats": ["variance"]},
-     "figures[0].y: the column 'ess_median' holds no value in fig: it needs the statistic 'ess' (stats)"),
+    ({"band": ["ess_interior_q25", "ess_interior_q7"]}, None, "figures[0].band: 'ess_interior_q7' is not a column"),
+    ({"y": "ess_interior_median"}, {"stats": ["variance"]},
+     "figures[0].y: the column 'ess_interior_median' holds no value in fig: it needs the statistic 'ess' (stats)"),
     ({"y": "psnr_net_lemmse"}, None, "figures[0].y: the column 'psnr_net_lemmse' holds no value in fig: it "
                                      "needs a network (networks)"),
     ({"x": "setting"}, None, "figures[0].x: the column 'setting' holds text; a line figure needs numbers"),
@@ -278,7 +278,7 @@ def test_valid_figures_and_every_preset_pass(tmp_path, capsys):
     figures = [LINE, {"kind": "bar", "file": "b", "category": "setting", "value": "psnr_net_lemmse",
                       "hue": ["network", "split"], "title": "t", "ylabel": "dB", "where": {"network": ["patchmlp"]}},
                {"kind": "binned", "file": "d", "title": "t", "where": {"split": "test"}},
-               {**LINE, "file": "ess", "y": "ess_median", "band": ["ess_q25", "ess_q75"], "logy": True}]
+               {**LINE, "file": "ess", "y": "ess_interior_median", "band": ["ess_interior_q25", "ess_interior_q75"], "logy": True}]
     path = write_spec(tmp_path / "ok.yaml", spec_with(base={"networks": ["patchmlp"]}, figures=figures))
     assert main(["study", str(path), "--dry-run"]) == 0
     roots = [f"{d}=/data/{d}" for d in ("fashion-mnist", "cifar10", "ffhq32")]
@@ -457,7 +457,7 @@ def test_a_real_study_writes_no_secret_and_the_columns_it_announced(tmp_path, ca
     URLs: no file under --out or --work holds any of them; its tables have the columns the figures are
     checked against."""
     url = f"https://me:{SECRETS['url_password']}@host/notes"
-    spec = {"name": "secret", "description": f"Notes at {url}.",
+    spec = {"name": "secret", "description": f"Notes at {url}.", "floor_images": 4, "references": True,
             "base": {"dataset": "digits", "n_train": 40, "n_queries": 2, "patch_size": 3, "batch_images": 2,
                      "networks": ["patchmlp"], "hidden": 8, "epochs": 1, "steps_per_epoch": 5, "batch_size": 8,
                      "storage_options": {"key": SECRETS["key"], "secret": SECRETS["secret"],
@@ -476,9 +476,9 @@ def test_a_real_study_writes_no_secret_and_the_columns_it_announced(tmp_path, ca
     from lemmse_ray.studies.cli import load_study
     from lemmse_ray.studies.spec import study_columns
 
-    _, _, cells = load_study(str(path))
-    predicted = study_columns(cells)
-    for name in ("cells.parquet", "density.parquet"):
-        written = set(pq.read_schema(out / name).names) | {"setting"}  # the report adds setting
+    _, parts, cells = load_study(str(path))
+    predicted = study_columns(parts, cells)
+    for name in ("cells.parquet", "classes.parquet", "epochs.parquet", "density.parquet"):
+        written = set(pq.read_schema(out / name).names) | {"setting", "data"}  # the report adds them
         assert written == predicted[name], (sorted(written - predicted[name]), sorted(predicted[name] - written))
     assert main(["report", str(out)]) == 0
