@@ -65,6 +65,9 @@ from .analysis import QUANTILES
 from .presets import SIZES as PRESET_SIZES
 
 SPEC_KEYS = ("name", "description", "base", "grid", "zip", "figures", "floor_images", "references", "parts")
+# a study's cells store every statistic unless a spec sets ``stats``: its analyses need the top-k attribution
+# (copy rates, top-k mass), which the main job leaves out by default for the sliding kernel's speed
+STUDY_STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
 FLOOR_IMAGES = 256  # the loss floor's training queries in a part that trains networks, unless it sets floor_images
 MAX_FLOOR_IMAGES = 65536
 RESERVED = ("out", "bank", "overwrite")  # set by the study
@@ -380,7 +383,7 @@ def expand(parts: list[Part], out: str = "<study>", roots: Mapping[str, str] | N
         for combo in itertools.product(*part.grid.values()):
             for zrow in zip_rows:
                 values = {**dict(zip(grid_keys, combo)), **dict(zip(part.zip, zrow))}
-                fields = {**part.base, **values, "out": out}
+                fields = {"stats": list(STUDY_STATS), **part.base, **values, "out": out}
                 if fields.get("root") is None and fields.get("dataset") in roots:
                     fields["root"] = roots[fields["dataset"]]
                 try:
