@@ -138,11 +138,11 @@ class Scan:
 
 def prepare_scan(z: torch.Tensor, mask: torch.Tensor | None, sigma: float, problem: Problem, plan: ClassPlan,
                  centers: np.ndarray, dtype: torch.dtype, device: torch.device | str, stats: tuple[str, ...],
-                 topk: int, kernel: str = "auto") -> Scan:
+                 topk: int, kernel: str = "auto", images: int | None = None) -> Scan:
     """The query features of checked estimator inputs ``z`` for a bank of ``plan`` held as :class:`PatchBank`
-    parts on ``device``, with every class's backend resolved (:func:`lemmse_ray.kernels.resolver.resolve`):
-    computed once per batch, whatever the number of parts it is scanned against."""
-    images = image_class(plan, dtype, device)
+    parts on ``device`` that hold class ``images`` as images (:attr:`PatchBank.sliding`; None: none), with
+    every class's backend resolved (:func:`lemmse_ray.kernels.resolver.resolve`): computed once per batch,
+    whatever the number of parts it is scanned against."""
     choices = resolve(kernel, plan, dtype=dtype, device=device, stats=stats, images=images)
     index = images if images is not None and choices[images].backend == "sliding" else None
     queries = prepare_queries(z, mask, problem, plan, centers, sigma, dtype, () if index is None else (index,))
@@ -240,7 +240,7 @@ class PatchBank:
                 kernel: str = "auto") -> Scan:
         """:func:`prepare_scan` for this bank (checked inputs)."""
         return prepare_scan(z, mask, sigma, self.problem, self.plan, self.centers, self.dtype, self.device, stats,
-                            topk, kernel)
+                            topk, kernel, None if self.sliding is None else self.sliding.index)
 
     def scan(self, batch: Scan) -> Partials:
         """Partials of every query pixel of ``batch`` over this bank's rows (not finalized: parts merge them)."""

@@ -28,7 +28,7 @@ from ..core.partials import Partials, merge
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
 from ..core.validation import DTYPES
-from ..kernels.resolver import check_kernel
+from ..kernels.resolver import check_kernel, image_class
 from ..storage.bank_store import Bank
 from ..storage.ownership import open_group
 from ..storage.redact import public
@@ -89,6 +89,7 @@ class ShardActor:
         self.calls = 0
         self.read_s, self.read_bytes = 0.0, 0
         self.parts, self.error = None, None
+        self.sliding_class = image_class(plan, self.dtype, self.device)  # the class every part holds as images
         try:
             self.parts = None if self.streaming else [self._load_shard(shard) for shard in self.shards]
         except Exception as err:  # noqa: BLE001
@@ -130,7 +131,7 @@ class ShardActor:
         self.calls += 1
         z, mask = batch
         prepared = prepare_scan(z, mask, sigma, self.bank.problem, self.plan, self.bank.centers, self.dtype,
-                                self.device, stats, topk, self.kernel)
+                                self.device, stats, topk, self.kernel, self.sliding_class)
         total = None
         for part in self._shard_parts():
             scanned = part.scan(prepared)
