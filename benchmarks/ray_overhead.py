@@ -72,8 +72,10 @@ def main() -> None:
         print(f"bank: {train.shape[0]} images, {bank.n_rows} rows in {bank.n_shards} shards, built in "
               f"{bank.build_stats['seconds']:.1f} s ({bank.build_stats['rows_per_s']:.3g} rows/s, Ray tasks, "
               f"{args.actors} CPUs, incl. worker start)")
-        print(f"bank size: {on_disk / 1e6:.2f} MB on disk (images, compressed) vs {row_bytes / 1e6:.1f} MB of patch "
-              f"rows (format 2, uncompressed): {row_bytes / on_disk:.0f}x smaller (P^2/2 = {p * p / 2:g})")
+        image_bytes = bank.group["images"].nbytes
+        print(f"bank size, uncompressed: {image_bytes / 1e6:.2f} MB of images against {row_bytes / 1e6:.1f} MB of patch "
+              f"rows (format 2): {row_bytes / image_bytes:.1f}x smaller (P^2/2 = {p * p / 2:g}); on disk (compressed) "
+              f"{on_disk / 1e6:.2f} MB")
         print(f"work: {z.shape[0]} query images x {train.shape[0]} training images, P = {p}, {args.padding} "
               f"padding: {pairs:.4g} pairs")
 

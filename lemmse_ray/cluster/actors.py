@@ -29,7 +29,7 @@ from ..core.patches import PatchGeometry
 from ..core.problems import Problem
 from ..core.validation import DTYPES
 from ..kernels.resolver import check_kernel, image_class
-from ..storage.bank_store import Bank
+from ..storage.bank_store import Bank, BankLayout
 from ..storage.ownership import open_group
 from ..storage.redact import public
 from .errors import ClusterError
@@ -154,10 +154,20 @@ def default_actor_memory(device: torch.device) -> int:
     return int(0.5 * available / max(1, os.cpu_count() or 1))
 
 
-def actor_shards(n_shards: int, n_actors: int) -> list[tuple[int, int]]:
-    """The contiguous shard range ``[first, last)`` of each of ``n_actors`` actors (at most one per shard)."""
-    bounds = np.linspace(0, n_shards, min(n_actors, n_shards) + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+def actor_shards(layout: BankLayout, n_actors: int) -> list[tuple[int, int]]:
+    """The contiguous shard range ``[first, last)`` of each of ``n_actors`` actors (at most one per shard), with
+    about equal numbers of images: range ``a`` ends at the shard boundary nearest to ``a/n_actors`` of the
+    images (the last shard may be smaller than the others)."""
+    n_shards = layout.n_shards
+    k = min(n_actors, n_shards)
+    ends = np.array([layout.shard_range(s)[1] for s in range(n_shards)])
+    targets = np.arange(1, k) * layout.n_images / k
+    cuts = [0]
+    for target in targets:  # the nearest boundary, leaving every range at least one shard
+        best = int(np.argmin(np.abs(ends - target))) + 1
+        cuts.append(min(max(best, cuts[-1] + 1), n_shards - (k - len(cuts))))
+    cuts.append(n_shards)
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def check_limit(name: str, value) -> None:
@@ -192,7 +202,7 @@ def start_actors(bank: Bank, n_actors: int | None = None, dtype: str = "float32"
         n_actors = default_n_actors()
     if isinstance(n_actors, bool) or not isinstance(n_actors, int) or n_actors < 1:
         raise ValueError(f"n_actors must be a positive integer, got {n_actors!r}")
-    ranges = actor_shards(bank.n_shards, n_actors)
+    ranges = actor_shards(bank.layout, n_actors)
     autoscaling = wait_for_units(len(ranges), start_timeout_s)
     geometry = bank.plan.geometry.spec()
     actors = [ShardActor.options(**options, max_restarts=max_restarts, max_task_retries=max_task_retries).remote(
@@ -225,7 +235,7 @@ def gather_partials(refs: list, bank: Bank) -> list[tuple[Partials, float]]:
     """The actors' (partial, busy seconds), in order; :class:`ActorFailed` naming the shards of the first actor
     that failed."""
     parts = []
-    for ref, (first, last) in zip(refs, actor_shards(bank.n_shards, len(refs))):
+    for ref, (first, last) in zip(refs, actor_shards(bank.layout, len(refs))):
         try:
             parts.append(ray.get(ref))
         except ray.exceptions.RayError as err:

@@ -90,7 +90,7 @@ def count(problem: Problem, plan: ClassPlan, n_images: int, inputs: list[tuple[t
         for lo in range(0, z.shape[0], batch_images):
             hi = min(z.shape[0], lo + batch_images)
             per_batch.append(met_pairs(z[lo:hi], None if mask is None else mask[lo:hi], problem, plan, class_rows))
-    ranges = actor_shards(layout.n_shards, n_actors)
+    ranges = actor_shards(layout, n_actors)
     largest = max(layout.shard_range(b - 1)[1] - layout.shard_range(a)[0] for a, b in ranges)
     actor_bytes = part_bytes(plan, largest, dtype, None)
     streaming = actor_memory is not None and actor_bytes > actor_memory

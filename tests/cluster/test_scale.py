@@ -109,7 +109,7 @@ def test_plan_counts_rows_pairs_bytes_and_memory(padding):
     assert got.pairs_per_batch == [2 * per_image, per_image, 2 * per_image]
     d = channels * p * p
     assert got.bank_bytes == n_images * channels * height * width * 4  # the images, float32
-    # 30 rows per image: shards of 40 rows hold 1 image; actors get shards [0, 4) and [4, 7) -> 4 and 3 images.
+    # 30 rows per image: shards of 40 rows hold 1 image; actors get shards [0, 3) and [3, 7) -> 3 and 4 images.
     # The sliding kernel's class (circular: every position; zeros: the 4 x 3 interior) is held as images: key
     # images (circularly padded by 1 on each side) and value images in float32, in 16 lanes at most, and the
     # float64 images; the other rows as features [k, ½‖k‖²], values and a row id
