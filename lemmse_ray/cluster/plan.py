@@ -121,12 +121,12 @@ def calibration_scan(problem: Problem, geometry: dict, images: torch.Tensor, n_i
     dt = DTYPES[dtype]
     part = PatchBank.part(images, problem, plan, centers, 0, n_images, dt, device)
     z, mask = batch
-    images = None if part.sliding is None else part.sliding.index
-    prepared = prepare_scan(z, mask, sigma, problem, plan, centers, dt, device, stats, topk, kernel, images)  # warm-up
+    held = None if part.sliding is None else part.sliding.index
+    prepared = prepare_scan(z, mask, sigma, problem, plan, centers, dt, device, stats, topk, kernel, held)  # warm-up
     part.scan(prepared)
     t0, prepares = time.perf_counter(), 0
     while prepares < 2 or time.perf_counter() - t0 < CALIBRATION_SECONDS / 4:
-        prepared = prepare_scan(z, mask, sigma, problem, plan, centers, dt, device, stats, topk, kernel, images)
+        prepared = prepare_scan(z, mask, sigma, problem, plan, centers, dt, device, stats, topk, kernel, held)
         prepares += 1
     prepare_s = (time.perf_counter() - t0) / prepares
     t0, scans = time.perf_counter(), 0
