@@ -293,7 +293,7 @@ def scan(keys: dict[int, ClassKeys], plan: ClassPlan, queries: QuerySet, stats: 
 
     ``kernel``: the backend of each class, as :func:`lemmse_ray.kernels.resolver.resolve` decides it, or a
     request (``"auto"``, ``"torch"``, ``"triton"``) resolved here for rows on the keys' device (a scan evaluates
-    patch rows: the sliding kernel is the in-memory bank's, :class:`lemmse_ray.PatchBank`).
+    key features; the sliding kernel's class, held as images, is :meth:`lemmse_ray.PatchBank.scan`'s).
     ``block_q``, ``block_r``: query and row block sizes of the torch kernels (unset: each kernel's default);
     the results do not depend on them beyond float rounding.
     """

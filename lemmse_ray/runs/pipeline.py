@@ -67,9 +67,9 @@ def load_data(cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 def check_run(cfg: Config, train: torch.Tensor, problem: Problem) -> None:
     """The checks that need the data or the file system, before Ray starts or anything is written: the
-    patch size, problem and classes for the images' shape, the kernel for the bank's classes (the actors scan
-    patch rows: :func:`lemmse_ray.kernels.resolver.resolve` without a device, which they resolve where they
-    run), and that the output folder, the bank and every estimate output are missing, empty or this project's
+    patch size, problem and classes for the images' shape, the kernel for the bank's classes
+    (:func:`lemmse_ray.kernels.resolver.resolve` without a device: the actors resolve it again where they run),
+    and that the output folder, the bank and every estimate output are missing, empty or this project's
     (and no estimate output is, holds or lies in the bank)."""
     shape = tuple(train.shape[1:])
     problem.check_shape(shape)
