@@ -71,14 +71,14 @@ def test_bank_and_estimate_on_s3(s3, tmp_path, monkeypatch):
     _, z, _ = problem.measure(x, SIGMA, torch.Generator().manual_seed(0))
     bank_url, out_url = f"s3://{BUCKET}/bank.zarr", f"s3://{BUCKET}/out.zarr"
 
-    bank = build_bank(bank_url, train, problem, patch_size=3, shard_rows=100, storage_options=s3, progress=False)
-    assert bank.n_rows == 6 * 64 and bank.n_shards == 4
-    assert bank.build_stats["shards_written"] == 4 and bank.build_stats["rows_written"] == bank.n_rows
+    bank = build_bank(bank_url, train, problem, patch_size=3, shard_rows=128, storage_options=s3, progress=False)
+    assert bank.n_rows == 6 * 64 and bank.n_shards == 3  # shards of 128 rows: 2 images of 64 rows
+    assert bank.build_stats["shards_written"] == 3 and bank.build_stats["rows_written"] == bank.n_rows
 
-    # the objects are in the bucket (one object per Zarr shard), nothing was written locally
+    # the objects are in the bucket (one chunk of images per shard), nothing was written locally
     fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
     assert fs.exists(f"{BUCKET}/bank.zarr/zarr.json")
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/bank.zarr/keys/c")) == ["0", "1", "2", "3"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/bank.zarr/images/c")) == ["0", "1", "2"]
     assert not any(tmp_path.iterdir())
 
     group = estimate_on_ray(bank, z, SIGMA, out_url, batch_images=2, n_actors=2, stats=STATS, storage_options=s3,
@@ -104,13 +104,13 @@ def test_bank_and_estimate_on_s3(s3, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no bank"):
         open_bank(f"s3://{BUCKET}/missing.zarr", problem, plan, s3)
     with pytest.raises(ValueError, match="already holds a different bank"):
-        build_bank(bank_url, train, problem, patch_size=5, shard_rows=100, storage_options=s3, progress=False)
+        build_bank(bank_url, train, problem, patch_size=5, shard_rows=128, storage_options=s3, progress=False)
     with pytest.raises(ValueError, match="another run"):
         estimate_on_ray(bank, z, 2 * SIGMA, out_url, batch_images=2, stats=STATS, storage_options=s3,
                         progress=False)
 
     # re-runs: the finished bank is left alone, the finished output is not recomputed
-    again = build_bank(bank_url, train, problem, patch_size=3, shard_rows=100, storage_options=s3, progress=False)
+    again = build_bank(bank_url, train, problem, patch_size=3, shard_rows=128, storage_options=s3, progress=False)
     assert again.build_stats["shards_written"] == 0 and again.build_stats["rows_written"] == 0
     group = estimate_on_ray(again, z, SIGMA, out_url, batch_images=2, n_actors=2, stats=STATS, storage_options=s3,
                             progress=False)
