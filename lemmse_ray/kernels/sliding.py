@@ -456,6 +456,29 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
+def check_layout(rows: SlidingRows) -> tuple[int, int, int, int, int]:
+    """``(groups, channels, height, width, lanes)`` of the 5-D key tensor of ``rows`` once its layout is checked
+    (``ValueError`` naming the field): at most :data:`MAX_CHANNELS` channels, an odd patch size no larger than
+    the key images, values the windows of the keys, and ``n_images`` images in the lane groups.  Both sliding
+    kernels (compiled and Triton) trust these sizes."""
+    groups, channels, height, width, lanes = rows.keys.shape
+    if channels > MAX_CHANNELS:
+        raise ValueError(f"rows.keys has {channels} channels: the sliding kernel handles at most {MAX_CHANNELS}")
+    p = rows.patch_size
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1 or p % 2 == 0 or p > min(height, width):
+        raise ValueError(f"rows.patch_size must be odd, from 1 to the key images' size {min(height, width)}, "
+                         f"got {p!r}")
+    windows = (groups, channels, height - p + 1, width - p + 1, lanes)
+    if tuple(rows.values.shape) != windows:
+        raise ValueError(f"rows.values must have the shape {windows} of the windows of rows.keys, "
+                         f"got {tuple(rows.values.shape)}")
+    n = rows.n_images
+    if not isinstance(n, int) or isinstance(n, bool) or not max(1, (groups - 1) * lanes + 1) <= n <= groups * lanes:
+        raise ValueError(f"rows.n_images must be the number of images in the {groups} groups of {lanes} of "
+                         f"rows.keys ({(groups - 1) * lanes + 1} to {groups * lanes}), got {n!r}")
+    return groups, channels, height, width, lanes
+
+
 def check_arguments(rows: SlidingRows, z: torch.Tensor, sigma: float, threads: int | None, max_floats: int,
                     lanes: int) -> None:
     """Refuse (ValueError naming the argument) a call of :func:`sliding_partials` that would make the compiled
@@ -475,23 +498,11 @@ def check_arguments(rows: SlidingRows, z: torch.Tensor, sigma: float, threads: i
         if not (isinstance(t, torch.Tensor) and t.ndim == 5 and t.dtype == torch.float32 and t.device.type == "cpu"
                 and t.is_contiguous()):
             raise ValueError(f"{label} must be a contiguous 5-D float32 tensor on the CPU, got {_describe(t)}")
-    groups, channels, height, width, interleaved = rows.keys.shape
+    interleaved = rows.keys.shape[-1]
     if interleaved != lanes:
         raise ValueError(f"rows.keys is interleaved by {interleaved}, the compiled kernel has {lanes} lanes")
-    if channels > MAX_CHANNELS:
-        raise ValueError(f"rows.keys has {channels} channels: the sliding kernel handles at most {MAX_CHANNELS}")
+    _, channels, _, _, _ = check_layout(rows)
     p = rows.patch_size
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1 or p % 2 == 0 or p > min(height, width):
-        raise ValueError(f"rows.patch_size must be odd, from 1 to the key images' size {min(height, width)}, "
-                         f"got {p!r}")
-    windows = (groups, channels, height - p + 1, width - p + 1, lanes)
-    if tuple(rows.values.shape) != windows:
-        raise ValueError(f"rows.values must have the shape {windows} of the windows of rows.keys, "
-                         f"got {tuple(rows.values.shape)}")
-    n = rows.n_images
-    if not isinstance(n, int) or isinstance(n, bool) or not max(1, (groups - 1) * lanes + 1) <= n <= groups * lanes:
-        raise ValueError(f"rows.n_images must be the number of images in the {groups} groups of {lanes} of "
-                         f"rows.keys ({(groups - 1) * lanes + 1} to {groups * lanes}), got {n!r}")
     if not isinstance(z, torch.Tensor) or z.ndim != 4:
         raise ValueError(f"z must be a (B, C, H, W) tensor, got {_describe(z)}")
     if z.device.type != "cpu":

@@ -68,7 +68,7 @@ import triton.language as tl
 
 from ..core.partials import LOG2E, Partials, merge
 from ..core.statistics import sums_of, unsupported
-from .sliding import MAX_CHANNELS, SlidingRows, states_to_partials
+from .sliding import SlidingRows, check_layout, states_to_partials
 
 #: Largest number of ranges of lane groups (programs along the bank) of the default split.
 MAX_SPLITS = 64
@@ -283,21 +283,8 @@ def check_arguments(rows: SlidingRows, z: torch.Tensor, sigma: float, groups_per
     if device.type != "cuda" and not interpreted():
         raise ValueError(f"rows.keys must be on a CUDA device for the Triton sliding kernel (on the CPU only under "
                          f"TRITON_INTERPRET=1 set before importing it), got {_describe(rows.keys)}")
-    groups, channels, height, width, lanes = rows.keys.shape
-    if channels > MAX_CHANNELS:
-        raise ValueError(f"rows.keys has {channels} channels: the sliding kernel handles at most {MAX_CHANNELS}")
+    channels = check_layout(rows)[1]
     p = rows.patch_size
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1 or p % 2 == 0 or p > min(height, width):
-        raise ValueError(f"rows.patch_size must be odd, from 1 to the key images' size {min(height, width)}, "
-                         f"got {p!r}")
-    windows = (groups, channels, height - p + 1, width - p + 1, lanes)
-    if tuple(rows.values.shape) != windows:
-        raise ValueError(f"rows.values must have the shape {windows} of the windows of rows.keys, "
-                         f"got {tuple(rows.values.shape)}")
-    n = rows.n_images
-    if not isinstance(n, int) or isinstance(n, bool) or not max(1, (groups - 1) * lanes + 1) <= n <= groups * lanes:
-        raise ValueError(f"rows.n_images must be the number of images in the {groups} groups of {lanes} of "
-                         f"rows.keys ({(groups - 1) * lanes + 1} to {groups * lanes}), got {n!r}")
     if not isinstance(z, torch.Tensor) or z.ndim != 4:
         raise ValueError(f"z must be a (B, C, H, W) tensor, got {_describe(z)}")
     if z.device != device:
