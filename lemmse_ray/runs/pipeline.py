@@ -214,7 +214,7 @@ def verify_step(cfg: Config, train: torch.Tensor, problem: Problem, repair: bool
     that is there and never replaces it with one of other data (``build-bank --overwrite`` does that)."""
     rows = verify_bank(cfg.bank_url, cfg.storage_options)
     bad = [r["shard"] for r in rows if r["status"] != "ok"]
-    print(f"{'shard':>6} {'rows':>23}  status")
+    print(f"{'shard':>6} {'images':>23}  status")
     for r in rows:
         if r["status"] != "ok" or len(rows) <= 20:
             print(f"{r['shard']:>6} {r['first_image']:>11}-{r['last_image']:<11}  {r['status']}")
