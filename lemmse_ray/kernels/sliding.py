@@ -173,8 +173,8 @@ static inline __attribute__((always_inline)) void fold_row(const geom_t *g, cons
                 }
                 dmin = dnew;
             }
-            /* no branch on whether the terms are all 0: mispredictions would cost more than the exp2 */
             vf arg = (d - dmin) * scale;
+            if (!any_v(arg >= splat(FLOOR))) continue; /* every lane's term is dropped: nothing to add */
             vf e = exp2_v(arg);
             l += e;
             if (g->l2) l2 += e * e;

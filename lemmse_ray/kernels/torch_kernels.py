@@ -71,9 +71,13 @@ def _reduce(logits: Callable[[int, int], torch.Tensor], n_rows: int, values: tor
         r1 = min(n_rows, r0 + block_r)
         s = logits(r0, r1)
         if part.top_s is not None:
-            ts, ti = block_topk(s, min(topk, r1 - r0))
-            tr = row_ids[r0:r1][ti] if row_ids is not None else ti + r0
-            part.top_s, part.top_r = merge_topk(part.top_s, part.top_r, ts, tr, topk)
+            # only queries whose block maximum reaches their current k-th logit can change their top-k (ties
+            # included, so the result is the same as merging every block): after the first blocks, few do
+            live = torch.nonzero(s.amax(dim=1) >= part.top_s[:, -1]).flatten()
+            if len(live):
+                ts, ti = block_topk(s[live], min(topk, r1 - r0))
+                tr = row_ids[r0:r1][ti] if row_ids is not None else ti + r0
+                part.top_s[live], part.top_r[live] = merge_topk(part.top_s[live], part.top_r[live], ts, tr, topk)
         if lib is not None:
             fused.epilogue(lib, s, values_t[:, r0:r1], m, acc, want_var, part.l2, part.ls)
             continue

@@ -235,21 +235,23 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
     counters of this invocation (:data:`COUNTERS`)."""
 
     counters = dict.fromkeys(COUNTERS, 0)
+    announce = progress_lines(len(work.estimates))
     by_bank: dict[str, list[Cell]] = {}
     for cell in cells:
         by_bank.setdefault(work.cell_keys[cell.index]["bank"], []).append(cell)
-    for bank_key, members in by_bank.items():
+    for b, (bank_key, members) in enumerate(by_bank.items()):
         cfg = members[0].cfg
         train, _ = _data(data, cfg)
         problem = problems[members[0].index]
+        announce(f"bank {b + 1}/{len(by_bank)}: {len(train)} training images, for {members[0].label()}")
         bank = build_bank(work.bank_url(bank_key), train, problem, cfg.patch_size, cfg.padding, cfg.candidates,
                           cfg.shard_rows, DTYPES[cfg.dtype], storage_options, progress=verbose)
         counters["banks_built"] += bank.build_stats["shards_written"] > 0
         counters["shards_written"] += bank.build_stats["shards_written"]
         # one set of actors for this bank's groups, killed after them to free their CPUs for the next bank and
         # for training
-        shared = estimate_outputs(bank, estimate_requests(members, work, data, problem, storage_options, verbose),
-                                  release=True)
+        shared = estimate_outputs(bank, estimate_requests(members, work, data, problem, storage_options, verbose,
+                                                          announce), release=True)
         counters["batches_computed"] += sum(shared.computed)
     trained: set[str] = set()
     for cell in cells:
@@ -262,15 +264,30 @@ def compute(cells: list[Cell], work: Work, data: dict, problems: dict[int, Probl
             checkpoint = read_checkpoint(checkpoint_path(work, cell.cfg, name, net_key), storage_options)
             if checkpoint is None or checkpoint["epoch"] < cfg.epochs:
                 counters["networks_trained"] += 1
-                print(f"training {name} for {cell.label()}", flush=True)
+                announce(f"training {name} for {cell.label()}")
             train_network(cfg, name, cfg.sigmas[0], train, problems[cell.index], progress=verbose,
                           plain=cfg.n_workers == 1, snapshots=True)
     return counters
 
 
+def progress_lines(n_groups: int) -> Callable[[str], None]:
+    """A function that prints one progress line, prefixed with the minutes since this call; estimate lines
+    (those starting ``estimate``) are numbered out of ``n_groups``."""
+    t0, done = time.perf_counter(), [0]
+
+    def announce(what: str) -> None:
+        if what.startswith("estimate"):
+            done[0] += 1
+            what = f"estimate group {done[0]}/{n_groups}" + what.removeprefix("estimate")
+        print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {what}", flush=True)
+    return announce
+
+
 def estimate_requests(members: list[Cell], work: Work, data: dict, problem: Problem,
-                      storage_options: dict | None = None, verbose: bool = False) -> Iterator[EstimateRequest]:
-    """The estimate groups of the cells ``members`` of one bank (``problem``: the bank's), each group once."""
+                      storage_options: dict | None = None, verbose: bool = False,
+                      announce: Callable[[str], None] | None = None) -> Iterator[EstimateRequest]:
+    """The estimate groups of the cells ``members`` of one bank (``problem``: the bank's), each group once;
+    ``announce`` is told of each group as it is handed out (:func:`progress_lines`)."""
     done: set[str] = set()
     for cell in members:
         train, queries = _data(data, cell.cfg)
@@ -284,6 +301,8 @@ def estimate_requests(members: list[Cell], work: Work, data: dict, problem: Prob
             else:
                 x = queries[split]
                 _, z, mask = simulate(c, problem, x, split, 0)
+            if announce is not None:
+                announce(f"estimate: {split} queries ({len(z)} images) of {cell.label()}")
             yield EstimateRequest(
                 z, c.sigmas[0], work.estimate_url(est_key), x=x,
                 mask=mask if problem.random_mask else None,

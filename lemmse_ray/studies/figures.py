@@ -235,8 +235,9 @@ def draw_lines(rows: Sequence[Mapping], x: str, y: str, title: str, xlabel: str,
         if legend_title is None:
             legend_title = " / ".join(part for part in (", ".join(hues), ", ".join(styles)) if part) or None
         handles = _legend_entries(axes)
+        # outside the panels, as on the bar figures: a legend inside would hide the curves it names
         axes[-1].legend(handles.values(), handles.keys(), fontsize=7, title=legend_title, title_fontsize=7,
-                        loc="best")
+                        loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -304,12 +305,14 @@ def draw_bars(rows: Sequence[Mapping], category: str, value: str, hue: str | Seq
     fig, axes = _panels(title, xlabel or category, ylabel, facets, facet,
                         (max(SIZE[0], 1.0 + 0.35 * len(cat_values)), SIZE[1]))
     for ax, (f, _) in zip(axes, facets):
+        # a panel shows the categories it has rows for: a setting run at one σ leaves no empty slot in another
+        shown = [c for c in cat_values if any((f, c, h) in table for h in hue_values)]
         for j, h in enumerate(hue_values):
             row = rows[labels.index(h)]
             key = _label(row, [c for c in hues if c != "split"]) if split is not None else h
             colour, hatch = f"C{colour_keys.index(key) % 10}", ("//" if split is not None and row["split"] != "train"
                                                                    else None)
-            present = [(i, c) for i, c in enumerate(cat_values) if (f, c, h) in table]
+            present = [(i, c) for i, c in enumerate(shown) if (f, c, h) in table]
             if not present:
                 continue
             pos = [i + (j - (len(hue_values) - 1) / 2) * width for i, _ in present]
@@ -319,8 +322,8 @@ def draw_bars(rows: Sequence[Mapping], category: str, value: str, hue: str | Seq
                           yerr=[e if math.isfinite(e) else 0.0 for e in spread] if error is not None else None,
                           error_kw={"elinewidth": 0.8, "capsize": 2})
             ax.bar_label(bars, labels=[f"{v:.{decimals}f}" for v in heights], fontsize=6, rotation=90, padding=2)
-        ax.set_xticks(range(len(cat_values)), cat_values, rotation=20 if len(cat_values) > 2 else 0, fontsize=8,
-                      ha="right" if len(cat_values) > 2 else "center")
+        ax.set_xticks(range(len(shown)), shown, rotation=20 if len(shown) > 2 else 0, fontsize=8,
+                      ha="right" if len(shown) > 2 else "center")
         ax.margins(y=0.15)
         _hline([ax], hline, hline_label)
     unique = _legend_entries(axes)
@@ -335,8 +338,8 @@ def bar_figure(rows: Sequence[Mapping], category: str, value: str, hue: str | Se
                storage_options: dict | None = None) -> bytes | None:
     """Grouped bars: one group per value of ``category`` (e.g. problem), one bar per value of the ``hue``
     column(s) (e.g. network and split), height ``value`` printed on the bar, ± the ``error`` column as error
-    bars; one panel per value of ``facet`` (e.g. σ, the dataset); ``hline`` a labelled reference level.  A
-    missing (category, hue) pair leaves a gap; two rows for one (facet, category, hue) are an error
+    bars; one panel per value of ``facet`` (e.g. σ, the dataset), showing the categories it has rows for;
+    ``hline`` a labelled reference level.  A missing (category, hue) pair leaves a gap; two rows for one (facet, category, hue) are an error
     (aggregate first).  ``path=None``: the PNG's bytes are returned."""
     _check_path(path, optional=True)
     fig = draw_bars(rows, category, value, hue, title, ylabel, xlabel, decimals, error, facet, hline, hline_label)

@@ -305,6 +305,23 @@ def test_topk_ties_break_by_smaller_row_id_across_blocks():
         np.testing.assert_array_equal(total.top_r.numpy(), np.tile(np.arange(k), (m, 1)))
 
 
+def test_topk_scan_does_not_skip_a_block_that_ties_the_kth_logit():
+    """Within one scan, row blocks whose maximum is below a query's current k-th logit are skipped; a block
+    whose maximum *equals* it is not, since a smaller row id wins the tie.  Row ids descend along this scan,
+    so the winners come last."""
+    m, r, k = 2, 12, 3
+    q, kf, values, shift = np.ones((m, 1)), np.zeros((r, 1)), np.arange(r, dtype=float)[:, None], np.zeros(m)
+    rows = np.arange(r)[::-1].copy()
+    part = matmul_block(q, kf, values, shift, rows, k, 2, 2)
+    np.testing.assert_array_equal(part.top_r.numpy(), np.tile(np.arange(k), (m, 1)))
+    # a strictly better row in the last block enters, strictly worse ones in between do not
+    kf = np.full((r, 1), -1.0)
+    kf[rows[:k]] = 0.0  # the first block(s) of the scan hold the k best so far ...
+    kf[rows[-1]] = 1.0  # ... and the last block the best of all
+    part = matmul_block(q, kf, values, shift, rows, k, 2, 2)
+    np.testing.assert_array_equal(part.top_r.numpy(), np.tile([rows[-1], *sorted(rows[:k])[:k - 1]], (m, 1)))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # merge edge cases
 # --------------------------------------------------------------------------------------------------------------

@@ -164,6 +164,14 @@ def test_bars_have_error_bars_a_reference_level_and_facets():
     bars = {b.get_label(): b for b in axes[0].containers}
     assert bars["patchmlp, train"].patches[0].get_facecolor() == bars["patchmlp, test"].patches[0].get_facecolor()
     assert bars["patchmlp, test"].patches[0].get_hatch() and not bars["patchmlp, train"].patches[0].get_hatch()
+    # a setting run at σ = 0.1 only takes no slot in the σ = 0.2 panel
+    one_sigma = [r for r in rows if r["setting"] == "denoising" or r["sigma"] == 0.1]
+    fig = draw_bars(one_sigma, "setting", "v", ["network", "split"], "t", "dB", error="se", facet="sigma")
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["denoising", "deblurring"]
+    assert [t.get_text() for t in axes[1].get_xticklabels()] == ["denoising"]
+    assert {round(b.get_x() + b.get_width() / 2) for c in axes[1].containers if hasattr(c, "patches")
+            for b in c.patches} == {0}
 
 
 def test_problem_grid_labels_rows_columns_and_psnr():

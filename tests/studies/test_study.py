@@ -6,8 +6,11 @@ returns the clean image.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +53,12 @@ def study(tmp_path_factory, ray_cluster):
     spec, out = folder / "tiny.yaml", folder / "out"
     spec.write_text(yaml.safe_dump(SPEC))
     name, parts, cells = load_study(str(spec))
-    first = run_study(name, parts, cells, str(out), planted={"oracle": lambda est, split: est.x})
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        first = run_study(name, parts, cells, str(out), planted={"oracle": lambda est, split: est.x})
     first_report = (out / "report.md").read_text()
     assert main(["study", str(spec), "--out", str(out)]) == 0
-    return {"out": out, "first": first, "first_report": first_report, "spec": spec,
+    return {"out": out, "first": first, "first_report": first_report, "spec": spec, "printed": printed.getvalue(),
             "history": json.loads((out / "history.json").read_text())}
 
 
@@ -66,6 +71,20 @@ def test_a_row_for_every_cell_split_and_network(study):
                                                             for s in (0.002, 0.2)}
     for r in final:  # every table row shows the receptive field: the LE-MMSE's P, and the network's (= P)
         assert r["receptive_field"] == r["patch_size"] == 3
+
+
+def test_progress_lines_name_each_bank_group_and_network_with_the_minutes_so_far(study):
+    lines = [line for line in study["printed"].splitlines() if line.startswith("[")]
+    assert all(re.match(r"^\[ *\d+\.\d min\] ", line) for line in lines)
+    said = [line.split("] ", 1)[1] for line in lines]
+    assert [s.split(":")[0] for s in said if s.startswith("bank")] == ["bank 1/2", "bank 2/2"]
+    groups = [s for s in said if s.startswith("estimate group")]
+    assert [g.split(":")[0] for g in groups] == [f"estimate group {i}/12" for i in range(1, 13)]
+    assert sum("floor queries (12 images)" in g for g in groups) == 4
+    assert sum("train queries (3 images)" in g for g in groups) == sum("test queries (3 images)" in g for g in groups) == 4
+    assert sum(s.startswith("training patchmlp for cell ") for s in said) == 4
+    minutes = [float(line[1:].split(" min]")[0]) for line in lines]
+    assert minutes == sorted(minutes)
 
 
 def test_rerun_computes_nothing_and_two_sigmas_share_one_bank(study):
