@@ -65,8 +65,9 @@ from .analysis import QUANTILES
 from .presets import SIZES as PRESET_SIZES
 
 SPEC_KEYS = ("name", "description", "base", "grid", "zip", "figures", "floor_images", "references", "parts")
-# a study's cells store every statistic unless a spec sets ``stats``: its analyses need the top-k attribution
-# (copy rates, top-k mass), which the main job leaves out by default for the sliding kernel's speed
+# a spec file's cells store every statistic unless it sets ``stats``, top-k included for the copy rates and the
+# top-k mass (the main job leaves it out by default for the sliding kernel's speed); the presets set ``stats``
+# themselves and keep top-k only where they report copy rates (presets/sizes.yaml)
 STUDY_STATS = ("variance", "ess", "max_weight", "entropy", "log_evidence", "topk")
 FLOOR_IMAGES = 256  # the loss floor's training queries in a part that trains networks, unless it sets floor_images
 MAX_FLOOR_IMAGES = 65536
