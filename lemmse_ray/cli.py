@@ -167,10 +167,9 @@ def run(command: str, cfg: Config | None, args: argparse.Namespace) -> int:
               f"({bank.build_stats['shards_written']} written this run)", flush=True)
     if "estimate" in steps:
         t = time.perf_counter()
-        plan = plan_step(cfg, train, problem, queries)
-        print(plan.text(), flush=True)
-        urls, done = estimate_step(cfg, bank, problem, queries)
-        if done.computed:
+        plan = plan_step(cfg, train, problem, queries, calibrated=False)  # calibrated on the step's actors
+        urls, done = estimate_step(cfg, bank, problem, queries, plan)
+        if done.computed and plan.predicted_s is not None:
             tables["plan"] = (f"{plan.text()}\nmeasured: {done.seconds:.1f} s for {done.computed} batches "
                               f"(predicted {plan.predicted_s:.1f} s, measured/predicted "
                               f"{done.seconds / plan.predicted_s:.2f}); actors scanning "

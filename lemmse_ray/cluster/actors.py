@@ -32,6 +32,7 @@ from ..kernels.resolver import check_kernel, image_class
 from ..storage.bank_store import Bank, BankLayout
 from ..storage.ownership import open_group
 from ..storage.redact import public
+from .calibration import scan_rate
 from .errors import ClusterError
 from .session import (
     START_TIMEOUT_S,
@@ -137,6 +138,22 @@ class ShardActor:
             scanned = part.scan(prepared)
             total = scanned if total is None else merge(total, scanned)
         return total.to(device="cpu"), time.perf_counter() - t0
+
+    def calibrate(self, batch: tuple[torch.Tensor, torch.Tensor | None], sigma: float, stats: tuple[str, ...],
+                  topk: int) -> dict:
+        """:func:`~lemmse_ray.cluster.calibration.scan_rate` of this actor's first part against ``batch`` (a
+        streaming actor loads it), with the seconds and bytes of the shard loads so far."""
+        if self.error is not None:
+            raise self.error
+        first, last = self.bank.layout.shard_range(self.shards[0])
+        part = self._load_shard(self.shards[0]) if self.streaming else self.parts[0]
+        out = scan_rate(part, last - first, self.bank.problem, self.plan, self.bank.centers, batch, sigma,
+                        self.dtype, self.device, stats, topk, self.kernel, self.sliding_class)
+        return {**out, "read_s": self.read_s, "read_bytes": self.read_bytes}
+
+    def echo(self, batch: tuple[torch.Tensor, torch.Tensor | None]) -> int:
+        """The batch's image count: a round trip of a batch, for the driver's per-batch overhead."""
+        return batch[0].shape[0]
 
     def describe(self) -> dict:
         return {"node": ray.get_runtime_context().get_node_id(), "device": str(self.device), "rows": self.rows,

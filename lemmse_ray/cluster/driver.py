@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import ray
@@ -185,7 +185,7 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
                     metadata: dict | None = None, overwrite: bool = False, progress: bool = True,
                     kernel: str = "auto", max_restarts: int = MAX_RESTARTS,
                     max_task_retries: int = MAX_TASK_RETRIES, max_in_flight: int = 2,
-                    actor_memory: int | None = None):
+                    actor_memory: int | None = None, on_start: Callable[[list], None] | None = None):
     """Estimate every pixel of ``z`` against ``bank`` with Ray actors; write and return the output group.
 
     Same numbers as :func:`lemmse_ray.estimate` on the bank's training images (up to float rounding of the
@@ -197,8 +197,9 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     :class:`~lemmse_ray.cluster.actors.ShardActor`);
     actors passed in keep their own.  ``max_restarts``, ``max_task_retries``, ``actor_memory``: settings of the
     actors started here (see :func:`start_actors`).  ``max_in_flight``: query batches submitted to the actors
-    at once (:func:`drive`; the results do not depend on it).  ``out_url`` may not be the bank, nor be inside it
-    or hold it.  Nothing secret of ``metadata`` is stored (:func:`lemmse_ray.storage.redact.public`).  A resumed output
+    at once (:func:`drive`; the results do not depend on it).  ``on_start``: called with the actors started
+    here, before the first batch is submitted (e.g. to calibrate on them).  ``out_url`` may not be the bank,
+    nor be inside it or hold it.  Nothing secret of ``metadata`` is stored (:func:`lemmse_ray.storage.redact.public`).  A resumed output
     keeps the ``batch_images`` it was created with.  The run's entry in the output's ``history`` holds the
     batches computed, the wall time, pairs/s and each actor's busy seconds.
     """
@@ -222,7 +223,11 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
             actors = own = started
         else:
             actors.extend(started)  # the caller's (empty) list: it reuses them for its next outputs
+    else:
+        started = []
     try:
+        if started and on_start is not None:
+            on_start(started)
         run = drive(bank, job, group, actors or [], todo, max_in_flight, progress)
     finally:
         # an error's traceback would keep them (and their CPUs or GPUs) alive until it is collected
@@ -264,11 +269,12 @@ class SharedActors:
     The actors are started by the first output with batches left (:func:`estimate_on_ray` fills the empty
     list), with that output's ``n_actors`` and actor settings; the outputs after it reuse them.
     ``computed[i]`` and ``busy_s[i]`` are the batches output ``i`` computed and the actors' busy seconds
-    summed over them (its entry in the output's ``history``).
+    summed over them (its entry in the output's ``history``).  ``on_start``: see :func:`estimate_on_ray`.
     """
 
-    def __init__(self, bank: Bank):
+    def __init__(self, bank: Bank, on_start: Callable[[list], None] | None = None):
         self.bank = bank
+        self.on_start = on_start
         self.actors: list = []
         self.computed: list[int] = []
         self.busy_s: list[float] = []
@@ -276,7 +282,8 @@ class SharedActors:
     def estimate(self, request: EstimateRequest) -> zarr.Group:
         """:func:`estimate_on_ray` of ``request`` with these actors; returns the output group."""
         group = estimate_on_ray(self.bank, request.z, request.sigma, request.url, mask=request.mask, x=request.x,
-                                metadata=request.metadata, actors=self.actors, **request.options)
+                                metadata=request.metadata, actors=self.actors, on_start=self.on_start,
+                                **request.options)
         entry = group.attrs["history"][-1]
         self.computed.append(len(entry["computed_batches"]))
         self.busy_s.append(sum(entry.get("actor_busy_s", [])))
@@ -294,13 +301,15 @@ class SharedActors:
             ray.kill(actor)
 
 
-def estimate_outputs(bank: Bank, requests: Iterable[EstimateRequest], release: bool = False) -> SharedActors:
-    """Estimate every output of ``requests`` against ``bank``, in order, with one set of shard actors.
+def estimate_outputs(bank: Bank, requests: Iterable[EstimateRequest], release: bool = False,
+                     on_start: Callable[[list], None] | None = None) -> SharedActors:
+    """Estimate every output of ``requests`` against ``bank``, in order, with one set of shard actors
+    (``on_start``: see :func:`estimate_on_ray`).
 
     With ``release`` the actors are killed at the end, also when an output fails; without, they live as long
     as the returned :class:`SharedActors` (e.g. to ask their :meth:`~SharedActors.load_seconds`).
     """
-    shared = SharedActors(bank)
+    shared = SharedActors(bank, on_start)
     try:
         for request in requests:
             shared.estimate(request)

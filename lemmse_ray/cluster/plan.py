@@ -6,39 +6,34 @@ the rows of its own border pattern, not the whole bank), so pairs :math:`=\sum_q
 the bank's stored bytes (uncompressed: the training images, :mod:`lemmse_ray.storage.bank_store`); and the
 memory each actor holds its shards' parts in (:func:`lemmse_ray.bank.memory.part_bytes`).
 
-Time (a model with measured inputs): a short calibration on the current cluster measures, where the actors
-run and as many at once as there are actors, the pairs/s of one shard's worth of the first training images
-(a :class:`~lemmse_ray.PatchBank` part, as an actor holds it, with the kernels the actors resolve: the
-sliding kernel's class and the others in their real proportions) scanned against the first query batch,
-with the run's statistics and top-k, for at least :data:`CALIBRATION_SECONDS`; the seconds an actor takes to
-prepare a batch's query features; the load rate of the bank's first shard (MB of stored images per second,
-read, checked and turned into a part; once the bank exists); and, on the driver, the per-batch overhead
-(one Ray round trip of a batch).  With :math:`A` actors, batch :math:`b` of :math:`p_b` pairs takes
-:math:`\max(t_\text{prep} + p_b / (A\,r_\text{pairs}) + s_b,\ o)` (the driver's overhead :math:`o` overlaps
-the actors' work; :math:`s_b` is the reload of a streaming actor's shards), plus the actors' start (loading
-their shards) and one overhead per output (its pipeline fills and drains).
+Time (a model with measured inputs, :mod:`lemmse_ray.cluster.calibration`): the pairs/s per actor
+:math:`r_\text{pairs}` of a :class:`~lemmse_ray.PatchBank` part as an actor holds it (the sliding kernel's
+class and the others in their real proportions) scanned against the first query batch with the run's
+statistics and top-k, as many scans at once as there are actors; the seconds an actor takes to prepare a
+batch's query features :math:`t_\text{prep}`; the shard load rate; and, on the driver, the per-batch overhead
+:math:`o` (one Ray round trip of a batch).  With :math:`A` actors, batch :math:`b` of :math:`p_b` pairs takes
+:math:`\max(t_\text{prep} + p_b / (A\,r_\text{pairs}) + s_b,\ o)` (the driver's overhead overlaps the actors'
+work; :math:`s_b` is the reload of a streaming actor's shards), plus the actors' start and one overhead per
+output (its pipeline fills and drains).  ``lemmse plan`` calibrates before any actor exists and counts the
+start as the shard load; the estimate step calibrates on its own actors, so their start (new processes
+importing torch, then loading shards) is measured, not modelled.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import ray
 import torch
 
 from ..bank.features import met_pairs
-from ..bank.memory import PatchBank, part_bytes, prepare_scan
+from ..bank.memory import part_bytes
 from ..core.classes import ClassPlan, plan_classes
 from ..core.patches import PatchGeometry
 from ..core.problems import Problem
-from ..core.validation import DTYPES
-from ..storage.bank_store import Bank, BankLayout
-from ..storage.ownership import open_group
+from ..storage.bank_store import BankLayout
 from .actors import actor_shards
-from .session import actor_options, exact_device
+from .calibration import calibrate
 
-CALIBRATION_SECONDS = 2.0
 IMAGE_BYTES = 4  # a stored pixel value: float32 (data from 8-bit images; float64 where float32 would round)
 
 
@@ -69,12 +64,18 @@ class Plan:
             lines.append(f"      streaming: every batch re-reads each actor's shards; batches of up to "
                          f"{self.max_batch_images} query images fit beside two shards in the budget")
         if self.calibration:
-            c = self.calibration
-            read = "unknown (no bank yet)" if c["read_mb_s"] is None else f"{c['read_mb_s']:.3g} MB/s"
-            lines.append(f"      calibration: {c['pairs_per_s']:.3g} pairs/s per actor, {c['prepare_s'] * 1e3:.0f} ms "
-                         f"to prepare a batch, shard load {read}, {c['batch_overhead_s'] * 1e3:.0f} ms per batch "
-                         f"on the driver; predicted estimate time {self.predicted_s:.1f} s")
+            lines.append(self.calibration_text())
         return "\n".join(lines)
+
+    def calibration_text(self) -> str:
+        """The line of :attr:`calibration` and the prediction."""
+        c = self.calibration
+        read = "unknown (no bank yet)" if c["read_mb_s"] is None else f"{c['read_mb_s']:.3g} MB/s"
+        where = (f"on the {self.actors} actors (started, shards loaded, in {c['start_s']:.1f} s)"
+                 if "start_s" in c else "before the actors start")
+        return (f"      calibration {where}: {c['pairs_per_s']:.3g} pairs/s per actor, {c['prepare_s'] * 1e3:.0f} ms "
+                f"to prepare a batch, shard load {read}, {c['batch_overhead_s'] * 1e3:.0f} ms per batch on the "
+                f"driver; predicted estimate time {self.predicted_s:.1f} s")
 
 
 def count(problem: Problem, plan: ClassPlan, n_images: int, inputs: list[tuple[torch.Tensor, torch.Tensor | None]],
@@ -108,97 +109,23 @@ def count(problem: Problem, plan: ClassPlan, n_images: int, inputs: list[tuple[t
                 max_batch_images=max_batch)
 
 
-def calibration_scan(problem: Problem, geometry: dict, images: torch.Tensor, n_images: int, centers: np.ndarray,
-                     batch: tuple[torch.Tensor, torch.Tensor | None], sigma: float, dtype: str, kernel: str,
-                     bank_url: str | None, storage_options: dict | None, stats: tuple[str, ...] = (),
-                     topk: int = 0) -> dict:
-    """Where an actor runs: the pairs/s of a bank part of ``images`` (one shard's worth of the bank's first
-    training images) scanned against the query ``batch`` as an actor scans it, the seconds it takes to prepare
-    the batch, and the load rate of the bank's first shard (when the bank exists)."""
-    device = exact_device()
-    plan = plan_classes(problem, PatchGeometry(tuple(geometry["shape"]), geometry["patch_size"],
-                                               geometry["padding"], geometry["candidates"]))
-    dt = DTYPES[dtype]
-    part = PatchBank.part(images, problem, plan, centers, 0, n_images, dt, device)
-    z, mask = batch
-    held = None if part.sliding is None else part.sliding.index
-    prepared = prepare_scan(z, mask, sigma, problem, plan, centers, dt, device, stats, topk, kernel, held)  # warm-up
-    part.scan(prepared)
-    t0, prepares = time.perf_counter(), 0
-    while prepares < 2 or time.perf_counter() - t0 < CALIBRATION_SECONDS / 4:
-        prepared = prepare_scan(z, mask, sigma, problem, plan, centers, dt, device, stats, topk, kernel, held)
-        prepares += 1
-    prepare_s = (time.perf_counter() - t0) / prepares
-    t0, scans = time.perf_counter(), 0
-    while scans < 2 or time.perf_counter() - t0 < CALIBRATION_SECONDS:
-        part.scan(prepared)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        scans += 1
-    seconds = time.perf_counter() - t0
-    rows = np.diff(BankLayout(images.shape[0], plan.rows_per_image(), images.shape[0]).offsets)
-    pairs = met_pairs(z, mask, problem, plan, rows)
-    out = {"pairs_per_s": scans * pairs / seconds, "prepare_s": prepare_s, "read_mb_s": None}
-    if bank_url is not None:
-        try:
-            bank = Bank(bank_url, open_group(bank_url, "r", storage_options), plan, problem, storage_options)
-        except Exception:  # no bank yet: the read rate stays unknown
-            return out
-        if bank.n_shards and not bank.missing_shards():
-            first, last = bank.layout.shard_range(0)
-            t0 = time.perf_counter()
-            PatchBank.part(bank.read_images(0), problem, plan, bank.centers, 0, bank.layout.n_images, dt, device)
-            stored = (last - first) * int(np.prod(plan.geometry.shape)) * bank.group["images"].dtype.itemsize
-            out["read_mb_s"] = stored / 1e6 / (time.perf_counter() - t0)
-    return out
-
-
-# remote versions of module functions, so that Ray pickles them by reference (cloudpickle would pickle a
-# decorated function by value, with every ``torch`` submodule whose name its code mentions)
-_calibrate = ray.remote(calibration_scan)
-
-
-@ray.remote
-def _echo(batch: tuple[torch.Tensor, torch.Tensor | None]) -> int:
-    return batch[0].shape[0]
-
-
-def calibrate(problem: Problem, plan: ClassPlan, centers: np.ndarray, images: torch.Tensor, n_images: int,
-              z: torch.Tensor, mask: torch.Tensor | None, sigma: float, batch_images: int,
-              dtype: torch.dtype = torch.float32, kernel: str = "auto", bank_url: str | None = None,
-              storage_options: dict | None = None, n_actors: int = 1, stats: tuple[str, ...] = (),
-              topk: int = 0) -> dict:
-    """Measure pairs/s per actor (the median of ``n_actors`` concurrent scans of a part of ``images``, one
-    shard's worth of the first of the bank's ``n_images`` training images), the actors' batch preparation and
-    the store's load rate where actors run, and the driver's per-batch overhead on one batch of ``z`` (see the
-    module docstring).  Needs Ray."""
-    batch = (z[:batch_images], None if mask is None else mask[:batch_images])
-    ray.get(_echo.remote(ray.put(batch)))  # starts a worker: not timed
-    t0 = time.perf_counter()
-    ray.get(_echo.remote(ray.put(batch)))
-    overhead = time.perf_counter() - t0
-    dname = str(dtype).replace("torch.", "")
-    # as many concurrent scans as actors (what they share on a node: cores, memory bandwidth, a GPU's host)
-    measured = ray.get([_calibrate.options(**actor_options()).remote(
-        problem, plan.geometry.spec(), images, n_images, centers, batch, sigma, dname, kernel,
-        bank_url if i == 0 else None, storage_options, stats, topk)
-        for i in range(n_actors)])
-    rates = sorted(m["pairs_per_s"] for m in measured)
-    prepare = sorted(m["prepare_s"] for m in measured)
-    return {"pairs_per_s": rates[len(rates) // 2], "prepare_s": prepare[len(prepare) // 2],
-            "read_mb_s": measured[0]["read_mb_s"], "batch_overhead_s": overhead}
-
-
 def predict(plan: Plan, calibration: dict) -> float:
-    """Predicted wall time (s) of the estimation counted by ``plan`` (the module docstring's model).  An unknown
-    read rate (no bank yet) counts the actors' start as free."""
+    """Predicted wall time (s) of the estimation counted by ``plan`` (the module docstring's model).
+
+    A calibration on the estimate step's own actors (:func:`~lemmse_ray.cluster.calibration.calibrate_actors`)
+    counts their start and the calibration as the seconds they took (``calibration_s``); one before the actors
+    exist counts their start as the load of their shards at the calibrated rate (free when the rate is unknown:
+    no bank yet), without the start of their processes."""
     rate = calibration["pairs_per_s"] * plan.actors
     read = calibration.get("read_mb_s")
     per_actor_read = plan.bank_bytes / plan.actors / (read * 1e6) if read else 0.0
     stream = per_actor_read if plan.streaming else 0.0
     overhead, prepare = calibration["batch_overhead_s"], calibration.get("prepare_s", 0.0)
     batches = sum(max(prepare + p / rate + stream, overhead) for p in plan.pairs_per_batch)
-    start = 0.0 if plan.streaming else per_actor_read
+    if "calibration_s" in calibration:
+        start = calibration["calibration_s"]
+    else:
+        start = 0.0 if plan.streaming else per_actor_read
     return start + batches + plan.outputs * overhead
 
 
@@ -215,7 +142,8 @@ def make_plan(problem: Problem, geometry: PatchGeometry, train: torch.Tensor, ce
     if calibrated and inputs:
         z, mask, sigma = inputs[0]
         shard = BankLayout.of(train.shape[0], plan.rows_per_image(), shard_rows).shard_images
-        out.calibration = calibrate(problem, plan, centers, train[:shard].to(torch.float64), train.shape[0], z, mask, sigma,
-                                    batch_images, dtype, kernel, bank_url, storage_options, out.actors, stats, topk)
+        out.calibration = calibrate(problem, plan, centers, train[:shard].to(torch.float64), train.shape[0], z, mask,
+                                    sigma, batch_images, dtype, kernel, bank_url, storage_options, out.actors, stats,
+                                    topk)
         out.predicted_s = predict(out, out.calibration)
     return out

@@ -17,7 +17,8 @@ from ..cluster.build import build_bank, repair_bank
 from ..cluster.driver import EstimateRequest, estimate_outputs
 from ..bank.features import query_bytes
 from ..bank.rows import class_centers
-from ..cluster.plan import Plan, make_plan
+from ..cluster.calibration import calibrate_actors
+from ..cluster.plan import Plan, make_plan, predict
 from ..cluster.session import default_n_actors
 from ..kernels.resolver import image_class, resolve
 from ..core.classes import plan_classes
@@ -152,10 +153,11 @@ def actor_memory(cfg: Config) -> int | None:
 
 def plan_step(cfg: Config, train: torch.Tensor, problem: Problem, queries: dict[str, torch.Tensor],
               calibrated: bool = True) -> Plan:
-    """Counts of the estimate step and (``calibrated``, needs Ray) its predicted wall time on this cluster."""
+    """Counts of the estimate step and (``calibrated``) its predicted wall time from a calibration before any
+    actor exists (``lemmse plan``).  Needs Ray (the actors' count is the cluster's)."""
 
     geometry = PatchGeometry(tuple(train.shape[1:]), cfg.patch_size, cfg.padding, cfg.candidates)
-    n_actors = cfg.n_actors or (default_n_actors() if calibrated else 1)
+    n_actors = cfg.n_actors or default_n_actors()
     inputs = [(z, mask, sigma) for _, _, sigma, _, z, mask in estimate_inputs(cfg, problem, queries)]
     centers = class_centers(train, problem, plan_classes(problem, geometry)) if calibrated else None
     return make_plan(problem, geometry, train, centers, inputs, n_actors, cfg.batch_images, cfg.shard_rows,
@@ -185,20 +187,35 @@ class EstimateStats:
             else 0.0
 
 
-def estimate_step(cfg: Config, bank: Bank, problem: Problem,
-                  queries: dict[str, torch.Tensor]) -> tuple[dict, EstimateStats]:
+def estimate_step(cfg: Config, bank: Bank, problem: Problem, queries: dict[str, torch.Tensor],
+                  plan: Plan | None = None) -> tuple[dict, EstimateStats]:
     """Estimate every split × σ through one set of Ray actors, started at most once (:func:`estimate_outputs`).
+
+    With ``plan`` (the step's counts, :func:`plan_step` uncalibrated) its text is printed first, and once the
+    actors have started, calibrated on them (:func:`~lemmse_ray.cluster.calibration.calibrate_actors`), its
+    prediction is set and printed before the first batch.
 
     Returns ({(split, σ): url}, what this call computed)."""
     t0 = time.perf_counter()
     options = {"batch_images": cfg.batch_images, "n_actors": cfg.n_actors, "stats": tuple(cfg.stats),
                "topk": cfg.topk, "dtype": DTYPES[cfg.dtype], "kernel": cfg.kernel,
                "storage_options": cfg.storage_options, "overwrite": cfg.overwrite, "actor_memory": actor_memory(cfg)}
+    inputs = list(estimate_inputs(cfg, problem, queries))
     requests = (EstimateRequest(z, sigma, estimate_url(cfg, split, sigma), mask=mask, x=images, options=options,
                                 metadata={"split": split, "seed": query_seed(cfg, split, index),
                                           "dataset": cfg.dataset, "config": dataclasses.asdict(cfg)})
-                for split, index, sigma, images, z, mask in estimate_inputs(cfg, problem, queries))
-    shared = estimate_outputs(bank, requests)  # the actors live until this step returns
+                for split, index, sigma, images, z, mask in inputs)
+    on_start = None
+    if plan is not None:
+        print(plan.text(), flush=True)
+        _, _, sigma, _, z, mask = inputs[0]
+
+        def on_start(actors: list) -> None:
+            plan.calibration = calibrate_actors(actors, z, mask, sigma, cfg.batch_images, tuple(cfg.stats), cfg.topk)
+            plan.predicted_s = predict(plan, plan.calibration)
+            print(plan.calibration_text(), flush=True)
+
+    shared = estimate_outputs(bank, requests, on_start=on_start)  # the actors live until this step returns
     seconds = time.perf_counter() - t0
     stats = EstimateStats(computed=sum(shared.computed), seconds=seconds, busy_s=sum(shared.busy_s, 0.0),
                           load_s=shared.load_seconds(), n_actors=len(shared.actors))

@@ -75,6 +75,33 @@ def test_pipelined_equals_sequential_and_streaming_equals_resident(tmp_path, dig
     assert 0 < entry["busy_fraction"] <= 1
 
 
+def test_calibrating_resident_and_streaming_actors_measures_them_and_changes_no_result(tmp_path, digits, ray_cluster):
+    from lemmse_ray.cluster.actors import start_actors
+    from lemmse_ray.cluster.build import build_bank
+    from lemmse_ray.cluster.calibration import calibrate_actors
+    from lemmse_ray.cluster.driver import estimate_on_ray
+    import ray
+
+    train, queries = digits
+    problem = lm.Denoising()
+    _, z, _ = problem.measure(queries, SIGMA, torch.Generator().manual_seed(1))
+    bank = build_bank(str(tmp_path / "bank"), train, problem, patch_size=3, shard_rows=300, progress=False)
+    for memory in (None, 0):  # resident, then streaming (nothing fits)
+        plain = estimate_on_ray(bank, z, SIGMA, str(tmp_path / f"plain{memory}"), batch_images=2, n_actors=2,
+                                stats=STATS, actor_memory=memory, progress=False)
+        actors = start_actors(bank, 2, actor_memory=memory)
+        c = calibrate_actors(actors, z, None, SIGMA, 2, STATS, 5)
+        assert 0 < c["start_s"] < c["calibration_s"]
+        assert c["pairs_per_s"] > 0 and c["prepare_s"] > 0 and c["read_mb_s"] > 0 and c["batch_overhead_s"] > 0
+        calibrated = estimate_on_ray(bank, z, SIGMA, str(tmp_path / f"calibrated{memory}"), batch_images=2,
+                                     actors=actors, stats=STATS, progress=False)
+        assert [d["streaming"] for d in ray.get([a.describe.remote() for a in actors])] == [memory == 0] * 2
+        for actor in actors:
+            ray.kill(actor)
+        for name in OUTPUTS:
+            np.testing.assert_array_equal(calibrated[name][...], plain[name][...], err_msg=name)
+
+
 def _pattern(h, w, height, width, p):
     """Offsets of a P×P patch at (h, w) that fall outside the image (zero padding)."""
     r = p // 2
@@ -191,3 +218,37 @@ def test_plan_command_prints_counts_and_a_calibrated_prediction(tmp_path, ray_cl
     assert "2 actors, 0.0 MB of bank parts each (resident)" in out  # 4 shards of 2 images (128 rows)
     assert "pairs/s per actor" in out and "predicted estimate time" in out
     assert not (tmp_path / "bank.zarr").exists()  # planning writes nothing
+
+
+def test_estimate_command_calibrates_on_its_own_actors_and_only_when_it_starts_them(tmp_path, ray_cluster, capsys):
+    from lemmse_ray.cli import main
+
+    argv = ["estimate", "--dataset", "digits", "--n-train", "8", "--n-queries", "1", "--patch-size", "3",
+            "--n-actors", "2", "--shard-rows", "128", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "plan: 512 bank rows" in out
+    line = next(text for text in out.splitlines() if "calibration" in text)
+    assert "calibration on the 2 actors (started, shards loaded, in " in line
+    start = float(line.split("shards loaded, in ")[1].split(" s)")[0])
+    predicted = float(line.split("predicted estimate time ")[1].split(" s")[0])
+    measured = next(text for text in out.splitlines() if text.startswith("measured: "))
+    assert 0 < start < predicted  # the measured start is part of the prediction
+    assert f"predicted {predicted:.1f} s" in measured
+    # a second invocation finds every batch done: no actor is started, so nothing is calibrated
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "plan: 512 bank rows" in again and "calibration" not in again and "measured: " not in again
+
+
+def test_predicted_time_counts_a_measured_start_as_measured_and_else_the_shard_load():
+    from lemmse_ray.cluster.plan import Plan, predict
+
+    plan = Plan(rows=1000, pairs=700, bank_bytes=8_000_000, actors=2, actor_bytes=0, actor_memory=None,
+                streaming=False, batches=3, outputs=2, pairs_per_batch=[400, 200, 100])
+    before = {"pairs_per_s": 50.0, "prepare_s": 0.5, "read_mb_s": 2.0, "batch_overhead_s": 1.5}
+    # start: 8 MB / 2 actors at 2 MB/s = 2 s; batches: max(0.5 + 4, 1.5) + max(0.5 + 2, 1.5) + max(0.5 + 1, 1.5)
+    assert predict(plan, before) == pytest.approx(2.0 + 4.5 + 2.5 + 1.5 + 2 * 1.5)
+    assert predict(plan, {**before, "read_mb_s": None}) == pytest.approx(4.5 + 2.5 + 1.5 + 2 * 1.5)
+    on_actors = {**before, "start_s": 3.0, "calibration_s": 4.25}
+    assert predict(plan, on_actors) == pytest.approx(4.25 + 4.5 + 2.5 + 1.5 + 2 * 1.5)
