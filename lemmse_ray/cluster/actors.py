@@ -7,7 +7,7 @@ query batch it prepares the query features once, scans every shard, and returns 
 :class:`~lemmse_ray.core.partials.Partials` over its rows and the seconds it computed.  Actors are restartable
 (``max_restarts``, default 3) and their calls retried (``max_task_retries``, default 3), so a killed actor,
 or one lost with its node, is recreated elsewhere and its partial recomputed.  An error raised by the code (a
-damaged bank, a missing array) is not retried: :func:`gather_partials` raises :class:`ActorFailed` naming the
+damaged bank, a missing array) is not retried: :func:`gather_calls` raises :class:`ActorFailed` naming the
 actor's shards, the bank and the original exception.
 """
 
@@ -248,9 +248,9 @@ def original_error(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def gather_partials(refs: list, bank: Bank) -> list[tuple[Partials, float]]:
-    """The actors' (partial, busy seconds), in order; :class:`ActorFailed` naming the shards of the first actor
-    that failed."""
+def gather_calls(refs: list, bank: Bank) -> list:
+    """The results of one call per actor of ``bank`` (e.g. their (partial, busy seconds)), in actor order;
+    :class:`ActorFailed` naming the shards of the first actor that failed."""
     parts = []
     for ref, (first, last) in zip(refs, actor_shards(bank.layout, len(refs))):
         try:

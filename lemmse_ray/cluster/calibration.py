@@ -135,19 +135,22 @@ def calibrate(problem: Problem, plan: ClassPlan, centers: np.ndarray, images: to
             "read_mb_s": measured[0]["read_mb_s"], "batch_overhead_s": overhead}
 
 
-def calibrate_actors(actors: list, z: torch.Tensor, mask: torch.Tensor | None, sigma: float, batch_images: int,
-                     stats: tuple[str, ...] = (), topk: int = 0) -> dict:
+def calibrate_actors(actors: list, bank: Bank, z: torch.Tensor, mask: torch.Tensor | None, sigma: float,
+                     batch_images: int, stats: tuple[str, ...] = (), topk: int = 0) -> dict:
     """On started shard actors (:class:`~lemmse_ray.cluster.actors.ShardActor`): the seconds until every one
     holds its shards (``start_s``, measured from this call), then pairs/s per actor (the median of their
     concurrent scans of their first part against the first batch of ``z``), their batch preparation, their
     shard load rate, the driver's per-batch overhead, and the seconds the whole calibration took
-    (``calibration_s``, the start included).  Needs Ray."""
+    (``calibration_s``, the start included).  An actor that cannot load its shards (a damaged bank) raises
+    :class:`~lemmse_ray.cluster.actors.ActorFailed` here, as its first batch would.  Needs Ray."""
+    from .actors import gather_calls  # the actors' module imports this one (scan_rate)
+
     t0 = time.perf_counter()
-    ray.get([a.describe.remote() for a in actors])  # queued after each actor's constructor
+    gather_calls([a.describe.remote() for a in actors], bank)  # queued after each actor's constructor
     start_s = time.perf_counter() - t0
     batch = (z[:batch_images], None if mask is None else mask[:batch_images])
     ref = ray.put(batch)
-    measured = ray.get([a.calibrate.remote(ref, sigma, stats, topk) for a in actors])
+    measured = gather_calls([a.calibrate.remote(ref, sigma, stats, topk) for a in actors], bank)
     overhead = batch_overhead(batch, actors[0].echo.remote)  # the actors hold the cluster's CPUs or GPUs
     read_s, read_bytes = sum(m["read_s"] for m in measured), sum(m["read_bytes"] for m in measured)
     return {"pairs_per_s": median([m["pairs_per_s"] for m in measured]),

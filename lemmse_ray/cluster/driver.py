@@ -49,7 +49,7 @@ from .actors import (
     MAX_TASK_RETRIES,
     check_actor_memory,
     check_limit,
-    gather_partials,
+    gather_calls,
     start_actors,
 )
 from .session import ensure_ray, versions
@@ -157,7 +157,7 @@ def drive(bank: Bank, job: EstimateJob, group, actors: list, todo: list[int], ma
 
     def finish(b: int, refs: list) -> None:
         lo, hi = job.batch(b)
-        parts = gather_partials(refs, bank)
+        parts = gather_calls(refs, bank)
         total = parts[0][0]
         for i, (part, seconds) in enumerate(parts):
             busy[i] += seconds
@@ -199,8 +199,8 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     actors started here (see :func:`start_actors`).  ``max_in_flight``: query batches submitted to the actors
     at once (:func:`drive`; the results do not depend on it).  ``on_start``: called with the actors started
     here, before the first batch is submitted (e.g. to calibrate on them).  ``out_url`` may not be the bank,
-    nor be inside it or hold it.  Nothing secret of ``metadata`` is stored (:func:`lemmse_ray.storage.redact.public`).  A resumed output
-    keeps the ``batch_images`` it was created with.  The run's entry in the output's ``history`` holds the
+    nor be inside it or hold it.  Nothing secret of ``metadata`` is stored
+    (:func:`lemmse_ray.storage.redact.public`).  A resumed output keeps the ``batch_images`` it was created with.  The run's entry in the output's ``history`` holds the
     batches computed, the wall time, pairs/s and each actor's busy seconds.
     """
     job = check_estimate(bank, z, sigma, out_url, mask, x, batch_images, stats, topk, dtype, kernel, max_restarts,

@@ -211,7 +211,8 @@ def estimate_step(cfg: Config, bank: Bank, problem: Problem, queries: dict[str, 
         _, _, sigma, _, z, mask = inputs[0]
 
         def on_start(actors: list) -> None:
-            plan.calibration = calibrate_actors(actors, z, mask, sigma, cfg.batch_images, tuple(cfg.stats), cfg.topk)
+            plan.calibration = calibrate_actors(actors, bank, z, mask, sigma, cfg.batch_images, tuple(cfg.stats),
+                                                cfg.topk)
             plan.predicted_s = predict(plan, plan.calibration)
             print(plan.calibration_text(), flush=True)
 

@@ -90,7 +90,7 @@ def test_calibrating_resident_and_streaming_actors_measures_them_and_changes_no_
         plain = estimate_on_ray(bank, z, SIGMA, str(tmp_path / f"plain{memory}"), batch_images=2, n_actors=2,
                                 stats=STATS, actor_memory=memory, progress=False)
         actors = start_actors(bank, 2, actor_memory=memory)
-        c = calibrate_actors(actors, z, None, SIGMA, 2, STATS, 5)
+        c = calibrate_actors(actors, bank, z, None, SIGMA, 2, STATS, 5)
         assert 0 < c["start_s"] < c["calibration_s"]
         assert c["pairs_per_s"] > 0 and c["prepare_s"] > 0 and c["read_mb_s"] > 0 and c["batch_overhead_s"] > 0
         calibrated = estimate_on_ray(bank, z, SIGMA, str(tmp_path / f"calibrated{memory}"), batch_images=2,
