@@ -32,7 +32,7 @@ from ..kernels.resolver import check_kernel, image_class
 from ..storage.bank_store import Bank, BankLayout
 from ..storage.ownership import open_group
 from ..storage.redact import public
-from .calibration import scan_rate
+from .calibration import batch_overhead, median, scan_rate
 from .errors import ClusterError
 from .session import (
     START_TIMEOUT_S,
@@ -259,3 +259,27 @@ def gather_calls(refs: list, bank: Bank) -> list:
             raise ActorFailed(f"actor for shards [{first}, {last}) of {public(bank.url)} failed: "
                               f"{original_error(err)}") from err
     return parts
+
+
+def calibrate_actors(actors: list, bank: Bank, z: torch.Tensor, mask: torch.Tensor | None, sigma: float,
+                     batch_images: int, stats: tuple[str, ...] = (), topk: int = 0) -> dict:
+    """On started shard actors (:class:`ShardActor`): the seconds until every one
+    holds its shards (``start_s``, measured from this call), then pairs/s per actor (the median of their
+    concurrent scans of their first part against the first batch of ``z``), their batch preparation, their
+    shard load rate, the driver's per-batch overhead, and the seconds the whole calibration took
+    (``calibration_s``, the start included).  An actor that cannot load its shards (a damaged bank) raises
+    :class:`ActorFailed` here, as its first batch would.  Needs Ray."""
+    t0 = time.perf_counter()
+    gather_calls([a.describe.remote() for a in actors], bank)  # queued after each actor's constructor
+    start_s = time.perf_counter() - t0
+    batch = (z[:batch_images], None if mask is None else mask[:batch_images])
+    ref = ray.put(batch)
+    refs = [a.calibrate.remote(ref, sigma, stats, topk) for a in actors]
+    ray.wait(refs, num_returns=len(refs))  # every call ended, failed ones included: none left running on an error
+    measured = gather_calls(refs, bank)
+    overhead = batch_overhead(batch, actors[0].echo.remote)  # the actors hold the cluster's CPUs or GPUs
+    read_s, read_bytes = sum(m["read_s"] for m in measured), sum(m["read_bytes"] for m in measured)
+    return {"pairs_per_s": median([m["pairs_per_s"] for m in measured]),
+            "prepare_s": median([m["prepare_s"] for m in measured]),
+            "read_mb_s": read_bytes / 1e6 / read_s if read_s > 0 else None, "batch_overhead_s": overhead,
+            "start_s": start_s, "calibration_s": time.perf_counter() - t0}

@@ -7,9 +7,9 @@ Two ways to measure them, with one scan timer (:func:`scan_rate`):
   :class:`~lemmse_ray.PatchBank` part of one shard's worth of the bank's first training images and time its
   scan; the first one also times the load of the bank's first shard, once the bank exists.  The actors' own
   start (a new process importing torch, then loading its shards) is counted as the shard load alone.
-- **On the estimate step's own actors** (:func:`calibrate_actors`), once they hold their shards: each times
-  the scan of its first part, and the seconds the actors took to start and load are measured, not modelled.
-  Nothing is built twice and no other process is started.
+- **On the estimate step's own actors** (:func:`~lemmse_ray.cluster.actors.calibrate_actors`), once they
+  hold their shards: each times the scan of its first part, and the seconds the actors took to start and
+  load are measured, not modelled.  Nothing is built twice and no other process is started.
 
 Either way a scan is timed for at least :data:`CALIBRATION_SECONDS` (at least two scans, after one warm-up
 scan), the batch preparation for a quarter of that, with the run's statistics, top-k and kernels; the rate
@@ -133,27 +133,3 @@ def calibrate(problem: Problem, plan: ClassPlan, centers: np.ndarray, images: to
     return {"pairs_per_s": median([m["pairs_per_s"] for m in measured]),
             "prepare_s": median([m["prepare_s"] for m in measured]),
             "read_mb_s": measured[0]["read_mb_s"], "batch_overhead_s": overhead}
-
-
-def calibrate_actors(actors: list, bank: Bank, z: torch.Tensor, mask: torch.Tensor | None, sigma: float,
-                     batch_images: int, stats: tuple[str, ...] = (), topk: int = 0) -> dict:
-    """On started shard actors (:class:`~lemmse_ray.cluster.actors.ShardActor`): the seconds until every one
-    holds its shards (``start_s``, measured from this call), then pairs/s per actor (the median of their
-    concurrent scans of their first part against the first batch of ``z``), their batch preparation, their
-    shard load rate, the driver's per-batch overhead, and the seconds the whole calibration took
-    (``calibration_s``, the start included).  An actor that cannot load its shards (a damaged bank) raises
-    :class:`~lemmse_ray.cluster.actors.ActorFailed` here, as its first batch would.  Needs Ray."""
-    from .actors import gather_calls  # the actors' module imports this one (scan_rate)
-
-    t0 = time.perf_counter()
-    gather_calls([a.describe.remote() for a in actors], bank)  # queued after each actor's constructor
-    start_s = time.perf_counter() - t0
-    batch = (z[:batch_images], None if mask is None else mask[:batch_images])
-    ref = ray.put(batch)
-    measured = gather_calls([a.calibrate.remote(ref, sigma, stats, topk) for a in actors], bank)
-    overhead = batch_overhead(batch, actors[0].echo.remote)  # the actors hold the cluster's CPUs or GPUs
-    read_s, read_bytes = sum(m["read_s"] for m in measured), sum(m["read_bytes"] for m in measured)
-    return {"pairs_per_s": median([m["pairs_per_s"] for m in measured]),
-            "prepare_s": median([m["prepare_s"] for m in measured]),
-            "read_mb_s": read_bytes / 1e6 / read_s if read_s > 0 else None, "batch_overhead_s": overhead,
-            "start_s": start_s, "calibration_s": time.perf_counter() - t0}

@@ -200,8 +200,9 @@ def estimate_on_ray(bank: Bank, z, sigma: float, out_url: str, *, mask=None, x=N
     at once (:func:`drive`; the results do not depend on it).  ``on_start``: called with the actors started
     here, before the first batch is submitted (e.g. to calibrate on them).  ``out_url`` may not be the bank,
     nor be inside it or hold it.  Nothing secret of ``metadata`` is stored
-    (:func:`lemmse_ray.storage.redact.public`).  A resumed output keeps the ``batch_images`` it was created with.  The run's entry in the output's ``history`` holds the
-    batches computed, the wall time, pairs/s and each actor's busy seconds.
+    (:func:`lemmse_ray.storage.redact.public`).  A resumed output keeps the ``batch_images`` it was created
+    with.  The run's entry in the output's ``history`` holds the batches computed, the wall time, pairs/s and
+    each actor's busy seconds.
     """
     job = check_estimate(bank, z, sigma, out_url, mask, x, batch_images, stats, topk, dtype, kernel, max_restarts,
                          max_task_retries, max_in_flight, actor_memory)

@@ -112,7 +112,7 @@ def count(problem: Problem, plan: ClassPlan, n_images: int, inputs: list[tuple[t
 def predict(plan: Plan, calibration: dict) -> float:
     """Predicted wall time (s) of the estimation counted by ``plan`` (the module docstring's model).
 
-    A calibration on the estimate step's own actors (:func:`~lemmse_ray.cluster.calibration.calibrate_actors`)
+    A calibration on the estimate step's own actors (:func:`~lemmse_ray.cluster.actors.calibrate_actors`)
     counts their start and the calibration as the seconds they took (``calibration_s``); one before the actors
     exist counts their start as the load of their shards at the calibrated rate (free when the rate is unknown:
     no bank yet), without the start of their processes."""

@@ -14,10 +14,10 @@ import time
 import torch
 
 from ..cluster.build import build_bank, repair_bank
+from ..cluster.actors import calibrate_actors
 from ..cluster.driver import EstimateRequest, estimate_outputs
 from ..bank.features import query_bytes
 from ..bank.rows import class_centers
-from ..cluster.calibration import calibrate_actors
 from ..cluster.plan import Plan, make_plan, predict
 from ..cluster.session import default_n_actors
 from ..kernels.resolver import image_class, resolve
@@ -192,7 +192,7 @@ def estimate_step(cfg: Config, bank: Bank, problem: Problem, queries: dict[str, 
     """Estimate every split × σ through one set of Ray actors, started at most once (:func:`estimate_outputs`).
 
     With ``plan`` (the step's counts, :func:`plan_step` uncalibrated) its text is printed first, and once the
-    actors have started, calibrated on them (:func:`~lemmse_ray.cluster.calibration.calibrate_actors`), its
+    actors have started, calibrated on them (:func:`~lemmse_ray.cluster.actors.calibrate_actors`), its
     prediction is set and printed before the first batch.
 
     Returns ({(split, σ): url}, what this call computed)."""

@@ -76,9 +76,8 @@ def test_pipelined_equals_sequential_and_streaming_equals_resident(tmp_path, dig
 
 
 def test_calibrating_resident_and_streaming_actors_measures_them_and_changes_no_result(tmp_path, digits, ray_cluster):
-    from lemmse_ray.cluster.actors import start_actors
+    from lemmse_ray.cluster.actors import calibrate_actors, start_actors
     from lemmse_ray.cluster.build import build_bank
-    from lemmse_ray.cluster.calibration import calibrate_actors
     from lemmse_ray.cluster.driver import estimate_on_ray
     import ray
 
